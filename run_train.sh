@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train with torchrun.
+#   NGPU         processes (GPUs) on this node; default 1. Without a GPU, one CPU process.
+#   CONFIG_FILE  TOML config; default train_configs/debug_model.toml
+#   LOG_RANK     which local rank's output to show; default 0
+# Any other arguments are config overrides, e.g. ./run_train.sh --training.steps 50
+# On first use, if titanmem is not importable, it is installed into the current Python (TITANMEM_NO_INSTALL=1 skips).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+NGPU="${NGPU:-1}"
+LOG_RANK="${LOG_RANK:-0}"
+CONFIG_FILE="${CONFIG_FILE:-$ROOT/train_configs/debug_model.toml}"
+
+if ! (cd / && "$PYTHON" -c "import titanmem, torch, torchdata, tiktoken, datasets") >/dev/null 2>&1; then
+  if [ "${TITANMEM_NO_INSTALL:-0}" = "1" ]; then
+    echo "error: titanmem is not importable by $PYTHON and TITANMEM_NO_INSTALL=1; run tools/install.sh" >&2
+    exit 1
+  fi
+  echo "[titanmem] first use: installing titanmem into $("$PYTHON" -c 'import sys; print(sys.prefix)') (TITANMEM_NO_INSTALL=1 skips this)"
+  PYTHON="$PYTHON" "$ROOT/tools/install.sh"
+fi
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && [ "$NGPU" != "1" ]; then
+  echo "error: NGPU=$NGPU but no GPU is visible; on CPU run with NGPU=1" >&2
+  exit 1
+fi
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m titanmem.train --job.config_file "$CONFIG_FILE" "$@"

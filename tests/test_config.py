@@ -1,0 +1,153 @@
+import dataclasses
+import sys
+
+import pytest
+
+from titanmem import train
+from titanmem.config import ConfigError, build_config, format_config, format_help
+from titanmem.config.manager import field_docs, section_classes
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def write_toml(tmp_path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_field_has_a_docstring():
+    for section, cls in section_classes().items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name, "").strip(), f"{section}.{f.name} has no docstring"
+
+
+def test_help_lists_every_field_with_its_doc():
+    text = format_help()
+    for section, cls in section_classes().items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name}" in text
+    assert "Peak learning rate" in text
+
+
+def test_toml_then_overrides_in_both_forms(tmp_path):
+    path = write_toml(tmp_path, "[training]\nsteps = 7\nseq_len = 32\n[optimizer]\nlr = 0.01\n")
+    config, _ = build_config(
+        ["--job.config_file", path, "--training.seq_len", "48", "--optimizer.lr=2e-3", "--training.deterministic"]
+    )
+    assert config.training.steps == 7  # from the file
+    assert config.training.seq_len == 48  # space form wins over the file
+    assert config.optimizer.lr == pytest.approx(2e-3)  # = form
+    assert config.training.deterministic is True  # bare boolean flag
+    assert config.job.config_file == path
+
+
+def test_boolean_words_and_later_override_wins():
+    config, _ = build_config(["--metrics.enable_tensorboard", "false", "--training.steps=3", "--training.steps=5"])
+    assert config.metrics.enable_tensorboard is False
+    assert config.training.steps == 5
+
+
+def test_print_config_is_valid_toml_that_reproduces_the_config(tmp_path):
+    config, _ = build_config(["--training.steps", "11", "--job.description", 'quote " and é'])
+    text = format_config(config)
+    reloaded, _ = build_config(["--job.config_file", write_toml(tmp_path, text)])
+    reloaded.job.config_file = config.job.config_file
+    assert reloaded == config
+    assert tomllib.loads(text)["training"]["steps"] == 11
+
+
+@pytest.mark.parametrize(
+    "argv, field, words",
+    [
+        (["--trainig.steps", "3"], "trainig", "did you mean 'training'"),
+        (["--training.stepz", "3"], "training.stepz", "did you mean 'training.steps'"),
+        (["--training.steps", "abc"], "training.steps", "expects an integer"),
+        (["--training.steps", "0"], "training.steps", "must be >= 1"),
+        (["--training.max_norm", "-1"], "training.max_norm", "must be >= 0"),
+        (["--optimizer.beta2", "1.0"], "optimizer.beta2", "must be < 1"),
+        (["--lr_scheduler.min_lr_factor", "2"], "lr_scheduler.min_lr_factor", "must be <= 1"),
+        (["--training.global_batch_size", "-2"], "training.global_batch_size", "(or -1)"),
+        (["--training.deterministic", "maybe"], "training.deterministic", "expects a boolean"),
+        (["--lr_scheduler.decay_type", "exp"], "lr_scheduler.decay_type", "one of 'linear', 'cosine', 'constant'"),
+        (["--training.steps"], "training.steps", "missing its value"),
+        (["training.steps=3"], "training.steps=3", "--section.key"),
+        (["--model.flavor", "debgu"], "model.flavor", "did you mean 'debug'"),
+        (["--training.global_batch_size", "6"], "training.global_batch_size", "multiple of training.local_batch_size"),
+        (["--tokenizer.path", "nope.tiktoken"], "tokenizer.path", "no such file"),
+        (["--tokenizer.path", ""], "tokenizer", "tokenizer.name"),
+        (["--data.path", "nope/*.jsonl", "--data.format", "json"], "data.path", "no local file"),
+        (["--parallelism.tp", "2"], "parallelism.dp_shard", "world size 1 is not divisible"),
+        (["--parallelism.dp_shard", "2"], "parallelism", "must equal the world size 1"),
+        (["--job.config_file"], "job.config_file", "expects a path"),
+        (["--job.config_file", "missing.toml"], "job.config_file", "file not found"),
+    ],
+)
+def test_command_line_errors_name_the_field(argv, field, words):
+    with pytest.raises(ConfigError) as info:
+        build_config(argv)
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "toml, field, words",
+    [
+        ("[trainin]\nsteps = 3\n", "trainin", "did you mean 'training'"),
+        ("[training]\nsteeps = 3\n", "training.steeps", "did you mean 'training.steps'"),
+        ("[optimizer]\nseq_len = 3\n", "optimizer.seq_len", "did you mean 'training.seq_len'"),
+        ("[training]\nsteps = \"3\"\n", "training.steps", "expects an integer"),
+        ("[training]\nsteps = 2.5\n", "training.steps", "expects an integer"),
+        ("[training]\ndeterministic = 1\n", "training.deterministic", "expects a boolean"),
+        ("[optimizer]\nlr = true\n", "optimizer.lr", "expects a number"),
+        ("steps = 3\n", "steps", "must be a [section] table"),
+        ("[training\nsteps = 3\n", "job.config_file", "not valid TOML"),
+    ],
+)
+def test_toml_errors_name_the_field(tmp_path, toml, field, words):
+    with pytest.raises(ConfigError) as info:
+        build_config(["--job.config_file", write_toml(tmp_path, toml)])
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+def test_toml_int_is_accepted_for_a_float_field(tmp_path):
+    config, _ = build_config(["--job.config_file", write_toml(tmp_path, "[optimizer]\nlr = 1\n")])
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+
+
+def test_missing_load_step_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_config(["--job.dump_folder", str(tmp_path), "--checkpoint.load_step", "5"])
+    assert info.value.field == "checkpoint.load_step"
+
+
+def test_config_errors_stop_main_before_any_model_is_built(monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a model was built despite a config error")
+
+    monkeypatch.setattr(train, "build_model", must_not_run)
+    monkeypatch.setattr(train, "build_tokenizer", must_not_run)
+    assert train.main(["--training.stepz", "3"]) == 2
+    assert "did you mean 'training.steps'" in capsys.readouterr().err
+
+
+def test_main_help_and_print_config_do_not_train(monkeypatch, capsys):
+    monkeypatch.setattr(train, "Trainer", lambda *a, **k: pytest.fail("Trainer built for --help/--print_config"))
+    assert train.main(["--help"]) == 0
+    assert "--training.steps" in capsys.readouterr().out
+    assert train.main(["--print_config", "--training.steps", "9"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 9
+
+
+def test_shipped_train_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "train_configs").glob("*.toml"))
+    assert configs, "no train_configs/*.toml found"
+    for path in configs:
+        build_config(["--job.config_file", str(path)])

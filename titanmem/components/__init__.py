@@ -1,0 +1,1 @@
+"""Training components: optimizer, lr schedule, checkpointing and metrics."""

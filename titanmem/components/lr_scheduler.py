@@ -1,0 +1,37 @@
+"""Warmup, then linear, cosine or no decay to a floor. One multiplier scales every param group's own peak lr."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from titanmem.config.sections import LRScheduler as SchedulerConfig
+
+
+class WarmupDecay:
+    """lr multiplier at a given optimizer step (0-based: the multiplier used by the update of step `step + 1`)."""
+
+    def __init__(self, config: SchedulerConfig, total_steps: int):
+        self.warmup = config.warmup_steps
+        self.decay = config.decay_steps if config.decay_steps != -1 else max(total_steps - self.warmup, 1)
+        self.kind = config.decay_type
+        self.floor = config.min_lr_factor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            # (step + 1): the very first update already moves, with a small lr, instead of being wasted at lr 0.
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min((step - self.warmup) / self.decay, 1.0)
+        if self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.floor + (1.0 - self.floor) * shape
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, WarmupDecay(config, total_steps))

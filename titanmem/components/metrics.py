@@ -1,0 +1,118 @@
+"""Console and TensorBoard metrics, written by rank 0 only."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+
+import torch
+
+from titanmem.config.sections import Metrics as MetricsConfig
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak per GPU, by a substring of the device name (first match wins).
+_BF16_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H20", 148e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+]
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s for MFU, or None where unknown (then MFU is not reported rather than guessed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _BF16_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+class MetricsLogger:
+    """Turns per-step numbers into a console line and TensorBoard scalars every `log_freq` steps."""
+
+    def __init__(
+        self,
+        config: MetricsConfig,
+        dump_folder: str,
+        rank: int,
+        total_steps: int,
+        flops_per_token: int,
+        device: torch.device,
+    ):
+        self.config = config
+        self.enabled = rank == 0
+        self.total_steps = total_steps
+        self.flops_per_token = flops_per_token
+        self.device = device
+        self.peak_flops = bf16_peak_flops(device)
+        self.writer = None
+        if self.enabled and config.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.writer = SummaryWriter(os.path.join(dump_folder, config.save_tb_folder, stamp))
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_steps = 0
+
+    def should_log(self, step: int) -> bool:
+        return step % self.config.log_freq == 0 or step == self.total_steps or step == 1
+
+    def step_done(self, step: int, tokens: int, values: dict[str, float]) -> dict[str, float] | None:
+        """Account one finished step; on a logging step, emit and return the full set of metrics."""
+        self._window_tokens += tokens
+        self._window_steps += 1
+        if not self.should_log(step):
+            return None
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        metrics = dict(values)
+        metrics["tokens_per_second"] = self._window_tokens / elapsed
+        metrics["seconds_per_step"] = elapsed / self._window_steps
+        metrics["eta_seconds"] = metrics["seconds_per_step"] * (self.total_steps - step)
+        if self.peak_flops:
+            metrics["mfu_percent"] = 100 * self.flops_per_token * metrics["tokens_per_second"] / self.peak_flops
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.enabled:
+            logger.info(self.format_line(step, metrics))
+            if self.writer is not None:
+                for key, value in metrics.items():
+                    self.writer.add_scalar(key, value, step)
+                self.writer.flush()
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_steps = 0
+        return metrics
+
+    def format_line(self, step: int, m: dict[str, float]) -> str:
+        parts = [
+            f"step {step:>{len(str(self.total_steps))}}",
+            f"loss {m['loss']:.4f}",
+            f"lr {m['lr']:.2e}",
+            f"grad_norm {m['grad_norm']:.3f}",
+            f"tok/s {m['tokens_per_second']:,.0f}",
+            f"eta {datetime.timedelta(seconds=round(m['eta_seconds']))}",
+        ]
+        if "mfu_percent" in m:
+            parts.append(f"mfu {m['mfu_percent']:.1f}%")
+        if "peak_memory_gib" in m:
+            parts.append(f"mem {m['peak_memory_gib']:.2f} GiB")
+        if m.get("nonfinite_skips"):
+            parts.append(f"skipped {int(m['nonfinite_skips'])}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

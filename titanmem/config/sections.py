@@ -1,0 +1,265 @@
+"""One dataclass per TOML section.
+
+The string literal under each field is its documentation: `--help` prints it, and a test checks that every field has
+one. Constraints live in `field(metadata=...)` (see `bounded`) so the parser can check them and name the field in its
+error; constraints that relate several fields live in each section's `check()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from titanmem.config.errors import ConfigError
+
+
+def bounded(default, *, ge=None, gt=None, le=None, lt=None, allow=()):
+    """A dataclass field whose numeric value must lie in a range; values in `allow` (sentinels like -1) pass too."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "allow": tuple(allow)})
+
+
+@dataclass
+class Job:
+    config_file: str = ""
+    """TOML file whose values override the defaults; command-line `--section.key` overrides win over it."""
+
+    dump_folder: str = "./outputs"
+    """Folder for everything a run writes: checkpoints, TensorBoard events, the resolved config."""
+
+    description: str = ""
+    """Free text printed at start, to tell runs apart in logs."""
+
+
+@dataclass
+class Model:
+    name: Literal["llama"] = "llama"
+    """Model family. `llama` is a pre-norm decoder: RMSNorm, RoPE, GQA attention, SwiGLU FFN."""
+
+    flavor: str = "debug"
+    """Named shape from the flavor registry (`titanmem.models.flavors`), e.g. debug, 134m, 373m, 720m, 1.3b, 8b."""
+
+    vocab_size: int = bounded(-1, gt=0, allow=(-1,))
+    """Embedding rows. -1 takes the tokenizer's size rounded up to a multiple of 64, which keeps the output GEMM
+    tensor-core aligned; a set value must be at least the tokenizer's size."""
+
+
+@dataclass
+class Tokenizer:
+    path: str = "assets/tokenizer/titanmem4k.tiktoken"
+    """Local tiktoken ranks file (`base64(token) rank` lines). A `<stem>.json` beside it may give `pat_str` and
+    `special_tokens`. Relative paths are tried against the working directory, then the titanmem checkout."""
+
+    name: str = ""
+    """Named tiktoken encoding (e.g. `cl100k_base`), used only when `path` is empty. Needs the encoding's file to be
+    reachable or already in tiktoken's cache."""
+
+    eos_token: str = "<|endoftext|>"
+    """Special token appended after every document when packing."""
+
+
+@dataclass
+class Data:
+    path: str = "assets/corpus/train.jsonl.gz"
+    """Training text: a local file, directory or glob (json/jsonl/parquet/txt, optionally .gz), or a hub dataset name
+    when online. Relative paths are resolved like `tokenizer.path`."""
+
+    format: Literal["auto", "json", "parquet", "text", "hub"] = "auto"
+    """How to read `path`. `auto` infers it from the file extension; a path that does not exist locally is a hub
+    name."""
+
+    hub_config: str = ""
+    """Configuration name of a hub dataset (the second argument of `datasets.load_dataset`)."""
+
+    split: str = "train"
+    """Dataset split to read."""
+
+    text_field: str = "text"
+    """Column holding each document's text."""
+
+    streaming: bool = False
+    """Stream the dataset instead of loading it into an Arrow table. Use it for corpora larger than local disk."""
+
+    num_workers: int = bounded(0, ge=0)
+    """Data-loader worker processes that tokenize in the background. 0 tokenizes in the training process."""
+
+
+@dataclass
+class Training:
+    steps: int = bounded(200, ge=1)
+    """Optimizer steps to train for; the lr schedule is laid out over this many."""
+
+    seq_len: int = bounded(256, ge=2)
+    """Tokens per training sequence; documents are packed into sequences of this length."""
+
+    local_batch_size: int = bounded(8, ge=1)
+    """Sequences per micro-batch on each data-parallel rank."""
+
+    global_batch_size: int = bounded(-1, ge=1, allow=(-1,))
+    """Sequences per optimizer step over all ranks. -1 means local_batch_size × data-parallel degree; a larger multiple
+    of that turns on gradient accumulation."""
+
+    max_norm: float = bounded(1.0, ge=0.0)
+    """Clip the total gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+
+    seed: int = bounded(0, ge=0)
+    """Seed for model init and every random number generator."""
+
+    deterministic: bool = False
+    """Use deterministic kernels only (slower). With it, a resumed run reproduces the losses of an uninterrupted one."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train. `auto` picks CUDA when a GPU is visible, else the CPU."""
+
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision. `auto` is bf16 autocast on CUDA and fp32 on CPU; parameters always stay fp32."""
+
+    on_nonfinite_loss: Literal["skip", "abort"] = "abort"
+    """What to do when the loss or gradient norm is NaN/Inf: `skip` drops that step's update and counts it, `abort`
+    stops with an error naming the step."""
+
+    max_nonfinite_skips: int = bounded(10, ge=0)
+    """With `skip`, abort anyway once this many steps have been skipped in one run."""
+
+    def check(self, config: "JobConfig") -> None:
+        if self.global_batch_size != -1 and self.global_batch_size % self.local_batch_size:
+            raise ConfigError(
+                "training.global_batch_size",
+                f"must be a multiple of training.local_batch_size ({self.local_batch_size}), "
+                f"got {self.global_batch_size}",
+            )
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = "AdamW"
+    """Optimizer for the dense parameters."""
+
+    lr: float = bounded(3e-4, gt=0.0)
+    """Peak learning rate, reached at the end of warmup."""
+
+    beta1: float = bounded(0.9, ge=0.0, lt=1.0)
+    """Adam first-moment decay."""
+
+    beta2: float = bounded(0.95, ge=0.0, lt=1.0)
+    """Adam second-moment decay."""
+
+    eps: float = bounded(1e-8, gt=0.0)
+    """Adam denominator epsilon."""
+
+    weight_decay: float = bounded(0.1, ge=0.0)
+    """Decoupled weight decay of the matrices and embeddings."""
+
+    decay_norms_and_biases: bool = False
+    """Also apply weight decay to norm weights and biases (off, as is usual for LLMs)."""
+
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW kernel: `auto` is fused on CUDA and foreach on CPU."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = bounded(20, ge=0)
+    """Steps of linear warmup from 0 to the peak lr."""
+
+    decay_type: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape of the decay that follows warmup."""
+
+    decay_steps: int = bounded(-1, ge=1, allow=(-1,))
+    """Steps over which the lr decays to its floor; -1 means all steps left after warmup."""
+
+    min_lr_factor: float = bounded(0.01, ge=0.0, le=1.0)
+    """Floor of the decay as a fraction of the peak lr (0.01 decays to 1%)."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = True
+    """Save checkpoints, and resume from the newest complete one at start."""
+
+    folder: str = "checkpoint"
+    """Folder under job.dump_folder that holds the `step-N` checkpoints."""
+
+    interval: int = bounded(100, ge=1)
+    """Save every this many steps; the last step is always saved."""
+
+    keep_latest_k: int = bounded(3, ge=0)
+    """Keep only the newest k complete checkpoints; 0 keeps all."""
+
+    load_step: int = bounded(-1, ge=0, allow=(-1,))
+    """Resume from this step's checkpoint instead of the newest; -1 means the newest complete one."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = bounded(10, ge=1)
+    """Print a metrics line and write TensorBoard scalars every this many steps."""
+
+    enable_tensorboard: bool = True
+    """Write TensorBoard scalars."""
+
+    save_tb_folder: str = "tb"
+    """Folder under job.dump_folder for TensorBoard event files."""
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = bounded(1, ge=1)
+    """Data-parallel replicas (the replicate dim of HSDP)."""
+
+    dp_shard: int = bounded(-1, ge=1, allow=(-1,))
+    """FSDP2 sharding degree; -1 takes the ranks left after the other degrees."""
+
+    tp: int = bounded(1, ge=1)
+    """Tensor-parallel degree."""
+
+    mp: int = bounded(1, ge=1)
+    """Memory-parallel degree, carved out of the data-parallel ranks: it shards the memory value table."""
+
+    def resolved_dp_shard(self, world_size: int) -> int:
+        if self.dp_shard != -1:
+            return self.dp_shard
+        others = self.dp_replicate * self.tp
+        if world_size % others:
+            raise ConfigError(
+                "parallelism.dp_shard",
+                f"cannot be inferred: world size {world_size} is not divisible by "
+                f"dp_replicate × tp = {self.dp_replicate} × {self.tp}",
+            )
+        return world_size // others
+
+    def check_world(self, world_size: int) -> None:
+        dp_shard = self.resolved_dp_shard(world_size)
+        product = self.dp_replicate * dp_shard * self.tp
+        if product != world_size:
+            raise ConfigError(
+                "parallelism",
+                f"dp_replicate × dp_shard × tp = {self.dp_replicate} × {dp_shard} × {self.tp} = {product} "
+                f"must equal the world size {world_size}",
+            )
+        if self.mp > 1 and (self.dp_replicate * dp_shard) % self.mp:
+            raise ConfigError(
+                "parallelism.mp",
+                f"must divide dp_replicate × dp_shard = {self.dp_replicate * dp_shard}, got {self.mp}",
+            )
+        if world_size > 1 or self.mp > 1:
+            raise ConfigError(
+                "parallelism",
+                f"this build trains on one process; got world size {world_size} and mp {self.mp}. "
+                "Launch with NGPU=1 and leave the degrees at 1",
+            )
+
+
+@dataclass
+class JobConfig:
+    """The whole run's configuration: one attribute per TOML section."""
+
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    parallelism: Parallelism = field(default_factory=Parallelism)

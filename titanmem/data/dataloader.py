@@ -1,0 +1,38 @@
+"""The training data loader: a `StatefulDataLoader`, so the position in the stream goes into every checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from titanmem.config.sections import JobConfig
+from titanmem.data.text import PackedTokenDataset, load_documents
+from titanmem.data.tokenizer import Tokenizer
+
+
+# torchdata calls a torch API that newer torch deprecated; the warning is noise for our users.
+warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+
+
+def build_dataloader(
+    config: JobConfig, tokenizer: Tokenizer, dp_rank: int, dp_world_size: int, device: torch.device
+) -> StatefulDataLoader:
+    dataset = PackedTokenDataset(
+        load_documents(config.data),
+        tokenizer,
+        seq_len=config.training.seq_len,
+        text_field=config.data.text_field,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+    )
+    workers = config.data.num_workers
+    return StatefulDataLoader(
+        dataset,
+        batch_size=config.training.local_batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+        persistent_workers=workers > 0,
+    )

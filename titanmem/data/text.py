@@ -1,0 +1,158 @@
+"""Documents in, fixed-length token windows out: HF `datasets` for reading, packing with EOS separators, and a
+resumable position in the stream.
+
+Each data-parallel rank (and each loader worker inside it) reads its own disjoint shard of the documents. The
+position is kept as (epoch, next document, leftover tokens), so a checkpoint resumes mid-epoch on the exact token.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from titanmem.config.errors import ConfigError
+from titanmem.config.manager import resolve_asset_path
+from titanmem.config.sections import Data as DataConfig
+from titanmem.data.tokenizer import Tokenizer
+
+_BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+_COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zst"}
+
+
+def _suffix_builder(file_name: str) -> str | None:
+    suffixes = [s.lower() for s in Path(file_name).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return _BUILDER_BY_SUFFIX.get(suffixes[-1]) if suffixes else None
+
+
+def _local_files(path: str) -> list[str]:
+    resolved = resolve_asset_path(path)
+    if resolved.is_dir():
+        return sorted(str(p) for p in resolved.rglob("*") if p.is_file() and _suffix_builder(p.name))
+    if resolved.is_file():
+        return [str(resolved)]
+    return sorted(glob.glob(str(resolved), recursive=True))
+
+
+def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    """Open the configured corpus, local or hub, as a dataset of documents."""
+    files = [] if config.format == "hub" else _local_files(config.path)
+    if not files:
+        if config.format not in ("auto", "hub"):
+            raise ConfigError("data.path", f"no local file matches {config.path}")
+        return datasets.load_dataset(
+            config.path, config.hub_config or None, split=config.split, streaming=config.streaming
+        )
+    builder = config.format
+    if builder == "auto":
+        kinds = {_suffix_builder(f) for f in files}
+        if len(kinds) != 1 or None in kinds:
+            raise ConfigError(
+                "data.format", f"cannot infer one format from {config.path} (found {sorted(map(str, kinds))}); set it"
+            )
+        builder = kinds.pop()
+    # A text file is one document, not one document per line, so EOS separators fall between files.
+    extra = {"sample_by": "document"} if builder == "text" else {}
+    documents = datasets.load_dataset(
+        builder, data_files={config.split: files}, split=config.split, streaming=config.streaming, **extra
+    )
+    column_names = documents.column_names
+    if column_names is not None and config.text_field not in column_names:
+        raise ConfigError("data.text_field", f"{config.text_field!r} is not a column of {config.path}: {column_names}")
+    return documents
+
+
+class PackedTokenDataset(IterableDataset):
+    """Yields {"input": [seq_len], "labels": [seq_len]} windows cut from the concatenated, EOS-separated documents.
+
+    Consecutive windows overlap by one token, so every transition in the stream is trained on once. The stream
+    cycles over the corpus forever; the training loop decides when to stop.
+    """
+
+    def __init__(
+        self,
+        documents: datasets.Dataset | datasets.IterableDataset,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        text_field: str = "text",
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+    ):
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.text_field = text_field
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self._epoch = 0
+        self._next_document = 0
+        self._buffer: list[int] = []
+        self._shard: datasets.Dataset | datasets.IterableDataset | None = None
+        self._pending_stream_state: dict | None = None
+
+    def _shard_for_this_worker(self):
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        num_shards = self.dp_world_size * workers
+        shard_id = self.dp_rank * workers + worker_id
+        if isinstance(self.documents, datasets.IterableDataset):
+            return datasets.distributed.split_dataset_by_node(self.documents, rank=shard_id, world_size=num_shards)
+        if len(self.documents) < num_shards:
+            raise ConfigError(
+                "data.path",
+                f"has {len(self.documents)} documents, fewer than the {num_shards} shards (ranks × loader workers)",
+            )
+        return self.documents.shard(num_shards=num_shards, index=shard_id, contiguous=False)
+
+    def _texts(self) -> Iterator[str]:
+        """This shard's documents from the saved position on, advancing `_next_document` as each is taken."""
+        shard = self._shard
+        if isinstance(shard, datasets.IterableDataset):
+            shard.set_epoch(self._epoch)
+            if self._pending_stream_state is not None:
+                shard.load_state_dict(self._pending_stream_state)
+                self._pending_stream_state = None
+            for row in shard:
+                self._next_document += 1
+                yield row[self.text_field]
+            return
+        for index in range(self._next_document, len(shard)):
+            self._next_document = index + 1
+            yield shard[index][self.text_field]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._shard is None:
+            self._shard = self._shard_for_this_worker()
+        window = self.seq_len + 1
+        while True:
+            for text in self._texts():
+                self._buffer.extend(self.tokenizer.encode(text))
+                self._buffer.append(self.tokenizer.eos_id)
+                while len(self._buffer) >= window:
+                    tokens = torch.tensor(self._buffer[:window], dtype=torch.long)
+                    # Trim before yielding: the state seen while suspended must be the state *after* this window.
+                    self._buffer = self._buffer[self.seq_len :]
+                    yield {"input": tokens[:-1], "labels": tokens[1:]}
+            if self._next_document == 0:
+                raise ConfigError("data.path", "the data shard of this rank is empty")
+            self._epoch += 1
+            self._next_document = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self._epoch, "next_document": self._next_document, "buffer": list(self._buffer)}
+        if isinstance(self._shard, datasets.IterableDataset):
+            state["stream"] = self._shard.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch = state["epoch"]
+        self._next_document = state["next_document"]
+        self._buffer = list(state["buffer"])
+        self._pending_stream_state = state.get("stream")
+

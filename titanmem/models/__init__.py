@@ -1,0 +1,38 @@
+"""Models: the Llama-style decoder, its flavors, and how to build one on the meta device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from titanmem.config.errors import ConfigError
+from titanmem.config.sections import JobConfig
+from titanmem.models.args import ModelArgs
+from titanmem.models.flavors import FLAVORS
+from titanmem.models.llama import Transformer
+
+VOCAB_MULTIPLE = 64
+
+
+def build_model_args(config: JobConfig, tokenizer_vocab_size: int) -> ModelArgs:
+    """The flavor's shape with the vocabulary and context taken from the run."""
+    args = FLAVORS[config.model.flavor]
+    vocab = config.model.vocab_size
+    if vocab == -1:
+        vocab = -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif vocab < tokenizer_vocab_size:
+        raise ConfigError("model.vocab_size", f"must be at least the tokenizer's size {tokenizer_vocab_size}, got {vocab}")
+    return dataclasses.replace(args, vocab_size=vocab, max_seq_len=max(args.max_seq_len, config.training.seq_len))
+
+
+def build_model(args: ModelArgs, device: torch.device) -> Transformer:
+    """Construct on the meta device (no memory, no init work), then materialise on `device` and initialise once."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+__all__ = ["FLAVORS", "ModelArgs", "Transformer", "build_model", "build_model_args"]

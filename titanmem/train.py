@@ -1,0 +1,204 @@
+"""The training entry point: `python -m titanmem.train --job.config_file FILE [--section.key value ...]`.
+
+Order of work: parse and check the whole config (no side effects), then build tokenizer, model, data, optimizer,
+schedule, metrics and checkpointing, resume if a complete checkpoint exists, and train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from titanmem.components.checkpoint import CheckpointManager, TrainState
+from titanmem.components.lr_scheduler import build_lr_scheduler
+from titanmem.components.metrics import MetricsLogger
+from titanmem.components.optimizer import build_optimizer
+from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
+from titanmem.config.manager import write_config
+from titanmem.data import build_dataloader, build_tokenizer
+from titanmem.models import build_model, build_model_args
+from titanmem.models.accounting import count_parameters, flops_per_token
+from titanmem.utils import autocast_dtype, pick_device, seed_everything, setup_logging
+
+logger = logging.getLogger("titanmem")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.rank = int(os.environ.get("RANK", 0))
+        self.dp_rank, self.dp_world_size = 0, 1
+        training = config.training
+        self.device = pick_device(training.device)
+        seed_everything(training.seed, training.deterministic)
+
+        self.tokenizer = build_tokenizer(config.tokenizer)
+        self.model_args = build_model_args(config, self.tokenizer.vocab_size)
+        self.model = build_model(self.model_args, self.device)
+        self.param_counts = count_parameters(self.model)
+        self.flops_per_token = flops_per_token(self.model_args, self.param_counts, training.seq_len)
+
+        global_batch = training.global_batch_size
+        if global_batch == -1:
+            global_batch = training.local_batch_size * self.dp_world_size
+        self.accumulation_steps = global_batch // (training.local_batch_size * self.dp_world_size)
+        self.tokens_per_step = global_batch * training.seq_len
+        self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
+
+        self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
+        self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
+        self.train_state = TrainState()
+        self.metrics = MetricsLogger(
+            config.metrics, config.job.dump_folder, self.rank, training.steps, self.flops_per_token, self.device
+        )
+        self.checkpointer = CheckpointManager(
+            config.checkpoint,
+            config.job.dump_folder,
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            self.dataloader,
+            self.train_state,
+            total_steps=training.steps,
+            rank=self.rank,
+            dp_rank=self.dp_rank,
+        )
+        # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
+        self.loss_history: dict[int, float] = {}
+        self._log_setup()
+
+    def _log_setup(self) -> None:
+        if self.rank != 0:
+            return
+        c, a = self.param_counts, self.model_args
+        if self.config.job.description:
+            logger.info(self.config.job.description)
+        logger.info(
+            "model %s/%s: %s params (%s dense, %s embedding); dim %d, %d layers, %d heads (%d kv), vocab %d",
+            self.config.model.name, self.config.model.flavor, f"{c['total']:,}", f"{c['dense']:,}",
+            f"{c['embedding']:,}", a.dim, a.n_layers, a.n_heads, a.kv_heads, a.vocab_size,
+        )
+        logger.info(
+            "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
+            self.device, self.autocast_dtype or "fp32", f"{self.tokens_per_step:,}", self.accumulation_steps,
+            self.flops_per_token,
+        )
+        write_config(self.config, self.config.job.dump_folder)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        (loss / self.accumulation_steps).backward()
+        return loss.detach()
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over `accumulation_steps` micro-batches; returns the step's scalar metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation_steps):
+            batch = next(batches)
+            inputs = batch["input"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            loss_sum += self.forward_backward(inputs, labels)
+        max_norm = self.config.training.max_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        # One host sync per step: it decides between update and skip, and feeds the metrics.
+        loss, norm = torch.stack([loss_sum / self.accumulation_steps, grad_norm.float()]).tolist()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self._handle_nonfinite(loss, norm)
+        # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
+        self.lr_scheduler.step()
+        return {"loss": loss, "grad_norm": norm, "lr": lr}
+
+    def _handle_nonfinite(self, loss: float, norm: float) -> None:
+        step = self.train_state.step
+        training = self.config.training
+        if training.on_nonfinite_loss == "abort":
+            raise NonFiniteLossError(
+                f"step {step}: loss {loss}, grad norm {norm} is not finite; lower optimizer.lr, check the data, or "
+                "set training.on_nonfinite_loss = 'skip'"
+            )
+        self.train_state.nonfinite_skips += 1
+        logger.warning("step %d: loss %s, grad norm %s; update skipped (%d so far)", step, loss, norm,
+                       self.train_state.nonfinite_skips)
+        if self.train_state.nonfinite_skips > training.max_nonfinite_skips:
+            raise NonFiniteLossError(
+                f"{self.train_state.nonfinite_skips} non-finite steps exceed training.max_nonfinite_skips "
+                f"({training.max_nonfinite_skips}); stopping at step {step}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self) -> dict[int, float]:
+        state = self.train_state
+        total = self.config.training.steps
+        resumed = self.checkpointer.load()
+        if self.rank == 0:
+            logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
+        batches = iter(self.dataloader)
+        self.model.train()
+        while state.step < total:
+            state.step += 1
+            values = self.train_step(batches)
+            state.tokens_seen += self.tokens_per_step
+            self.loss_history[state.step] = values["loss"]
+            values["nonfinite_skips"] = state.nonfinite_skips
+            self.metrics.step_done(state.step, self.tokens_per_step, values)
+            self.checkpointer.maybe_save(state.step)
+        if self.rank == 0:
+            logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
+        return self.loss_history
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        config, command_line = build_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if command_line.help:
+        print(format_help())
+        return 0
+    if command_line.print_config:
+        print(format_config(config))
+        return 0
+    try:
+        trainer = Trainer(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except NonFiniteLossError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
