@@ -151,3 +151,12 @@ def test_shipped_train_configs_parse():
     assert configs, "no train_configs/*.toml found"
     for path in configs:
         build_config(["--job.config_file", str(path)])
+
+
+def test_docs_config_reference_is_up_to_date():
+    from pathlib import Path
+
+    from titanmem.config.manager import format_markdown_reference
+
+    committed = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    assert committed == format_markdown_reference(), "docs/config.md is stale: run python tools/config_reference.py"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+from datasets.distributed import split_dataset_by_node
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -102,7 +103,7 @@ class PackedTokenDataset(IterableDataset):
         num_shards = self.dp_world_size * workers
         shard_id = self.dp_rank * workers + worker_id
         if isinstance(self.documents, datasets.IterableDataset):
-            return datasets.distributed.split_dataset_by_node(self.documents, rank=shard_id, world_size=num_shards)
+            return split_dataset_by_node(self.documents, rank=shard_id, world_size=num_shards)
         if len(self.documents) < num_shards:
             raise ConfigError(
                 "data.path",

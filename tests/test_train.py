@@ -1,0 +1,167 @@
+import math
+import os
+
+import pytest
+import torch
+
+from titanmem.components.checkpoint import complete_checkpoint_steps
+from titanmem.components.lr_scheduler import WarmupDecay
+from titanmem.components.optimizer import build_param_groups
+from titanmem.config.sections import LRScheduler, Optimizer
+from titanmem.train import NonFiniteLossError, Trainer
+
+
+def run(config, crash_after_step=None):
+    trainer = Trainer(config)
+    if crash_after_step is not None:
+        original = trainer.train_step
+
+        def train_step(batches):
+            if trainer.train_state.step > crash_after_step:
+                raise KeyboardInterrupt("simulated crash")
+            return original(batches)
+
+        trainer.train_step = train_step
+    try:
+        return trainer.train(), trainer
+    finally:
+        trainer.close()
+
+
+def test_loss_falls_on_the_bundled_corpus(small_config):
+    losses, _ = run(small_config(training={"steps": 30}))
+    first, last = losses[1], sum(losses[s] for s in range(26, 31)) / 5
+    assert math.log(4096) - 1 < first < math.log(4096) + 1.5
+    assert last < first - 1.0, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, small_config, num_workers):
+    sections = dict(
+        training={"steps": 12, "deterministic": True, "local_batch_size": 2, "global_batch_size": 4},
+        data={"num_workers": num_workers},
+        checkpoint={"enable": True, "interval": 3, "keep_latest_k": 0},
+    )
+    straight_config = small_config(**sections)
+    straight_config.job.dump_folder = str(tmp_path / "straight")
+    straight, _ = run(straight_config)
+
+    config = small_config(**sections)
+    config.job.dump_folder = str(tmp_path / "crashed")
+    with pytest.raises(KeyboardInterrupt):
+        run(config, crash_after_step=7)
+    folder = tmp_path / "crashed" / "checkpoint"
+    assert complete_checkpoint_steps(folder) == [3, 6]
+    # Debris of a crash mid-save must be ignored: a partial save and a folder without DCP metadata.
+    (folder / "step-9.partial").mkdir()
+    (folder / "step-9.partial" / "__0_0.distcp").write_bytes(b"garbage")
+    (folder / "step-8").mkdir()
+
+    resumed, trainer = run(config)
+    assert sorted(resumed) == list(range(7, 13)), "did not resume from step 6"
+    assert trainer.train_state.tokens_seen == 12 * 4 * 64
+    for step in range(7, 13):
+        assert resumed[step] == straight[step], f"step {step}: {resumed[step]} != {straight[step]}"
+
+
+def test_keep_latest_k_and_no_partial_leftovers(small_config):
+    config = small_config(training={"steps": 5}, checkpoint={"enable": True, "interval": 1, "keep_latest_k": 2})
+    run(config)
+    folder = os.path.join(config.job.dump_folder, "checkpoint")
+    assert complete_checkpoint_steps(folder) == [4, 5]
+    assert sorted(os.listdir(folder)) == ["step-4", "step-5"]
+
+
+def test_finished_run_relaunched_does_no_more_steps(small_config):
+    config = small_config(training={"steps": 3}, checkpoint={"enable": True, "interval": 10})
+    run(config)
+    losses, trainer = run(config)
+    assert losses == {} and trainer.train_state.step == 3
+
+
+def test_gradient_accumulation_matches_one_big_batch(small_config):
+    big, _ = run(small_config(training={"steps": 3, "local_batch_size": 4}))
+    accumulated, _ = run(small_config(training={"steps": 3, "local_batch_size": 2, "global_batch_size": 4}))
+    for step in big:
+        assert accumulated[step] == pytest.approx(big[step], rel=1e-5)
+
+
+def poison_gradients_at(trainer, bad_step):
+    original = trainer.forward_backward
+
+    def forward_backward(inputs, labels):
+        loss = original(inputs, labels)
+        if trainer.train_state.step == bad_step:
+            next(trainer.model.parameters()).grad.fill_(float("nan"))
+        return loss
+
+    trainer.forward_backward = forward_backward
+
+
+def test_nonfinite_step_is_skipped_without_touching_the_weights(small_config):
+    trainer = Trainer(small_config(training={"steps": 3, "on_nonfinite_loss": "skip"}))
+    poison_gradients_at(trainer, 3)
+    trainer.config.training.steps = 2
+    trainer.train()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.config.training.steps = 3
+    trainer.train()
+    assert trainer.train_state.nonfinite_skips == 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed in a skipped step"
+
+
+def test_nonfinite_step_aborts_with_the_step_named(small_config):
+    trainer = Trainer(small_config(training={"steps": 4}))
+    poison_gradients_at(trainer, 2)
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        trainer.train()
+
+
+def test_too_many_skips_abort(small_config):
+    trainer = Trainer(small_config(training={"steps": 4, "on_nonfinite_loss": "skip", "max_nonfinite_skips": 0}))
+    poison_gradients_at(trainer, 2)
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_skips"):
+        trainer.train()
+
+
+def test_tensorboard_gets_the_console_metrics(small_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = small_config(training={"steps": 5}, metrics={"enable_tensorboard": True, "log_freq": 5})
+    run(config)
+    (run_folder,) = [os.path.join(r, "") for r, _, files in os.walk(config.job.dump_folder) if files and "tb" in r]
+    events = EventAccumulator(run_folder)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "eta_seconds"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 5]
+
+
+def test_metrics_line_has_the_promised_fields(small_config, caplog):
+    caplog.set_level("INFO", logger="titanmem")
+    run(small_config(training={"steps": 2}, metrics={"log_freq": 2}))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2"))
+    for field in ("loss", "lr", "grad_norm", "tok/s", "eta"):
+        assert field in line
+
+
+def test_lr_schedule_shapes():
+    linear = WarmupDecay(LRScheduler(warmup_steps=4, decay_type="linear", min_lr_factor=0.1), total_steps=14)
+    assert [linear(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert linear(4) == pytest.approx(1.0)
+    assert linear(9) == pytest.approx(0.55)
+    assert linear(14) == pytest.approx(0.1) and linear(100) == pytest.approx(0.1)
+    cosine = WarmupDecay(LRScheduler(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0, decay_steps=10), 50)
+    assert cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    constant = WarmupDecay(LRScheduler(warmup_steps=2, decay_type="constant"), 10)
+    assert constant(7) == 1.0
+
+
+def test_norms_and_biases_skip_weight_decay_unless_asked():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = {g["name"]: g for g in build_param_groups(model, Optimizer(weight_decay=0.1))}
+    assert [p.shape for p in groups["decay"]["params"]] == [torch.Size([4, 4])]
+    assert len(groups["no_decay"]["params"]) == 3 and groups["no_decay"]["weight_decay"] == 0.0
+    (only,) = build_param_groups(model, Optimizer(weight_decay=0.1, decay_norms_and_biases=True))
+    assert len(only["params"]) == 4
