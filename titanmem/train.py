@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from titanmem.components.checkpoint import CheckpointManager, TrainState
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
-from titanmem.components.optimizer import build_optimizer
+from titanmem.components.optimizer import build_optimizer, memory_value_parameters
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
 from titanmem.config.manager import write_config
 from titanmem.data import build_dataloader, build_tokenizer
@@ -31,6 +31,11 @@ logger = logging.getLogger("titanmem")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm of `params` (fp32), clipped to `max_norm` unless it is 0."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf, foreach=True).float()
 
 
 class Trainer:
@@ -56,7 +61,10 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
 
         self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
-        self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
+        self.optimizer = build_optimizer(self.model, config.optimizer, config.memory, self.device)
+        value_ids = {id(p) for p in memory_value_parameters(self.model)}
+        self.value_params = [p for p in self.model.parameters() if id(p) in value_ids]
+        self.dense_params = [p for p in self.model.parameters() if id(p) not in value_ids]
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
         self.train_state = TrainState()
         self.metrics = MetricsLogger(
@@ -85,13 +93,23 @@ class Trainer:
         if self.config.job.description:
             logger.info(self.config.job.description)
         logger.info(
-            "model %s/%s: %s params (%s dense, %s embedding); dim %d, %d layers, %d heads (%d kv), vocab %d",
+            "model %s/%s: %s params: %s dense, %s embedding, %s memory keys/projections, %s memory values; "
+            "dim %d, %d layers, %d heads (%d kv), vocab %d",
             self.config.model.name, self.config.model.flavor, f"{c['total']:,}", f"{c['dense']:,}",
-            f"{c['embedding']:,}", a.dim, a.n_layers, a.n_heads, a.kv_heads, a.vocab_size,
+            f"{c['embedding']:,}", f"{c['memory']:,}", f"{c['memory_values']:,}", a.dim, a.n_layers, a.n_heads,
+            a.kv_heads, a.vocab_size,
         )
+        if a.memory is not None:
+            m = a.memory
+            logger.info(
+                "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s",
+                list(m.layers), f"{m.n_values:,}", m.v_dim, m.n_keys, m.heads, m.knn, m.k_dim, m.lookup,
+                ", swilu" if m.swilu else "", ", qk-norm" if m.qk_norm else "",
+            )
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
-            self.device, self.autocast_dtype or "fp32", f"{self.tokens_per_step:,}", self.accumulation_steps,
+            self.device, "bf16 autocast" if self.autocast_dtype else "fp32", f"{self.tokens_per_step:,}",
+            self.accumulation_steps,
             self.flops_per_token,
         )
         write_config(self.config, self.config.job.dump_folder)
@@ -117,29 +135,33 @@ class Trainer:
             inputs = batch["input"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
-        max_norm = self.config.training.max_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]
+        if self.value_params:
+            # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
+            norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
         # One host sync per step: it decides between update and skip, and feeds the metrics.
-        loss, norm = torch.stack([loss_sum / self.accumulation_steps, grad_norm.float()]).tolist()
-        lr = self.lr_scheduler.get_last_lr()[0]
-        if math.isfinite(loss) and math.isfinite(norm):
+        loss, *norm_values = torch.stack([loss_sum / self.accumulation_steps, *norms]).tolist()
+        values = {"loss": loss, "grad_norm": norm_values[0], "lr": self.lr_scheduler.get_last_lr()[0]}
+        if self.value_params:
+            values["value_grad_norm"] = norm_values[1]
+        if all(math.isfinite(v) for v in (loss, *norm_values)):
             self.optimizer.step()
         else:
-            self._handle_nonfinite(loss, norm)
+            self._handle_nonfinite(loss, norm_values)
         # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
         self.lr_scheduler.step()
-        return {"loss": loss, "grad_norm": norm, "lr": lr}
+        return values
 
-    def _handle_nonfinite(self, loss: float, norm: float) -> None:
+    def _handle_nonfinite(self, loss: float, norm: list[float]) -> None:
         step = self.train_state.step
         training = self.config.training
         if training.on_nonfinite_loss == "abort":
             raise NonFiniteLossError(
-                f"step {step}: loss {loss}, grad norm {norm} is not finite; lower optimizer.lr, check the data, or "
+                f"step {step}: loss {loss}, grad norms {norm} not all finite; lower optimizer.lr, check the data, or "
                 "set training.on_nonfinite_loss = 'skip'"
             )
         self.train_state.nonfinite_skips += 1
-        logger.warning("step %d: loss %s, grad norm %s; update skipped (%d so far)", step, loss, norm,
+        logger.warning("step %d: loss %s, grad norms %s; update skipped (%d so far)", step, loss, norm,
                        self.train_state.nonfinite_skips)
         if self.train_state.nonfinite_skips > training.max_nonfinite_skips:
             raise NonFiniteLossError(

@@ -102,6 +102,7 @@ class MetricsLogger:
             f"loss {m['loss']:.4f}",
             f"lr {m['lr']:.2e}",
             f"grad_norm {m['grad_norm']:.3f}",
+            *([f"value_grad_norm {m['value_grad_norm']:.3f}"] if "value_grad_norm" in m else []),
             f"tok/s {m['tokens_per_second']:,.0f}",
             f"eta {datetime.timedelta(seconds=round(m['eta_seconds']))}",
         ]

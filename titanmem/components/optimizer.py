@@ -1,10 +1,12 @@
-"""AdamW over parameter groups: matrices and embeddings decay, norms and biases do not (by default)."""
+"""AdamW over parameter groups: matrices and embeddings decay, norms and biases do not (by default), and the memory
+value table has a group of its own with its own lr and weight decay."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from titanmem.config.sections import Memory as MemoryConfig
 from titanmem.config.sections import Optimizer as OptimizerConfig
 
 
@@ -13,25 +15,43 @@ def is_norm_or_bias(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
-def build_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
-    decay, no_decay = [], []
+def memory_value_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The shared value table, if the model has memory layers."""
+    values = getattr(model, "memory_values", None)
+    return list(values.parameters()) if values is not None else []
+
+
+def build_param_groups(model: nn.Module, config: OptimizerConfig, memory: MemoryConfig | None = None) -> list[dict]:
+    value_ids = {id(p) for p in memory_value_parameters(model)}
+    decay, no_decay, values = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = is_norm_or_bias(name, param) and not config.decay_norms_and_biases
-        (no_decay if exempt else decay).append(param)
+        if id(param) in value_ids:
+            values.append(param)
+        elif is_norm_or_bias(name, param) and not config.decay_norms_and_biases:
+            no_decay.append(param)
+        else:
+            decay.append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
+    if values:
+        memory = memory or MemoryConfig()
+        groups.append(
+            {"name": "memory_values", "params": values, "lr": memory.value_lr, "weight_decay": memory.value_weight_decay}
+        )
     return groups
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig, device: torch.device
+) -> torch.optim.Optimizer:
     implementation = config.implementation
     if implementation == "auto":
         implementation = "fused" if device.type == "cuda" else "foreach"
     return torch.optim.AdamW(
-        build_param_groups(model, config),
+        build_param_groups(model, config, memory),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,

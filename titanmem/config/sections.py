@@ -84,6 +84,76 @@ class Data:
 
 
 @dataclass
+class Memory:
+    enabled: bool = False
+    """Replace the FFN of the blocks in `layers` with product-key memory layers sharing one value table (Memory+)."""
+
+    layers: list[int] = field(default_factory=list)
+    """Blocks (0-based) whose FFN becomes a memory layer. Empty takes the flavor's placement: three layers, centred
+    and spread out, as in the paper."""
+
+    n_keys: int = bounded(-1, ge=2, allow=(-1,))
+    """Sub-keys per half; the table has n_keys² value rows. -1 takes the flavor's default (1024 for the paper's
+    models, i.e. 1M values)."""
+
+    heads: int = bounded(4, ge=1)
+    """Memory read heads; each selects knn rows and their reads are summed."""
+
+    knn: int = bounded(32, ge=1)
+    """Rows selected per head (the k of each top-k)."""
+
+    k_dim: int = bounded(-1, ge=2, allow=(-1,))
+    """Query/key width per head; each sub-key has k_dim / 2. Must be even. -1 means dim / 2."""
+
+    v_dim: int = bounded(-1, ge=1, allow=(-1,))
+    """Width of a value row. -1 means the model dim; another width adds a projection back to dim."""
+
+    swilu: bool = True
+    """Memory+ output W2(y ⊙ silu(W1 x)); false gives the plain memory output y."""
+
+    qk_norm: bool = False
+    """RMS-normalise the query halves and the sub-keys before scoring; helps big memories on small bases."""
+
+    gated: bool = False
+    """Multiply the memory output by a learned sigmoid gate of the input (an ablation of the paper)."""
+
+    lookup: Literal["torch", "triton"] = "torch"
+    """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels."""
+
+    value_lr: float = bounded(1e-3, gt=0.0)
+    """Peak learning rate of the value table (its own param group; follows the same schedule multiplier)."""
+
+    value_weight_decay: float = bounded(0.0, ge=0.0)
+    """Weight decay of the value table."""
+
+    value_max_norm: float = bounded(1.0, ge=0.0)
+    """Clip the value table's gradient norm to this, separately from the other parameters; 0 disables clipping."""
+
+    def check(self, config: "JobConfig") -> None:
+        if not self.enabled:
+            return
+        from titanmem.models.flavors import FLAVORS, memory_args_for
+        from titanmem.models.lookup import available_lookups
+
+        args = FLAVORS[config.model.flavor]
+        resolved = memory_args_for(config.model.flavor, self)
+        if not all(0 <= layer < args.n_layers for layer in resolved.layers):
+            raise ConfigError(
+                "memory.layers", f"must lie in [0, {args.n_layers}) for flavor {config.model.flavor}, got {resolved.layers}"
+            )
+        if len(set(resolved.layers)) != len(resolved.layers):
+            raise ConfigError("memory.layers", f"lists a block twice: {resolved.layers}")
+        if resolved.k_dim % 2:
+            raise ConfigError("memory.k_dim", f"must be even (the query is split in two halves), got {resolved.k_dim}")
+        if resolved.knn > resolved.n_keys:
+            raise ConfigError("memory.knn", f"must be at most n_keys ({resolved.n_keys}), got {resolved.knn}")
+        if self.lookup not in available_lookups():
+            raise ConfigError(
+                "memory.lookup", f"{self.lookup!r} is not available in this build; available: {available_lookups()}"
+            )
+
+
+@dataclass
 class Training:
     steps: int = bounded(200, ge=1)
     """Optimizer steps to train for; the lr schedule is laid out over this many."""
@@ -255,6 +325,7 @@ class JobConfig:
 
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
+    memory: Memory = field(default_factory=Memory)
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)

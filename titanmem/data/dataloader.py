@@ -34,5 +34,4 @@ def build_dataloader(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers else None,
-        persistent_workers=workers > 0,
     )

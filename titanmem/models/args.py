@@ -6,6 +6,36 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class MemoryArgs:
+    layers: tuple[int, ...]
+    n_keys: int
+    k_dim: int
+    v_dim: int
+    heads: int = 4
+    knn: int = 32
+    swilu: bool = True
+    qk_norm: bool = False
+    gated: bool = False
+    lookup: str = "torch"
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys**2
+
+    def validate(self, n_layers: int) -> None:
+        if not self.layers:
+            raise ValueError("memory layers must name at least one block")
+        if any(not 0 <= layer < n_layers for layer in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"memory layers {list(self.layers)} must be distinct blocks in [0, {n_layers})")
+        if self.k_dim % 2:
+            raise ValueError(f"memory k_dim {self.k_dim} must be even: the query is split into two halves")
+        if self.knn > self.n_keys:
+            raise ValueError(f"memory knn {self.knn} exceeds n_keys {self.n_keys}")
+        if self.heads < 1 or self.knn < 1 or self.v_dim < 1:
+            raise ValueError("memory heads, knn and v_dim must be positive")
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
@@ -16,6 +46,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    memory: MemoryArgs | None = None
+    """Product-key memory layers in the FFN slots they name; None for a dense model."""
 
     @property
     def kv_heads(self) -> int:
@@ -34,3 +66,5 @@ class ModelArgs:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.vocab_size <= 0:
             raise ValueError("vocab_size must be set (from the tokenizer) before the model is built")
+        if self.memory is not None:
+            self.memory.validate(self.n_layers)

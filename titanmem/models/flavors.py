@@ -1,9 +1,16 @@
 """Named model shapes. Dense shapes follow the paper's base models (DESIGN.md §1); 720m and 1.3b are derived from the
-parameter counts the paper reports, 8b is Llama-3 8B."""
+parameter counts the paper reports, 8b is Llama-3 8B.
+
+Each flavor also names where its memory layers go when `[memory] enabled = true`: three layers, centred and spread
+out (stride 8 in 24-ish-layer models, stride 4 in the 12-layer 134m), and the default table size.
+"""
 
 from __future__ import annotations
 
-from titanmem.models.args import ModelArgs
+from typing import NamedTuple
+
+from titanmem.config.sections import Memory as MemoryConfig
+from titanmem.models.args import MemoryArgs, ModelArgs
 
 FLAVORS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=256, n_layers=6, n_heads=8, ffn_hidden_dim=768),
@@ -13,3 +20,36 @@ FLAVORS: dict[str, ModelArgs] = {
     "1.3b": ModelArgs(dim=2048, n_layers=22, n_heads=16, ffn_hidden_dim=5632),
     "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, rope_theta=500000.0),
 }
+
+
+class MemoryPlacement(NamedTuple):
+    layers: tuple[int, ...]
+    n_keys: int
+
+
+MEMORY_PLACEMENT: dict[str, MemoryPlacement] = {
+    "debug": MemoryPlacement((1, 3, 5), 64),
+    "134m": MemoryPlacement((2, 6, 10), 1024),
+    "373m": MemoryPlacement((4, 12, 20), 1024),
+    "720m": MemoryPlacement((3, 11, 19), 1024),
+    "1.3b": MemoryPlacement((3, 11, 19), 1024),
+    "8b": MemoryPlacement((7, 15, 23), 4096),
+}
+
+
+def memory_args_for(flavor: str, config: MemoryConfig) -> MemoryArgs:
+    """The memory shape of a flavor with the `[memory]` section's settings applied over its defaults."""
+    dim = FLAVORS[flavor].dim
+    placement = MEMORY_PLACEMENT[flavor]
+    return MemoryArgs(
+        layers=tuple(config.layers) or placement.layers,
+        n_keys=config.n_keys if config.n_keys != -1 else placement.n_keys,
+        k_dim=config.k_dim if config.k_dim != -1 else dim // 2,
+        v_dim=config.v_dim if config.v_dim != -1 else dim,
+        heads=config.heads,
+        knn=config.knn,
+        swilu=config.swilu,
+        qk_norm=config.qk_norm,
+        gated=config.gated,
+        lookup=config.lookup,
+    )

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanmem.models.args import ModelArgs
+from titanmem.models.memory import MemoryValues, ProductKeyMemory
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -110,6 +111,8 @@ class Transformer(nn.Module):
         args.validate()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # One value table for all memory layers, owned here so that it has one name: `memory_values.weight`.
+        self.memory_values = MemoryValues(args.memory.n_values, args.memory.v_dim) if args.memory else None
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, args, self.build_feed_forward(i)) for i in range(args.n_layers)}
         )
@@ -119,7 +122,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
 
     def build_feed_forward(self, layer_id: int) -> nn.Module:
-        """The FFN slot of block `layer_id`; model variants override this to place other modules there."""
+        """The FFN slot of block `layer_id`: a memory layer where `args.memory` places one, else a SwiGLU FFN.
+        Model variants override this to place other modules there."""
+        memory = self.args.memory
+        if memory is not None and layer_id in memory.layers:
+            return ProductKeyMemory(self.args.dim, memory, self.memory_values)
         return FeedForward(self.args.dim, self.args.ffn_hidden_dim)
 
     def init_weights(self) -> None:
@@ -127,6 +134,8 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.rope.copy_(rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device))
             nn.init.normal_(self.tok_embeddings.weight)
+            if self.memory_values is not None:
+                self.memory_values.init_weights()
             for block in self.layers.values():
                 block.init_weights()
             self.norm.reset_parameters()

@@ -1,0 +1,107 @@
+"""Product-key memory layers (Lample et al. 2019; Berges et al., "Memory Layers at Scale", 2025).
+
+For each token: a per-head query is split in halves and scored against two small sub-key tables; the top-k of each
+half are combined into k×k candidate full keys, whose top-k select rows of a shared value table of n_keys² rows. A
+softmax over the selected scores weights a bag of heads·k value rows. Memory+ then gates the result with a SiLU
+branch of the input: W2(y ⊙ silu(W1 x)).
+
+The value table is owned by the model (`MemoryValues`), not by any layer, so that all memory layers read one table
+and the table has one parameter name. Layers hold an unregistered reference to it.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanmem.models.args import MemoryArgs
+from titanmem.models.lookup import get_lookup
+
+
+class MemoryValues(nn.Module):
+    """The value table shared by every memory layer of one model: n_keys² rows of v_dim."""
+
+    def __init__(self, n_values: int, v_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_values, v_dim))
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+
+
+def product_key_topk(
+    query: torch.Tensor, subkeys: torch.Tensor, knn: int, qk_norm: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the n_keys² product keys without forming them.
+
+    query: [T, heads, k_dim]; subkeys: [heads, 2, n_keys, k_dim / 2].
+    Returns scores [T, heads, knn] (descending) and value-row indices [T, heads, knn] (int64).
+    The top-k of a sum of two independent halves always lies among the sums of each half's top-k, so the k×k
+    candidates contain the exact answer.
+    """
+    n_keys = subkeys.shape[2]
+    halves = query.unflatten(-1, (2, -1))  # [T, heads, 2, k_dim/2]
+    if qk_norm:
+        halves = F.rms_norm(halves, halves.shape[-1:])
+        subkeys = F.rms_norm(subkeys, subkeys.shape[-1:])
+    # Both halves of every head in one batched product: [T, heads, 2, n_keys].
+    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys).float()
+    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn]
+    candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]  # [T, heads, knn, knn]
+    best_scores, best = candidates.flatten(-2).topk(knn, dim=-1)
+    rows = half_indices[:, :, 0].gather(-1, torch.div(best, knn, rounding_mode="floor"))
+    cols = half_indices[:, :, 1].gather(-1, best % knn)
+    return best_scores, rows * n_keys + cols
+
+
+class ProductKeyMemory(nn.Module):
+    """One memory layer in a block's FFN slot: maps [B, S, dim] to [B, S, dim]."""
+
+    def __init__(self, dim: int, args: MemoryArgs, values: MemoryValues):
+        super().__init__()
+        self.args = args
+        self.dim = dim
+        self.query = nn.Linear(dim, args.heads * args.k_dim, bias=True)
+        self.subkeys = nn.Parameter(torch.empty(args.heads, 2, args.n_keys, args.k_dim // 2))
+        # Memory+ gates the read-out with silu(W1 x) and projects back with W2; without swilu, W2 only bridges
+        # a v_dim that differs from dim.
+        self.w1 = nn.Linear(dim, args.v_dim, bias=True) if args.swilu else None
+        self.w2 = nn.Linear(args.v_dim, dim, bias=True) if args.swilu or args.v_dim != dim else None
+        self.gate = nn.Linear(dim, 1, bias=True) if args.gated else None
+        # Not registered: the table belongs to the model, and registering it here would give it a second name.
+        self.__dict__["values"] = values
+        self.lookup = get_lookup(args.lookup)
+
+    def init_weights(self, out_std: float | None = None) -> None:
+        """The paper's recipe (its own scales, not the block's depth-scaled std), with every bias zeroed."""
+        nn.init.uniform_(self.subkeys, -1 / math.sqrt(self.args.k_dim), 1 / math.sqrt(self.args.k_dim))
+        nn.init.xavier_uniform_(self.query.weight)
+        for linear in (self.w1, self.w2, self.gate):
+            if linear is not None:
+                nn.init.normal_(linear.weight, mean=0.0, std=self.dim**-0.5)
+        for linear in (self.query, self.w1, self.w2, self.gate):
+            if linear is not None:
+                nn.init.zeros_(linear.bias)
+
+    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and value-row indices, each [T, heads, knn], for flat tokens x: [T, dim]."""
+        query = self.query(x).unflatten(-1, (self.args.heads, self.args.k_dim))
+        return product_key_topk(query, self.subkeys.to(query.dtype), self.args.knn, self.args.qk_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, self.dim)
+        scores, indices = self.search(tokens)
+        weights = torch.softmax(scores, dim=-1)  # fp32: scores come back fp32 from the search
+        bag = self.args.heads * self.args.knn
+        read = self.lookup(self.values.weight, indices.reshape(-1, bag), weights.reshape(-1, bag))
+        if self.w1 is not None:
+            out = self.w2(read.to(tokens.dtype) * F.silu(self.w1(tokens)))
+        elif self.w2 is not None:
+            out = self.w2(read.to(tokens.dtype))
+        else:
+            out = read.to(tokens.dtype)
+        if self.gate is not None:
+            out = out * torch.sigmoid(self.gate(tokens))
+        return out.reshape(x.shape)
