@@ -21,10 +21,13 @@ if ! (cd / && "$PYTHON" -c "import titanmem, torch, torchdata, tiktoken, dataset
   PYTHON="$PYTHON" "$ROOT/tools/install.sh"
 fi
 
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && [ "$NGPU" != "1" ]; then
+if [ "$NGPU" != "1" ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "error: NGPU=$NGPU but no GPU is visible; on CPU run with NGPU=1" >&2
   exit 1
 fi
+
+# Check the config in this process first: an error is then one clear line, not buried under torchrun's traceback.
+WORLD_SIZE="$NGPU" "$PYTHON" -m titanmem.train --job.config_file "$CONFIG_FILE" "$@" --print_config >/dev/null || exit $?
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

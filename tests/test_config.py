@@ -144,13 +144,24 @@ def test_main_help_and_print_config_do_not_train(monkeypatch, capsys):
     assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 9
 
 
-def test_shipped_train_configs_parse():
+def test_shipped_train_configs_parse_and_build_on_meta():
     from pathlib import Path
 
+    import torch
+
+    from titanmem.models import build_model_args
+    from titanmem.models.accounting import count_parameters
+    from titanmem.models.llama import Transformer
+
     configs = sorted((Path(__file__).parents[1] / "train_configs").glob("*.toml"))
-    assert configs, "no train_configs/*.toml found"
+    assert len(configs) >= 11, "expected the debug pair and the paper's dense/Memory+ configs"
     for path in configs:
-        build_config(["--job.config_file", str(path)])
+        assert path.read_text().startswith("# "), f"{path.name} lacks its one-line comment"
+        config, _ = build_config(["--job.config_file", str(path)])
+        args = build_model_args(config, tokenizer_vocab_size=4097)
+        with torch.device("meta"):
+            counts = count_parameters(Transformer(args))
+        assert (counts["memory_values"] > 0) == ("memory" in path.stem or path.stem == "debug_model"), path.name
 
 
 def test_docs_config_reference_is_up_to_date():

@@ -148,3 +148,40 @@ def test_bundled_corpus_loads_and_packs(tokenizer):
     window = next(iter(PackedTokenDataset(documents, tokenizer, 128)))
     assert window["input"].shape == (128,)
     assert int(window["input"].max()) < tokenizer.vocab_size
+
+
+def test_streaming_with_loader_workers_reads_every_file_once_per_epoch(tmp_path, tokenizer):
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    texts = random_documents(8, seed=5)
+    for part in range(2):
+        write_jsonl(folder / f"part{part}.jsonl", texts[part * 4 : part * 4 + 4])
+    documents = load_documents(DataConfig(path=str(folder), streaming=True))
+    seq_len = 4
+    loader = StatefulDataLoader(PackedTokenDataset(documents, tokenizer, seq_len), batch_size=1, num_workers=2)
+    # Workers take turns; each reads its own file. Collect enough windows to cover every file's stream.
+    streams = [expected_stream(tokenizer, texts[p * 4 : p * 4 + 4]) for p in range(2)]
+    per_worker = min(len(s) for s in streams) // seq_len - 1
+    batches = take(iter(loader), 2 * per_worker)
+    got = [[t for b in batches[w::2] for t in b["input"][0].tolist()] for w in range(2)]
+    assert sorted(got) == sorted(s[: per_worker * seq_len] for s in streams)
+
+
+def test_more_stream_workers_than_files_is_a_config_error(tmp_path, tokenizer):
+    from titanmem.data.text import check_shardable
+
+    documents = load_documents(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", ["a", "b"]), streaming=True))
+    with pytest.raises(ConfigError) as info:
+        check_shardable(documents, dp_world_size=1, workers=2)
+    assert info.value.field == "data.num_workers"
+
+
+def test_empty_documents_are_skipped_and_an_all_empty_shard_is_an_error(tmp_path, tokenizer):
+    texts = ["", "first", "", "second"]
+    documents = load_documents(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts)))
+    windows = take(iter(PackedTokenDataset(documents, tokenizer, 2)), 3)
+    got = [t for w in windows for t in w["input"].tolist()]
+    assert got == (expected_stream(tokenizer, ["first", "second"]) * 3)[: len(got)]
+    empty = load_documents(DataConfig(path=write_jsonl(tmp_path / "e.jsonl", ["", ""])))
+    with pytest.raises(ConfigError, match="holds no text"):
+        next(iter(PackedTokenDataset(empty, tokenizer, 2)))

@@ -33,8 +33,8 @@ def test_run_train_trains_then_a_relaunch_resumes(tmp_path):
 
 def test_run_train_reports_config_errors_and_refuses_missing_gpus(tmp_path):
     bad = launch(tmp_path, "--training.stepz", "3")
-    assert bad.returncode != 0
-    assert "did you mean 'training.steps'" in bad.stdout + bad.stderr
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: config error in training.stepz: unknown key in command line; did you mean 'training.steps'?"
     if not __import__("torch").cuda.is_available():
         no_gpu = launch(tmp_path, NGPU="2")
         assert no_gpu.returncode != 0 and "no GPU is visible" in no_gpu.stderr

@@ -28,8 +28,10 @@ def run(config, crash_after_step=None):
         trainer.close()
 
 
-def test_loss_falls_on_the_bundled_corpus(small_config):
-    losses, _ = run(small_config(training={"steps": 30}))
+@pytest.mark.parametrize("memory", [{}, {"enabled": True}, {"enabled": True, "qk_norm": True}], ids=str)
+def test_loss_falls_on_the_bundled_corpus_dense_and_memory_plus(small_config, memory):
+    losses, trainer = run(small_config(training={"steps": 30}, memory=memory))
+    assert (trainer.model.memory_values is not None) == bool(memory)
     first, last = losses[1], sum(losses[s] for s in range(26, 31)) / 5
     assert math.log(4096) - 1 < first < math.log(4096) + 1.5
     assert last < first - 1.0, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
@@ -147,15 +149,16 @@ def test_metrics_line_has_the_promised_fields(small_config, caplog):
 
 
 def test_lr_schedule_shapes():
+    # 14 updates (indices 0..13): 4 of warmup ending at the peak, then 10 of decay ending exactly at the floor.
     linear = WarmupDecay(LRScheduler(warmup_steps=4, decay_type="linear", min_lr_factor=0.1), total_steps=14)
-    assert [linear(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert linear(4) == pytest.approx(1.0)
-    assert linear(9) == pytest.approx(0.55)
-    assert linear(14) == pytest.approx(0.1) and linear(100) == pytest.approx(0.1)
+    assert [linear(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert linear(4) == pytest.approx(0.1 + 0.9 * 0.9)
+    assert linear(8) == pytest.approx(0.55)
+    assert linear(13) == pytest.approx(0.1) and linear(100) == pytest.approx(0.1)
     cosine = WarmupDecay(LRScheduler(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0, decay_steps=10), 50)
-    assert cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    assert cosine(4) == pytest.approx(0.5) and cosine(9) == pytest.approx(0.0)
     constant = WarmupDecay(LRScheduler(warmup_steps=2, decay_type="constant"), 10)
-    assert constant(7) == 1.0
+    assert constant(1) == 1.0 and constant(7) == 1.0
 
 
 def test_norms_and_biases_skip_weight_decay_unless_asked():
@@ -165,3 +168,59 @@ def test_norms_and_biases_skip_weight_decay_unless_asked():
     assert len(groups["no_decay"]["params"]) == 3 and groups["no_decay"]["weight_decay"] == 0.0
     (only,) = build_param_groups(model, Optimizer(weight_decay=0.1, decay_norms_and_biases=True))
     assert len(only["params"]) == 4
+
+
+def test_relaunch_with_more_steps_and_a_new_lr_follows_the_new_config(small_config):
+    config = small_config(training={"steps": 6}, checkpoint={"enable": True, "interval": 6})
+    run(config)
+    longer = small_config(
+        training={"steps": 12}, optimizer={"lr": 1e-3, "weight_decay": 0.05}, checkpoint={"enable": True, "interval": 6}
+    )
+    trainer = Trainer(longer)
+    assert trainer.checkpointer.load() == 6
+    schedule = WarmupDecay(longer.lr_scheduler, total_steps=12)
+    decay = [g for g in trainer.optimizer.param_groups if g["name"] == "decay"][0]
+    assert decay["lr"] == pytest.approx(1e-3 * schedule(6))
+    assert decay["weight_decay"] == 0.05
+    # The restored moments are the saved ones, not fresh zeros.
+    state = trainer.optimizer.state[trainer.model.output.weight]
+    assert int(state["step"]) == 6 and state["exp_avg"].abs().sum() > 0
+    trainer.close()
+
+
+def test_resuming_with_other_loader_workers_is_a_clear_error(small_config):
+    run(small_config(training={"steps": 2}, checkpoint={"enable": True, "interval": 2}))
+    from titanmem import train as train_module
+
+    config = small_config(training={"steps": 4}, data={"num_workers": 1}, checkpoint={"enable": True, "interval": 2})
+    trainer = Trainer(config)
+    with pytest.raises(train_module.ConfigError) as info:
+        trainer.train()
+    assert info.value.field == "data.num_workers" and "--data.num_workers 0" in str(info.value)
+    trainer.close()
+
+
+def test_load_step_sets_newer_checkpoints_aside_and_crash_debris_is_cleaned(small_config):
+    config = small_config(training={"steps": 4}, checkpoint={"enable": True, "interval": 1, "keep_latest_k": 0})
+    run(config)
+    folder = os.path.join(config.job.dump_folder, "checkpoint")
+    os.makedirs(os.path.join(folder, "step-7.partial"))
+    os.makedirs(os.path.join(folder, "step-1.deleting"))
+    config.checkpoint.load_step = 2
+    losses, _ = run(config)
+    assert sorted(losses) == [3, 4]
+    entries = sorted(os.listdir(folder))
+    assert complete_checkpoint_steps(folder) == [1, 2, 3, 4]
+    assert "step-3.abandoned-at-2" in entries and "step-4.abandoned-at-2" in entries
+    assert not any(e.endswith((".partial", ".deleting")) for e in entries)
+
+
+def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, tmp_path):
+    from titanmem import train as train_module
+
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("model built before data checks"))
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"body": "text"}\n')
+    with pytest.raises(train_module.ConfigError) as info:
+        Trainer(small_config(data={"path": str(path)}))
+    assert info.value.field == "data.text_field"

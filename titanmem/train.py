@@ -47,7 +47,10 @@ class Trainer:
         self.device = pick_device(training.device)
         seed_everything(training.seed, training.deterministic)
 
+        # Tokenizer and data first: their errors (a wrong column, too few documents) must come before the model,
+        # which takes minutes to build at scale.
         self.tokenizer = build_tokenizer(config.tokenizer)
+        self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
         self.model_args = build_model_args(config, self.tokenizer.vocab_size)
         self.model = build_model(self.model_args, self.device)
         self.param_counts = count_parameters(self.model)
@@ -60,7 +63,6 @@ class Trainer:
         self.tokens_per_step = global_batch * training.seq_len
         self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
 
-        self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
         self.optimizer = build_optimizer(self.model, config.optimizer, config.memory, self.device)
         value_ids = {id(p) for p in memory_value_parameters(self.model)}
         self.value_params = [p for p in self.model.parameters() if id(p) in value_ids]
@@ -68,7 +70,13 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
         self.train_state = TrainState()
         self.metrics = MetricsLogger(
-            config.metrics, config.job.dump_folder, self.rank, training.steps, self.flops_per_token, self.device
+            config.metrics,
+            config.job.dump_folder,
+            self.rank,
+            training.steps,
+            self.flops_per_token,
+            self.device,
+            bf16=self.autocast_dtype == torch.bfloat16,
         )
         self.checkpointer = CheckpointManager(
             config.checkpoint,
@@ -178,13 +186,15 @@ class Trainer:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
         batches = iter(self.dataloader)
         self.model.train()
+        # Throughput windows start here, after checkpoint loading and loader start-up.
+        self.metrics.reset_window()
         while state.step < total:
             state.step += 1
             values = self.train_step(batches)
             state.tokens_seen += self.tokens_per_step
             self.loss_history[state.step] = values["loss"]
             values["nonfinite_skips"] = state.nonfinite_skips
-            self.metrics.step_done(state.step, self.tokens_per_step, values)
+            self.metrics.step_done(state.step, self.tokens_per_step // self.dp_world_size, values)
             self.checkpointer.maybe_save(state.step)
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
@@ -214,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
+    except ConfigError as e:
+        # Some settings can only be checked against a checkpoint or the data stream, after start-up.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 1

@@ -12,11 +12,16 @@ EXTRA="${1:-}"
 TARGET="$ROOT"
 [ -n "$EXTRA" ] && TARGET="$ROOT[$EXTRA]"
 
-pins=()
-index=()
-if ! "$PYTHON" -c "import torch" >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null 2>&1; then
-  pins=(torch==2.13.0 triton==3.7.1)
-  [ -n "${TITANMEM_TORCH_INDEX:-}" ] && index=(--extra-index-url "$TITANMEM_TORCH_INDEX")
-  echo "[titanmem] no torch and no GPU here: installing the CPU build ${pins[*]}"
+# A usable torch is one titanmem supports (>= 2.11); an older one would be upgraded by pip to whatever it picks.
+has_usable_torch() {
+  "$PYTHON" -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" \
+    >/dev/null 2>&1
+}
+
+args=(--disable-pip-version-check)
+if ! has_usable_torch && ! command -v nvidia-smi >/dev/null 2>&1; then
+  args+=(torch==2.13.0 triton==3.7.1)
+  [ -n "${TITANMEM_TORCH_INDEX:-}" ] && args+=(--extra-index-url "$TITANMEM_TORCH_INDEX")
+  echo "[titanmem] no usable torch and no GPU here: installing the CPU build torch==2.13.0 triton==3.7.1"
 fi
-"$PYTHON" -m pip install --disable-pip-version-check "${index[@]}" "${pins[@]}" -e "$TARGET"
+"$PYTHON" -m pip install "${args[@]}" -e "$TARGET"

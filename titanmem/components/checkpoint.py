@@ -134,9 +134,15 @@ class CheckpointManager:
         return {
             "model": get_model_state_dict(self.model),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIMIZER_OPTIONS),
-            "lr_scheduler": pickle.dumps(self.lr_scheduler.state_dict()),
+            # Only the position in the schedule: its shape is rebuilt from the config, so a relaunch with more steps
+            # or another lr takes effect instead of being overwritten by the saved schedule.
+            "lr_scheduler": pickle.dumps({"last_epoch": self.lr_scheduler.last_epoch}),
             "train_state": pickle.dumps(asdict(self.train_state)),
-            "dataloader": {f"dp_rank_{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},
+            "dataloader": {
+                f"dp_rank_{self.dp_rank}": pickle.dumps(
+                    {"num_workers": self.dataloader.num_workers, "state": self.dataloader.state_dict()}
+                )
+            },
             "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())},
         }
 
@@ -185,20 +191,58 @@ class CheckpointManager:
                 logger.warning("%s has no %s state for %s; it starts fresh on this rank", path, section, key)
                 del state[section]
         dcp.load(state, checkpoint_id=str(path))
+        if "dataloader" in state:
+            loader = pickle.loads(next(iter(state["dataloader"].values())))
+            if loader["num_workers"] != self.dataloader.num_workers:
+                raise ConfigError(
+                    "data.num_workers",
+                    f"{path} was saved with {loader['num_workers']} loader workers, whose stream positions cannot be "
+                    f"mapped onto {self.dataloader.num_workers}; resume with --data.num_workers {loader['num_workers']}",
+                )
+            self.dataloader.load_state_dict(loader["state"])
         set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_OPTIMIZER_OPTIONS)
-        self.lr_scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
+        self._load_optimizer_keeping_config(state["optimizer"], path)
+        self._resume_schedule(pickle.loads(state["lr_scheduler"])["last_epoch"])
         for key, value in pickle.loads(state["train_state"]).items():
             setattr(self.train_state, key, value)
-        if "dataloader" in state:
-            self.dataloader.load_state_dict(pickle.loads(next(iter(state["dataloader"].values()))))
         if "rng" in state:
             _set_rng_state(pickle.loads(next(iter(state["rng"].values()))))
+        if self.config.load_step != -1 and self.rank == 0:
+            self._set_aside_newer_than(step)
         self.last_saved_step = step
         logger.info("resumed from %s", path)
         return step
 
+    def _load_optimizer_keeping_config(self, saved: dict[str, Any], path: Path) -> None:
+        """Restore the optimizer's moments and step counts; its hyperparameters stay those of the current config."""
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        set_optimizer_state_dict(self.model, self.optimizer, saved, options=_OPTIMIZER_OPTIONS)
+        for group, wanted in zip(self.optimizer.param_groups, configured):
+            changed = {k: (group.get(k), v) for k, v in wanted.items() if k != "lr" and group.get(k) != v}
+            if changed and self.rank == 0:
+                logger.info("group %s: config overrides %s", wanted.get("name"),
+                            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+            group.update(wanted)
+
+    def _resume_schedule(self, last_epoch: int) -> None:
+        """Put the scheduler (built from the config) at the saved position, and its lrs into the optimizer."""
+        self.lr_scheduler.last_epoch = last_epoch - 1
+        self.lr_scheduler.step()
+
+    def _set_aside_newer_than(self, step: int) -> None:
+        """Resuming from an older `load_step` starts a new timeline: the newer checkpoints are renamed out of the
+        way (kept, not deleted), so that a plain relaunch later continues this timeline and not the abandoned one."""
+        for newer in [s for s in complete_checkpoint_steps(self.folder) if s > step]:
+            source = self.folder / f"step-{newer}"
+            target = self.folder / f"step-{newer}.abandoned-at-{step}"
+            os.replace(source, target)
+            logger.warning("set aside %s as %s: this run resumes from step-%d", source.name, target.name, step)
+
     def _purge_old(self) -> None:
+        """Drop checkpoints beyond keep_latest_k, and debris of earlier crashes (partial saves, interrupted deletes)."""
+        for debris in self.folder.iterdir():
+            if debris.name.endswith((".partial", ".deleting")):
+                shutil.rmtree(debris, ignore_errors=True)
         if self.config.keep_latest_k <= 0:
             return
         for step in complete_checkpoint_steps(self.folder)[: -self.config.keep_latest_k]:

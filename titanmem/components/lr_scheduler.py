@@ -11,7 +11,10 @@ from titanmem.config.sections import LRScheduler as SchedulerConfig
 
 
 class WarmupDecay:
-    """lr multiplier at a given optimizer step (0-based: the multiplier used by the update of step `step + 1`)."""
+    """lr multiplier for the update with 0-based index `step` (the update of training step `step + 1`).
+
+    Warmup rises linearly so that update `warmup - 1` is the first at the peak; the decay then reaches its floor
+    exactly at the last update of the run (or of `decay_steps`)."""
 
     def __init__(self, config: SchedulerConfig, total_steps: int):
         self.warmup = config.warmup_steps
@@ -22,10 +25,10 @@ class WarmupDecay:
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             # (step + 1): the very first update already moves, with a small lr, instead of being wasted at lr 0.
-            return (step + 1) / (self.warmup + 1)
+            return (step + 1) / self.warmup
         if self.kind == "constant":
             return 1.0
-        progress = min((step - self.warmup) / self.decay, 1.0)
+        progress = min((step - self.warmup + 1) / self.decay, 1.0)
         if self.kind == "linear":
             shape = 1.0 - progress
         else:

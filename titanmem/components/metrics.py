@@ -49,19 +49,25 @@ class MetricsLogger:
         total_steps: int,
         flops_per_token: int,
         device: torch.device,
+        bf16: bool = True,
     ):
         self.config = config
         self.enabled = rank == 0
         self.total_steps = total_steps
         self.flops_per_token = flops_per_token
         self.device = device
-        self.peak_flops = bf16_peak_flops(device)
+        # MFU is quoted against the bf16 tensor-core peak, so only for runs that compute in bf16.
+        self.peak_flops = bf16_peak_flops(device) if bf16 else None
         self.writer = None
         if self.enabled and config.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             self.writer = SummaryWriter(os.path.join(dump_folder, config.save_tb_folder, stamp))
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        """Start a new throughput window (at the start of the loop, so set-up time is not counted)."""
         self._window_start = time.perf_counter()
         self._window_tokens = 0
         self._window_steps = 0
@@ -70,7 +76,8 @@ class MetricsLogger:
         return step % self.config.log_freq == 0 or step == self.total_steps or step == 1
 
     def step_done(self, step: int, tokens: int, values: dict[str, float]) -> dict[str, float] | None:
-        """Account one finished step; on a logging step, emit and return the full set of metrics."""
+        """Account one finished step of `tokens` tokens on this rank; on a logging step, emit and return the full
+        set of metrics (tokens/s and MFU are per rank, i.e. per GPU)."""
         self._window_tokens += tokens
         self._window_steps += 1
         if not self.should_log(step):
@@ -91,9 +98,7 @@ class MetricsLogger:
                 for key, value in metrics.items():
                     self.writer.add_scalar(key, value, step)
                 self.writer.flush()
-        self._window_start = time.perf_counter()
-        self._window_tokens = 0
-        self._window_steps = 0
+        self.reset_window()
         return metrics
 
     def format_line(self, step: int, m: dict[str, float]) -> str:

@@ -9,7 +9,6 @@ import ast
 import dataclasses
 import difflib
 import functools
-import glob
 import inspect
 import json
 import os
@@ -255,13 +254,17 @@ def validate(config: JobConfig) -> None:
             raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
     elif not config.tokenizer.name:
         raise ConfigError("tokenizer", "set tokenizer.path to a .tiktoken file or tokenizer.name to a named encoding")
-    if config.data.format not in ("auto", "hub") and not _glob_matches(config.data.path):
-        raise ConfigError("data.path", f"no local file matches {config.data.path} (format {config.data.format})")
+    _check_data_path(config)
 
 
-def _glob_matches(path: str) -> bool:
-    resolved = resolve_asset_path(path)
-    return resolved.exists() or bool(glob.glob(str(resolved)))
+def _check_data_path(config: JobConfig) -> None:
+    from titanmem.data.files import local_data_files, looks_local
+
+    data = config.data
+    if data.format == "hub" or local_data_files(data.path):
+        return
+    if data.format != "auto" or looks_local(data.path):
+        raise ConfigError("data.path", f"no local file matches {data.path}; fix the path, or set data.format = 'hub'")
 
 
 def build_config(argv: list[str] | None = None) -> tuple[JobConfig, CommandLine]:

@@ -188,7 +188,7 @@ class Training:
     stops with an error naming the step."""
 
     max_nonfinite_skips: int = bounded(10, ge=0)
-    """With `skip`, abort anyway once this many steps have been skipped in one run."""
+    """With `skip`, abort anyway once more than this many steps have been skipped (counted across resumes)."""
 
     def check(self, config: "JobConfig") -> None:
         if self.global_batch_size != -1 and self.global_batch_size % self.local_batch_size:

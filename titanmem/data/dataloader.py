@@ -8,7 +8,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanmem.config.sections import JobConfig
-from titanmem.data.text import PackedTokenDataset, load_documents
+from titanmem.data.text import PackedTokenDataset, check_shardable, load_documents
 from titanmem.data.tokenizer import Tokenizer
 
 
@@ -19,8 +19,10 @@ warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
 def build_dataloader(
     config: JobConfig, tokenizer: Tokenizer, dp_rank: int, dp_world_size: int, device: torch.device
 ) -> StatefulDataLoader:
+    documents = load_documents(config.data)
+    check_shardable(documents, dp_world_size, config.data.num_workers)
     dataset = PackedTokenDataset(
-        load_documents(config.data),
+        documents,
         tokenizer,
         seq_len=config.training.seq_len,
         text_field=config.data.text_field,
@@ -30,6 +32,9 @@ def build_dataloader(
     workers = config.data.num_workers
     return StatefulDataLoader(
         dataset,
+        # A private generator: otherwise creating the iterator draws from the global RNG, which would then differ
+        # between a resumed run (RNG restored before iter) and an uninterrupted one.
+        generator=torch.Generator().manual_seed(config.training.seed),
         batch_size=config.training.local_batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",

@@ -7,8 +7,6 @@ position is kept as (epoch, next document, leftover tokens), so a checkpoint res
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
@@ -17,33 +15,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from titanmem.config.errors import ConfigError
-from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import Data as DataConfig
+from titanmem.data.files import local_data_files, suffix_builder
 from titanmem.data.tokenizer import Tokenizer
-
-_BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
-_COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zst"}
-
-
-def _suffix_builder(file_name: str) -> str | None:
-    suffixes = [s.lower() for s in Path(file_name).suffixes]
-    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
-        suffixes.pop()
-    return _BUILDER_BY_SUFFIX.get(suffixes[-1]) if suffixes else None
-
-
-def _local_files(path: str) -> list[str]:
-    resolved = resolve_asset_path(path)
-    if resolved.is_dir():
-        return sorted(str(p) for p in resolved.rglob("*") if p.is_file() and _suffix_builder(p.name))
-    if resolved.is_file():
-        return [str(resolved)]
-    return sorted(glob.glob(str(resolved), recursive=True))
-
 
 def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
     """Open the configured corpus, local or hub, as a dataset of documents."""
-    files = [] if config.format == "hub" else _local_files(config.path)
+    files = [] if config.format == "hub" else local_data_files(config.path)
     if not files:
         if config.format not in ("auto", "hub"):
             raise ConfigError("data.path", f"no local file matches {config.path}")
@@ -52,7 +30,7 @@ def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDa
         )
     builder = config.format
     if builder == "auto":
-        kinds = {_suffix_builder(f) for f in files}
+        kinds = {suffix_builder(f) for f in files}
         if len(kinds) != 1 or None in kinds:
             raise ConfigError(
                 "data.format", f"cannot infer one format from {config.path} (found {sorted(map(str, kinds))}); set it"
@@ -67,6 +45,25 @@ def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDa
     if column_names is not None and config.text_field not in column_names:
         raise ConfigError("data.text_field", f"{config.text_field!r} is not a column of {config.path}: {column_names}")
     return documents
+
+
+def check_shardable(documents: datasets.Dataset | datasets.IterableDataset, dp_world_size: int, workers: int) -> None:
+    """Every rank and loader worker must get documents; checked up front, since inside a worker it would surface as
+    an opaque worker crash."""
+    if isinstance(documents, datasets.IterableDataset):
+        # A stream is split over ranks by example, then over a rank's workers by file shard.
+        if workers > documents.num_shards:
+            raise ConfigError(
+                "data.num_workers",
+                f"a streamed dataset splits over loader workers by file, and {documents.num_shards} file(s) cannot "
+                f"feed {workers} workers; use at most {documents.num_shards}",
+            )
+        return
+    shards = dp_world_size * max(workers, 1)
+    if len(documents) < shards:
+        raise ConfigError(
+            "data.path", f"has {len(documents)} documents, fewer than the {shards} shards (ranks × loader workers)"
+        )
 
 
 class PackedTokenDataset(IterableDataset):
@@ -103,12 +100,9 @@ class PackedTokenDataset(IterableDataset):
         num_shards = self.dp_world_size * workers
         shard_id = self.dp_rank * workers + worker_id
         if isinstance(self.documents, datasets.IterableDataset):
-            return split_dataset_by_node(self.documents, rank=shard_id, world_size=num_shards)
-        if len(self.documents) < num_shards:
-            raise ConfigError(
-                "data.path",
-                f"has {len(self.documents)} documents, fewer than the {num_shards} shards (ranks × loader workers)",
-            )
+            # Split by rank only: inside a loader worker, `datasets` itself hands each worker its own file shards.
+            return split_dataset_by_node(self.documents, rank=self.dp_rank, world_size=self.dp_world_size)
+        check_shardable(self.documents, self.dp_world_size, workers)
         return self.documents.shard(num_shards=num_shards, index=shard_id, contiguous=False)
 
     def _texts(self) -> Iterator[str]:
@@ -132,7 +126,11 @@ class PackedTokenDataset(IterableDataset):
             self._shard = self._shard_for_this_worker()
         window = self.seq_len + 1
         while True:
+            epoch_has_text = bool(self._buffer)
             for text in self._texts():
+                if not text:
+                    continue  # an empty or null document would only add a lone separator
+                epoch_has_text = True
                 self._buffer.extend(self.tokenizer.encode(text))
                 self._buffer.append(self.tokenizer.eos_id)
                 while len(self._buffer) >= window:
@@ -140,8 +138,8 @@ class PackedTokenDataset(IterableDataset):
                     # Trim before yielding: the state seen while suspended must be the state *after* this window.
                     self._buffer = self._buffer[self.seq_len :]
                     yield {"input": tokens[:-1], "labels": tokens[1:]}
-            if self._next_document == 0:
-                raise ConfigError("data.path", "the data shard of this rank is empty")
+            if not epoch_has_text:
+                raise ConfigError("data.path", f"the shard of data-parallel rank {self.dp_rank} holds no text")
             self._epoch += 1
             self._next_document = 0
 

@@ -47,7 +47,9 @@ def product_key_topk(
         halves = F.rms_norm(halves, halves.shape[-1:])
         subkeys = F.rms_norm(subkeys, subkeys.shape[-1:])
     # Both halves of every head in one batched product: [T, heads, 2, n_keys].
-    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys).float()
+    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
+    # Selection and softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn]
     candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]  # [T, heads, knn, knn]
     best_scores, best = candidates.flatten(-2).topk(knn, dim=-1)
@@ -93,7 +95,7 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.dim)
         scores, indices = self.search(tokens)
-        weights = torch.softmax(scores, dim=-1)  # fp32: scores come back fp32 from the search
+        weights = torch.softmax(scores, dim=-1)  # fp32 or wider: see product_key_topk
         bag = self.args.heads * self.args.knn
         read = self.lookup(self.values.weight, indices.reshape(-1, bag), weights.reshape(-1, bag))
         if self.w1 is not None:
