@@ -53,19 +53,11 @@ def validation_docs() -> list[dict]:
 
 
 @pytest.fixture
-def encoding(monkeypatch):
-    # tiktoken caches files by path, which would hide a changed file at the same path.
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
+def encoding():
+    # Through titanmem's own loader, which reads the ranks file itself (no tiktoken path cache involved).
+    from titanmem.data.tokenizer import load_encoding_file
 
-    sidecar = json.loads(SIDECAR.read_text(encoding="utf-8"))
-    return tiktoken.Encoding(
-        sidecar["name"],
-        pat_str=sidecar["pat_str"],
-        mergeable_ranks=load_tiktoken_bpe(str(RANKS)),
-        special_tokens=sidecar["special_tokens"],
-    )
+    return load_encoding_file(RANKS, END_OF_TEXT)
 
 
 def test_manifest_hashes_match_files(manifest):

@@ -101,7 +101,7 @@ def test_feed_forward_slot_is_swappable():
 
 
 def test_flavors_validate_and_parameter_counts_are_exact():
-    for name, args in FLAVORS.items():
+    for args in FLAVORS.values():
         dataclasses.replace(args, vocab_size=32000).validate()
     args = tiny_args()
     with torch.device("meta"):

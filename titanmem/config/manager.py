@@ -98,23 +98,16 @@ def _coerce(value: Any, annotation: Any, name: str, from_cli: bool) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(name, f"expects {expected}, got {value!r}")
-    if annotation is int:
+    if annotation in (int, float):
+        # TOML's 1 is a fine float, but 2.5 is no int; and a bool is never a number here.
+        accepted = (int,) if annotation is int else (int, float)
         if from_cli and isinstance(value, str):
             try:
-                return int(value)
+                return annotation(value)
             except ValueError:
                 raise ConfigError(name, f"expects {expected}, got {value!r}") from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(name, f"expects {expected}, got {value!r}")
-    if annotation is float:
-        if from_cli and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(name, f"expects {expected}, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return annotation(value)
         raise ConfigError(name, f"expects {expected}, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
