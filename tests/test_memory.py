@@ -242,7 +242,6 @@ def test_flops_exclude_the_table_and_add_the_lookup_cost():
         (["--memory.k_dim", "7"], "memory.k_dim", "even"),
         (["--memory.knn", "65"], "memory.knn", "at most n_keys (64)"),
         (["--memory.n_keys", "1"], "memory.n_keys", ">= 2"),
-        (["--memory.lookup", "triton"], "memory.lookup", "not available"),
         (["--memory.value_lr", "0"], "memory.value_lr", "> 0"),
         (["--memory.heads", "0"], "memory.heads", ">= 1"),
     ],
@@ -252,3 +251,14 @@ def test_memory_config_errors_name_the_field(argv, field, words):
         build_config(["--memory.enabled", *argv])
     assert info.value.field == field
     assert words in str(info.value)
+
+
+def test_triton_choices_are_config_errors_where_triton_is_missing(monkeypatch):
+    import titanmem.models.lookup as lookup
+
+    monkeypatch.setattr(lookup, "available_lookups", lambda: ["torch"])
+    for argv, field in ((["--memory.lookup", "triton"], "memory.lookup"),
+                        (["--memory.value_optimizer", "adagrad"], "memory.value_optimizer")):
+        with pytest.raises(ConfigError) as info:
+            build_config(["--memory.enabled", *argv])
+        assert info.value.field == field and "not" in str(info.value)

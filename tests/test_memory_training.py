@@ -43,3 +43,55 @@ def test_values_are_clipped_separately_from_the_dense_parameters(small_config):
     assert value_grad.norm().item() == pytest.approx(1e-6, rel=1e-3)
     dense_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in dense_grads])).item()
     assert dense_norm == pytest.approx(metrics["grad_norm"], rel=1e-5)
+
+
+TINY_MEMORY = {"enabled": True, "n_keys": 8, "heads": 1, "knn": 4, "v_dim": 32}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_row_wise_value_optimizers_train_only_the_touched_rows(small_config, kind):
+    config = small_config(
+        training={"steps": 6, "seq_len": 16, "local_batch_size": 2},
+        memory={**TINY_MEMORY, "value_optimizer": kind, "value_lr": 0.05},
+    )
+    trainer = Trainer(config)
+    table = trainer.model.memory_values.weight
+    assert not table.requires_grad
+    assert all(p is not table for g in trainer.optimizer.param_groups for p in g["params"])
+    before = table.detach().clone()
+    losses = trainer.train()
+    trainer.close()
+    assert table.grad is None, "a dense gradient of the table was formed"
+    moved = (table != before).any(dim=1)
+    assert 0 < int(moved.sum()) <= table.shape[0]
+    assert all(loss == loss for loss in losses.values())  # finite
+    assert losses[6] < losses[1]
+
+
+def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config):
+    sections = dict(
+        training={"steps": 6, "seq_len": 16, "local_batch_size": 2, "deterministic": True},
+        memory={**TINY_MEMORY, "value_optimizer": "adam", "value_lr": 0.05},
+        checkpoint={"enable": True, "interval": 3},
+    )
+    straight = small_config(**sections)
+    straight.job.dump_folder = str(tmp_path / "straight")
+    expected = Trainer(straight).train()
+
+    crashed = small_config(**sections)
+    crashed.job.dump_folder = str(tmp_path / "crashed")
+    trainer = Trainer(crashed)
+    original = trainer.train_step
+
+    def crash_after_three(batches):
+        if trainer.train_state.step > 4:
+            raise KeyboardInterrupt
+        return original(batches)
+
+    trainer.train_step = crash_after_three
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    resumed = Trainer(crashed).train()
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == expected[step]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from titanmem.components.checkpoint import CheckpointManager, TrainState
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
-from titanmem.components.optimizer import build_optimizer, memory_value_parameters
+from titanmem.components.optimizer import build_optimizers, memory_value_parameters
+from titanmem.components.value_optimizer import clip_coefficient
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
 from titanmem.config.manager import write_config
 from titanmem.data import build_dataloader, build_tokenizer
@@ -51,7 +52,7 @@ class Trainer:
         # which takes minutes to build at scale.
         self.tokenizer = build_tokenizer(config.tokenizer)
         self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
-        self.model_args = build_model_args(config, self.tokenizer.vocab_size)
+        self.model_args = build_model_args(config, self.tokenizer.vocab_size, self.device.type)
         self.model = build_model(self.model_args, self.device)
         self.param_counts = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.model_args, self.param_counts, training.seq_len)
@@ -63,9 +64,10 @@ class Trainer:
         self.tokens_per_step = global_batch * training.seq_len
         self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
 
-        self.optimizer = build_optimizer(self.model, config.optimizer, config.memory, self.device)
+        self.optimizer, self.value_optimizer = build_optimizers(self.model, config, self.device)
         value_ids = {id(p) for p in memory_value_parameters(self.model)}
-        self.value_params = [p for p in self.model.parameters() if id(p) in value_ids]
+        # The table's gradient, when autograd makes one (dense AdamW); a row-wise optimizer trains it without one.
+        self.value_params = [p for p in self.model.parameters() if id(p) in value_ids and p.requires_grad]
         self.dense_params = [p for p in self.model.parameters() if id(p) not in value_ids]
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
         self.train_state = TrainState()
@@ -86,6 +88,7 @@ class Trainer:
             self.lr_scheduler,
             self.dataloader,
             self.train_state,
+            value_optimizer=self.value_optimizer,
             total_steps=training.steps,
             rank=self.rank,
             dp_rank=self.dp_rank,
@@ -144,17 +147,24 @@ class Trainer:
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
         norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]
-        if self.value_params:
-            # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
+        # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
+        if self.value_optimizer is not None:
+            norms.append(self.value_optimizer.grad_norm(self.config.training.deterministic).float())
+        elif self.value_params:
             norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
         # One host sync per step: it decides between update and skip, and feeds the metrics.
         loss, *norm_values = torch.stack([loss_sum / self.accumulation_steps, *norms]).tolist()
         values = {"loss": loss, "grad_norm": norm_values[0], "lr": self.lr_scheduler.get_last_lr()[0]}
-        if self.value_params:
+        if len(norm_values) > 1:
             values["value_grad_norm"] = norm_values[1]
         if all(math.isfinite(v) for v in (loss, *norm_values)):
             self.optimizer.step()
+            if self.value_optimizer is not None:
+                multiplier = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+                self.value_optimizer.step(multiplier, clip_coefficient(norm_values[1], self.config.memory.value_max_norm))
         else:
+            if self.value_optimizer is not None:
+                self.value_optimizer.discard()
             self._handle_nonfinite(loss, norm_values)
         # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
         self.lr_scheduler.step()

@@ -114,6 +114,7 @@ class CheckpointManager:
         dataloader,
         train_state: TrainState,
         total_steps: int,
+        value_optimizer=None,
         rank: int = 0,
         dp_rank: int = 0,
     ):
@@ -124,6 +125,7 @@ class CheckpointManager:
         self.lr_scheduler = lr_scheduler
         self.dataloader = dataloader
         self.train_state = train_state
+        self.value_optimizer = value_optimizer
         self.total_steps = total_steps
         self.rank = rank
         self.dp_rank = dp_rank
@@ -131,7 +133,7 @@ class CheckpointManager:
 
     # Layout of the state dict. Non-tensor values are pickled to bytes; DCP stores bytes as opaque blobs.
     def _state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": get_model_state_dict(self.model),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIMIZER_OPTIONS),
             # Only the position in the schedule: its shape is rebuilt from the config, so a relaunch with more steps
@@ -145,6 +147,10 @@ class CheckpointManager:
             },
             "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())},
         }
+        if self.value_optimizer is not None:
+            # Tensors, loaded in place by DCP like the model's.
+            state["value_optimizer"] = self.value_optimizer.state_dict()
+        return state
 
     def save(self, step: int) -> Path:
         final = self.folder / f"step-{step}"
@@ -203,6 +209,8 @@ class CheckpointManager:
         set_model_state_dict(self.model, state["model"])
         self._load_optimizer_keeping_config(state["optimizer"], path)
         self._resume_schedule(pickle.loads(state["lr_scheduler"])["last_epoch"])
+        if self.value_optimizer is not None:
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
         for key, value in pickle.loads(state["train_state"]).items():
             setattr(self.train_state, key, value)
         if "rng" in state:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from titanmem.components.value_optimizer import RowWiseValueOptimizer
+from titanmem.config.sections import JobConfig
 from titanmem.config.sections import Memory as MemoryConfig
 from titanmem.config.sections import Optimizer as OptimizerConfig
 
@@ -58,3 +60,24 @@ def build_optimizer(
         fused=implementation == "fused",
         foreach=implementation == "foreach",
     )
+
+
+def build_optimizers(
+    model: nn.Module, config: JobConfig, device: torch.device
+) -> tuple[torch.optim.Optimizer, RowWiseValueOptimizer | None]:
+    """AdamW for everything autograd trains, plus the fused row-wise optimizer of the value table when
+    `[memory] value_optimizer` asks for one (the table then leaves AdamW's groups)."""
+    value_optimizer = None
+    values = getattr(model, "memory_values", None)
+    memory = config.memory
+    if values is not None and memory.value_optimizer != "adamw":
+        value_optimizer = RowWiseValueOptimizer(
+            values,
+            memory.value_optimizer,
+            lr=memory.value_lr,
+            weight_decay=memory.value_weight_decay,
+            betas=(config.optimizer.beta1, config.optimizer.beta2),
+            eps=config.optimizer.eps,
+            state_dtype=torch.bfloat16 if memory.value_state_dtype == "bf16" else torch.float32,
+        )
+    return build_optimizer(model, config.optimizer, memory, device), value_optimizer

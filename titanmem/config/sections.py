@@ -117,8 +117,17 @@ class Memory:
     gated: bool = False
     """Multiply the memory output by a learned sigmoid gate of the input (an ablation of the paper)."""
 
-    lookup: Literal["torch", "triton"] = "torch"
-    """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels."""
+    lookup: Literal["auto", "torch", "triton"] = "auto"
+    """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels.
+    `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
+
+    value_optimizer: Literal["adamw", "sgd", "adagrad", "adam"] = "adamw"
+    """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
+    `adagrad` (one fp32 state per row) and `adam` (lazy, row-sparse moments): fused row-wise updates of the touched
+    rows only, with no dense gradient or dense state. They need Triton (interpreted on CPU, so slow there)."""
+
+    value_state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage of the lazy Adam moments of the value table (`value_optimizer = "adam"`)."""
 
     value_lr: float = bounded(1e-3, gt=0.0)
     """Peak learning rate of the value table (its own param group; follows the same schedule multiplier)."""
@@ -147,9 +156,14 @@ class Memory:
             raise ConfigError("memory.k_dim", f"must be even (the query is split in two halves), got {resolved.k_dim}")
         if resolved.knn > resolved.n_keys:
             raise ConfigError("memory.knn", f"must be at most n_keys ({resolved.n_keys}), got {resolved.knn}")
-        if self.lookup not in available_lookups():
+        if self.lookup != "auto" and self.lookup not in available_lookups():
             raise ConfigError(
                 "memory.lookup", f"{self.lookup!r} is not available in this build; available: {available_lookups()}"
+            )
+        if self.value_optimizer != "adamw" and "triton" not in available_lookups():
+            raise ConfigError(
+                "memory.value_optimizer",
+                f"{self.value_optimizer!r} runs fused Triton kernels, and Triton is not importable here; use 'adamw'",
             )
 
 

@@ -15,7 +15,7 @@ from titanmem.models.llama import Transformer
 VOCAB_MULTIPLE = 64
 
 
-def build_model_args(config: JobConfig, tokenizer_vocab_size: int) -> ModelArgs:
+def build_model_args(config: JobConfig, tokenizer_vocab_size: int, device_type: str = "cpu") -> ModelArgs:
     """The flavor's shape with the vocabulary, context and memory layers taken from the run."""
     args = FLAVORS[config.model.flavor]
     vocab = config.model.vocab_size
@@ -23,7 +23,7 @@ def build_model_args(config: JobConfig, tokenizer_vocab_size: int) -> ModelArgs:
         vocab = -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     elif vocab < tokenizer_vocab_size:
         raise ConfigError("model.vocab_size", f"must be at least the tokenizer's size {tokenizer_vocab_size}, got {vocab}")
-    memory = memory_args_for(config.model.flavor, config.memory) if config.memory.enabled else None
+    memory = memory_args_for(config.model.flavor, config.memory, device_type) if config.memory.enabled else None
     return dataclasses.replace(
         args, vocab_size=vocab, max_seq_len=max(args.max_seq_len, config.training.seq_len), memory=memory
     )

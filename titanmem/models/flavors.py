@@ -37,8 +37,9 @@ MEMORY_PLACEMENT: dict[str, MemoryPlacement] = {
 }
 
 
-def memory_args_for(flavor: str, config: MemoryConfig) -> MemoryArgs:
-    """The memory shape of a flavor with the `[memory]` section's settings applied over its defaults."""
+def memory_args_for(flavor: str, config: MemoryConfig, device_type: str = "cpu") -> MemoryArgs:
+    """The memory shape of a flavor with the `[memory]` section's settings applied over its defaults; an `auto`
+    lookup becomes the Triton kernels on CUDA and the torch reference elsewhere."""
     dim = FLAVORS[flavor].dim
     placement = MEMORY_PLACEMENT[flavor]
     return MemoryArgs(
@@ -51,5 +52,5 @@ def memory_args_for(flavor: str, config: MemoryConfig) -> MemoryArgs:
         swilu=config.swilu,
         qk_norm=config.qk_norm,
         gated=config.gated,
-        lookup=config.lookup,
+        lookup=config.lookup if config.lookup != "auto" else ("triton" if device_type == "cuda" else "torch"),
     )

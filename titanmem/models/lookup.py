@@ -22,11 +22,15 @@ def register_lookup(name: str, lookup: Lookup) -> None:
 
 
 def available_lookups() -> list[str]:
+    try:
+        import titanmem.kernels  # noqa: F401  (registers "triton")
+    except ImportError:  # no Triton on this platform: the torch lookup still works
+        pass
     return sorted(_LOOKUPS)
 
 
 def get_lookup(name: str) -> Lookup:
-    if name not in _LOOKUPS:
+    if name not in available_lookups():
         raise ValueError(f"memory lookup {name!r} is not available in this build; available: {available_lookups()}")
     return _LOOKUPS[name]
 

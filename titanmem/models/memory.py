@@ -21,14 +21,35 @@ from titanmem.models.lookup import get_lookup
 
 
 class MemoryValues(nn.Module):
-    """The value table shared by every memory layer of one model: n_keys² rows of v_dim."""
+    """The value table shared by every memory layer of one model: n_keys² rows of v_dim.
+
+    When a row-wise optimizer trains the table (instead of autograd and a dense optimizer), the table records each
+    read: its rows, weights and, once backward reaches it, the gradient of the read-out. The optimizer takes these
+    records at its step.
+    """
 
     def __init__(self, n_values: int, v_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_values, v_dim))
+        self.recording = False
+        self._recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def init_weights(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+
+    def start_recording(self) -> None:
+        self.recording = True
+
+    def record(self, indices: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> None:
+        """Keep (indices, weights) of one read and, when backward passes through it, the read-out's gradient."""
+        if not (self.recording and read.requires_grad):
+            return
+        weights = weights.detach()
+        read.register_hook(lambda grad: self._recorded.append((indices, weights, grad)))
+
+    def take_recorded(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        recorded, self._recorded = self._recorded, []
+        return recorded
 
 
 def product_key_topk(
@@ -97,7 +118,9 @@ class ProductKeyMemory(nn.Module):
         scores, indices = self.search(tokens)
         weights = torch.softmax(scores, dim=-1)  # fp32 or wider: see product_key_topk
         bag = self.args.heads * self.args.knn
-        read = self.lookup(self.values.weight, indices.reshape(-1, bag), weights.reshape(-1, bag))
+        indices, weights = indices.reshape(-1, bag), weights.reshape(-1, bag)
+        read = self.lookup(self.values.weight, indices, weights)
+        self.values.record(indices, weights, read)
         if self.w1 is not None:
             out = self.w2(read.to(tokens.dtype) * F.silu(self.w1(tokens)))
         elif self.w2 is not None:

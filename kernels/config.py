@@ -1,0 +1,41 @@
+"""Launch parameters of the kernels, and the CPU fallback to Triton's interpreter.
+
+Without a GPU, Triton kernels run under its interpreter (TRITON_INTERPRET=1, read when a kernel is defined). That
+is how the CPU test suite checks them against plain PyTorch; it is far too slow for training, so the trainer only
+picks the Triton lookup by default on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must happen before triton is first imported: the interpreter is chosen when triton and the kernels load.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Chosen on an H100 by tools/bench_kernels.py; under the interpreter small blocks keep the CPU emulation quick.
+_GPU = {
+    "forward": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
+    "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
+    "row_backward": {"BLOCK_P": 4, "BLOCK_D": 512, "num_warps": 4},
+    "row_update": {"BLOCK_P": 4, "BLOCK_D": 512, "num_warps": 4},
+}
+_INTERPRETER = {
+    "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
+    "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
+    "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
+    "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
+}
+
+
+def launch_config(kernel: str, dim: int) -> dict:
+    """Block sizes for `kernel` on rows of width `dim`: never wider than the (power-of-two rounded) row."""
+    cfg = dict((_INTERPRETER if INTERPRET else _GPU)[kernel])
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(max(dim, 1)))
+    return cfg

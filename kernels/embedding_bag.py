@@ -1,0 +1,310 @@
+"""Weighted embedding-bag: the memory read, out[t] = Σ_l weights[t, l] · values[indices[t, l]].
+
+Three Triton kernels, all accumulating in fp32 whatever the storage dtype, any D (masked tails), int64 addresses:
+
+- forward, one program per (token, column block), gathering BLOCK_L rows at a time;
+- weight gradient, token-ordered: grad_weights[t, l] = <grad_out[t], values[indices[t, l]]>;
+- row backward, row-ordered: pairs (t, l) are sorted by row (stably, so the result is deterministic), and one program
+  per touched row sums weights · grad_out over its pairs. Because it holds the row in registers anyway, it also
+  computes the weight gradients of those pairs, reading each value row once instead of once per pair. It writes the
+  summed row gradients either into a dense [N, D] gradient (the faithful baseline) or into a compact [U, D] one
+  (sparse mode: only the touched rows).
+
+Each is a `torch.library` custom op with a fake (meta) implementation, so `torch.compile` traces through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titanmem.kernels.config import INTERPRET, launch_config  # first: it picks the interpreter on CPU-only hosts
+
+import triton  # noqa: E402  (isort: after the config)
+import triton.language as tl  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _bag_forward_kernel(
+    values_ptr, indices_ptr, weights_ptr, out_ptr,
+    L, D, stride_values, stride_out,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, L, BLOCK_L):
+        slots = start + tl.arange(0, BLOCK_L)
+        slot_mask = slots < L
+        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
+        weights = tl.load(weights_ptr + token * L + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        tile = tl.load(
+            values_ptr + rows[:, None] * stride_values + cols[None, :],
+            mask=slot_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(tile * weights[:, None], axis=0)
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    grad_out_ptr, values_ptr, indices_ptr, grad_weights_ptr,
+    L, D, stride_grad, stride_values,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    for start in range(0, L, BLOCK_L):
+        slots = start + tl.arange(0, BLOCK_L)
+        slot_mask = slots < L
+        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
+        dots = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for col_start in range(0, D, BLOCK_D):
+            cols = col_start + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            grad = tl.load(grad_out_ptr + token * stride_grad + cols, mask=col_mask, other=0.0).to(tl.float32)
+            tile = tl.load(
+                values_ptr + rows[:, None] * stride_values + cols[None, :],
+                mask=slot_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dots += tl.sum(tile * grad[None, :], axis=1)
+        tl.store(grad_weights_ptr + token * L + slots, dots, mask=slot_mask)
+
+
+@triton.jit
+def _row_backward_kernel(
+    values_ptr, grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
+    grad_weights_ptr, row_grads_ptr,
+    L, D, stride_values, stride_grad, stride_row_grads,
+    DENSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, ATOMIC_WEIGHT_GRADS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    segment = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    begin = tl.load(offsets_ptr + segment)
+    end = tl.load(offsets_ptr + segment + 1)
+    row = tl.load(rows_ptr + segment).to(tl.int64)
+    if WEIGHT_GRADS:
+        value = tl.load(values_ptr + row * stride_values + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(begin, end, BLOCK_P):
+        positions = start + tl.arange(0, BLOCK_P)
+        pair_mask = positions < end
+        pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
+        tokens = pairs // L
+        weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+        grads = tl.load(
+            grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
+            mask=pair_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(grads * weights[:, None], axis=0)
+        if WEIGHT_GRADS:
+            dots = tl.sum(grads * value[None, :], axis=1)
+            if ATOMIC_WEIGHT_GRADS:
+                tl.atomic_add(grad_weights_ptr + pairs, dots, mask=pair_mask)
+            else:
+                tl.store(grad_weights_ptr + pairs, dots, mask=pair_mask)
+    destination = row if DENSE else segment
+    tl.store(row_grads_ptr + destination * stride_row_grads + cols, acc.to(row_grads_ptr.dtype.element_ty), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------------- python wrappers
+
+
+def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    if values.ndim != 2 or indices.ndim != 2 or weights.shape != indices.shape:
+        raise ValueError(
+            f"expected values [N, D], indices [T, L], weights [T, L]; got {tuple(values.shape)}, "
+            f"{tuple(indices.shape)}, {tuple(weights.shape)}"
+        )
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+
+
+def row_segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the (token, slot) pairs by value row.
+
+    Returns the pair ids sorted by row (a stable sort, so ties keep token order: the sums are deterministic), the
+    segment offsets [U + 1] into that order, and the U distinct rows, ascending.
+    """
+    flat = indices.reshape(-1)
+    sorted_rows, pair_order = torch.sort(flat, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    return pair_order, offsets, rows
+
+
+def _forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    _check(values, indices, weights)
+    values, indices, weights = values.contiguous(), indices.contiguous(), weights.contiguous()
+    tokens, slots = indices.shape
+    dim = values.shape[1]
+    out = torch.empty(tokens, dim, device=values.device, dtype=values.dtype)
+    if tokens == 0:
+        return out
+    cfg = launch_config("forward", dim)
+    grid = (tokens, triton.cdiv(dim, cfg["BLOCK_D"]))
+    _bag_forward_kernel[grid](
+        values, indices, weights, out, slots, dim, values.stride(0), out.stride(0),
+        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
+    tokens, slots = indices.shape
+    grad_weights = torch.empty(tokens, slots, device=values.device, dtype=torch.float32)
+    if tokens == 0:
+        return grad_weights
+    cfg = launch_config("weight_grad", values.shape[1])
+    _weight_grad_kernel[(tokens,)](
+        grad_out, values, indices, grad_weights, slots, values.shape[1], grad_out.stride(0), values.stride(0),
+        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return grad_weights
+
+
+def _row_backward(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    dense: bool,
+    weight_grads: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_weights [T, L] fp32 or empty, rows [U], row grads [U, D] fp32 or dense [N, D] in values' dtype)."""
+    grad_out, values = grad_out.contiguous(), values.contiguous()
+    indices, weights = indices.contiguous(), weights.contiguous()
+    tokens, slots = indices.shape
+    num_rows, dim = values.shape
+    pair_order, offsets, rows = row_segments(indices)
+    if dense:
+        row_grads = torch.zeros(num_rows, dim, device=values.device, dtype=values.dtype)
+    else:
+        row_grads = torch.empty(rows.numel(), dim, device=values.device, dtype=torch.float32)
+    cfg = launch_config("row_backward", dim)
+    block_d = cfg["BLOCK_D"]
+    if deterministic and weight_grads:
+        # One column block per row: each weight gradient is then a single program's dot product, no atomics.
+        block_d = triton.next_power_of_2(dim)
+    column_blocks = triton.cdiv(dim, block_d)
+    atomic = weight_grads and column_blocks > 1
+    allocate = torch.zeros if atomic else torch.empty
+    grad_weights = allocate(tokens, slots, device=values.device, dtype=torch.float32) if weight_grads else None
+    if rows.numel():
+        _row_backward_kernel[(rows.numel(), column_blocks)](
+            values, grad_out, weights, pair_order, offsets, rows,
+            grad_weights if weight_grads else row_grads, row_grads,
+            slots, dim, values.stride(0), grad_out.stride(0), row_grads.stride(0),
+            DENSE=dense, WEIGHT_GRADS=weight_grads, ATOMIC_WEIGHT_GRADS=atomic,
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+        )
+    if grad_weights is None:
+        grad_weights = torch.empty(0, device=values.device, dtype=torch.float32)
+    return grad_weights, rows, row_grads
+
+
+# ------------------------------------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("titanmem::weighted_bag", mutates_args=())
+def weighted_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_l weights[t, l] · values[indices[t, l]] in fp32, stored in values' dtype. Its autograd writes a
+    dense value gradient (the faithful baseline); sparse and fused-update training read `sparse_row_grads` or the
+    row-wise optimizers instead."""
+    return _forward(values, indices, weights)
+
+
+@weighted_bag.register_fake
+def _(values, indices, weights):
+    _check(values, indices, weights)
+    return values.new_empty(indices.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("titanmem::weighted_bag_weight_grad", mutates_args=())
+def weighted_bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """grad_weights[t, l] = <grad_out[t], values[indices[t, l]]>, fp32, token-ordered (no sort, deterministic)."""
+    return _weight_grad(grad_out, values, indices)
+
+
+@weighted_bag_weight_grad.register_fake
+def _(grad_out, values, indices):
+    return grad_out.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("titanmem::weighted_bag_dense_backward", mutates_args=())
+def weighted_bag_dense_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weights [T, L] fp32, grad_values [N, D] dense in values' dtype) in one row-ordered pass."""
+    grad_weights, _, grad_values = _row_backward(
+        grad_out, values, indices, weights, dense=True, weight_grads=True, deterministic=deterministic
+    )
+    return grad_weights, grad_values
+
+
+@weighted_bag_dense_backward.register_fake
+def _(grad_out, values, indices, weights, deterministic):
+    return grad_out.new_empty(indices.shape, dtype=torch.float32), torch.empty_like(values)
+
+
+@torch.library.custom_op("titanmem::weighted_bag_sparse_backward", mutates_args=())
+def weighted_bag_sparse_backward(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_weights [T, L] fp32, rows [U] ascending, row_grads [U, D] fp32): only the touched rows."""
+    grad_weights, rows, row_grads = _row_backward(
+        grad_out, values, indices, weights, dense=False, weight_grads=True, deterministic=deterministic
+    )
+    return grad_weights, rows, row_grads
+
+
+@weighted_bag_sparse_backward.register_fake
+def _(grad_out, values, indices, weights, deterministic):
+    touched = torch.library.get_ctx().new_dynamic_size()
+    return (
+        grad_out.new_empty(indices.shape, dtype=torch.float32),
+        indices.new_empty(touched, dtype=indices.dtype),
+        grad_out.new_empty(touched, values.shape[1], dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, weights = inputs
+    ctx.save_for_backward(values, indices, weights)
+
+
+def _backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    needs_values, _, needs_weights = ctx.needs_input_grad
+    grad_values = grad_weights = None
+    if needs_values:
+        grad_weights, grad_values = weighted_bag_dense_backward(
+            grad_out, values, indices, weights, torch.are_deterministic_algorithms_enabled()
+        )
+    elif needs_weights:
+        grad_weights = weighted_bag_weight_grad(grad_out, values, indices)
+    if grad_weights is not None:
+        grad_weights = grad_weights.to(weights.dtype)
+    return grad_values, None, grad_weights if needs_weights else None
+
+
+weighted_bag.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = [
+    "INTERPRET",
+    "row_segments",
+    "weighted_bag",
+    "weighted_bag_dense_backward",
+    "weighted_bag_sparse_backward",
+    "weighted_bag_weight_grad",
+]

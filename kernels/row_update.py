@@ -1,0 +1,188 @@
+"""Fused row-wise optimizer updates of the value table, straight from the memory layers' output gradients.
+
+No [N, D] gradient is ever formed. The (token, slot) pairs of every memory-layer call since the last step (all
+layers, all micro-batches) are grouped by value row (see `row_segments`), and two passes run over the touched rows:
+
+1. `row_grad_sq`: the squared norm of each touched row's summed gradient, Σ_pairs w · grad_out[t]. Their sum is the
+   value table's gradient norm, used for its separate clipping and logged; row-wise Adagrad also needs it per row.
+2. `row_update_`: recompute each row's gradient, scale it by the clip factor and apply the optimizer to that row in
+   place: SGD, row-wise Adagrad (one fp32 accumulator per row), or lazy Adam (moments of untouched rows are not
+   decayed, as in torch.optim.SparseAdam; bias correction uses the global step). Weight decay is decoupled and, like
+   the moments, applied only to the rows a step touches.
+
+Recomputing the row gradient in pass 2 costs one more read of the gathered output gradients, which is what it takes
+to clip by the global norm without materialising the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titanmem.kernels.config import launch_config
+
+import triton  # noqa: E402  (after the config, which picks the interpreter on CPU-only hosts)
+import triton.language as tl  # noqa: E402
+
+SGD, ADAGRAD, ADAM = 0, 1, 2
+OPTIMIZERS = {"sgd": SGD, "adagrad": ADAGRAD, "adam": ADAM}
+
+
+@triton.jit
+def _summed_row_grad(
+    grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(begin, end, BLOCK_P):
+        positions = start + tl.arange(0, BLOCK_P)
+        pair_mask = positions < end
+        pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
+        tokens = pairs // L
+        weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+        grads = tl.load(
+            grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
+            mask=pair_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(grads * weights[:, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _row_grad_sq_kernel(
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, row_sq_ptr,
+    L, D, stride_grad,
+    ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    segment = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    begin = tl.load(offsets_ptr + segment)
+    end = tl.load(offsets_ptr + segment + 1)
+    grad = _summed_row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
+    )
+    partial = tl.sum(grad * grad, axis=0)
+    if ATOMIC:
+        tl.atomic_add(row_sq_ptr + segment, partial)
+    else:
+        tl.store(row_sq_ptr + segment, partial)
+
+
+@triton.jit
+def _row_update_kernel(
+    values_ptr, first_ptr, second_ptr,
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
+    L, D, stride_values, stride_first, stride_second, stride_grad,
+    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2,
+    OPTIMIZER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    segment = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    begin = tl.load(offsets_ptr + segment)
+    end = tl.load(offsets_ptr + segment + 1)
+    row = tl.load(rows_ptr + segment).to(tl.int64)
+    grad = clip * _summed_row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
+    )
+    value_ptrs = values_ptr + row * stride_values + cols
+    value = tl.load(value_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+    value = value * (1.0 - lr * weight_decay)
+    if OPTIMIZER == 0:  # SGD
+        value = value - lr * grad
+    elif OPTIMIZER == 1:  # row-wise Adagrad; its accumulator was already advanced by the caller
+        value = value - lr * grad / (tl.sqrt(tl.load(first_ptr + row)) + eps)
+    else:  # lazy Adam
+        first_ptrs = first_ptr + row * stride_first + cols
+        second_ptrs = second_ptr + row * stride_second + cols
+        first = tl.load(first_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+        second = tl.load(second_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+        first = beta1 * first + (1.0 - beta1) * grad
+        second = beta2 * second + (1.0 - beta2) * grad * grad
+        tl.store(first_ptrs, first.to(first_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(second_ptrs, second.to(second_ptr.dtype.element_ty), mask=col_mask)
+        value = value - lr * (first / bias_correction1) / (tl.sqrt(second / bias_correction2) + eps)
+    tl.store(value_ptrs, value.to(values_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _launch_shape(dim: int, deterministic: bool) -> tuple[dict, int]:
+    cfg = launch_config("row_update", dim)
+    if deterministic:
+        cfg["BLOCK_D"] = triton.next_power_of_2(dim)
+    return cfg, triton.cdiv(dim, cfg["BLOCK_D"])
+
+
+@torch.library.custom_op("titanmem::row_grad_sq", mutates_args=())
+def row_grad_sq(
+    grad_out: torch.Tensor,
+    weights: torch.Tensor,
+    pair_order: torch.Tensor,
+    offsets: torch.Tensor,
+    deterministic: bool,
+) -> torch.Tensor:
+    """Squared norm [U] (fp32) of each touched row's summed gradient; rows as grouped by `row_segments`."""
+    grad_out, weights = grad_out.contiguous(), weights.contiguous()
+    segments = offsets.numel() - 1
+    dim = grad_out.shape[1]
+    cfg, column_blocks = _launch_shape(dim, deterministic)
+    atomic = column_blocks > 1
+    row_sq = (torch.zeros if atomic else torch.empty)(segments, device=grad_out.device, dtype=torch.float32)
+    if segments:
+        _row_grad_sq_kernel[(segments, column_blocks)](
+            grad_out, weights, pair_order, offsets, row_sq, weights.shape[1], dim, grad_out.stride(0),
+            ATOMIC=atomic, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+    return row_sq
+
+
+@row_grad_sq.register_fake
+def _(grad_out, weights, pair_order, offsets, deterministic):
+    return grad_out.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("titanmem::row_update_", mutates_args=("values", "first", "second"))
+def row_update_(
+    values: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    grad_out: torch.Tensor,
+    weights: torch.Tensor,
+    pair_order: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    row_sq: torch.Tensor,
+    optimizer: int,
+    lr: float,
+    weight_decay: float,
+    clip: float,
+    eps: float,
+    beta1: float,
+    beta2: float,
+    step: int,
+) -> None:
+    """Apply one optimizer step, in place, to the touched rows of `values` (and their state `first`/`second`:
+    unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam)."""
+    grad_out, weights = grad_out.contiguous(), weights.contiguous()
+    segments = rows.numel()
+    if not segments:
+        return
+    dim = values.shape[1]
+    if optimizer == ADAGRAD:
+        # The accumulator grows by the mean squared (clipped) gradient of its row. Advanced here, once per row, so
+        # that the kernel's column blocks all read the same new value. Rows are distinct, so this is a plain update.
+        first[rows] += row_sq * (clip * clip / dim)
+    cfg, column_blocks = _launch_shape(dim, deterministic=False)
+    _row_update_kernel[(segments, column_blocks)](
+        values, first, second, grad_out, weights, pair_order, offsets, rows,
+        weights.shape[1], dim, values.stride(0),
+        first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
+        lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step,
+        OPTIMIZER=optimizer, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+
+
+@row_update_.register_fake
+def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay,
+      clip, eps, beta1, beta2, step):
+    return None

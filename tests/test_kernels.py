@@ -1,0 +1,176 @@
+"""Triton kernels against float64 PyTorch references. On CPU they run under TRITON_INTERPRET=1 (see conftest)."""
+
+import pytest
+import torch
+
+import titanmem.kernels as kernels
+from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, row_grad_sq, row_update_
+
+
+def reference_bag(values, indices, weights):
+    return torch.einsum("tl,tld->td", weights.double(), values.double()[indices.long()])
+
+
+def reference_grads(values, indices, weights, grad_out):
+    """Dense value gradient and weight gradient of Σ grad_out · bag, in float64."""
+    values64 = values.detach().double().requires_grad_(True)
+    weights64 = weights.detach().double().requires_grad_(True)
+    reference_bag(values64, indices, weights64).backward(grad_out.double())
+    return values64.grad, weights64.grad
+
+
+def random_case(seed, tokens, slots, rows, dim, index_dtype=torch.int64, value_dtype=torch.float32, hot_rows=None):
+    """Random bags with duplicates within and across bags (`hot_rows` narrows the index range to force them)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, dim, generator=generator).to(value_dtype)
+    indices = torch.randint(0, hot_rows or rows, (tokens, slots), generator=generator).to(index_dtype)
+    weights = torch.randn(tokens, slots, generator=generator)
+    grad_out = torch.randn(tokens, dim, generator=generator)
+    return values, indices, weights, grad_out
+
+
+CASES = [
+    # (tokens, slots, rows, dim, index dtype, value dtype, hot rows)
+    (5, 7, 40, 37, torch.int64, torch.float32, None),  # D not a power of two
+    (1, 1, 3, 8, torch.int32, torch.float32, None),  # T = 1, L = 1
+    (9, 12, 50, 300, torch.int32, torch.float32, 6),  # D over one column block; heavy duplicates
+    (6, 16, 1000, 64, torch.int64, torch.bfloat16, 10),  # bf16 storage, duplicates across bags
+    (3, 5, 20, 1, torch.int64, torch.float32, None),  # D = 1
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}L{c[1]}N{c[2]}D{c[3]}-{c[4]}-{c[5]}")
+def test_forward_matches_float64_reference(case):
+    values, indices, weights, _ = random_case(0, *case)
+    out = kernels.weighted_bag(values, indices, weights)
+    assert out.dtype == values.dtype and out.shape == (indices.shape[0], values.shape[1])
+    tolerance = 2e-2 if values.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), reference_bag(values, indices, weights), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=lambda c: f"T{c[0]}L{c[1]}N{c[2]}D{c[3]}")
+def test_dense_and_sparse_backward_match_the_reference(case, deterministic):
+    values, indices, weights, grad_out = random_case(1, *case)
+    expected_values, expected_weights = reference_grads(values, indices, weights, grad_out)
+
+    grad_weights, grad_values = kernels.weighted_bag_dense_backward(grad_out, values, indices, weights, deterministic)
+    torch.testing.assert_close(grad_values.double(), expected_values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_weights.double(), expected_weights, rtol=1e-5, atol=1e-5)
+
+    grad_weights, rows, row_grads = kernels.weighted_bag_sparse_backward(
+        grad_out, values, indices, weights, deterministic
+    )
+    assert torch.equal(rows.long(), torch.unique(indices.long()))
+    torch.testing.assert_close(row_grads.double(), expected_values[rows.long()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_weights.double(), expected_weights, rtol=1e-5, atol=1e-5)
+
+    token_ordered = kernels.weighted_bag_weight_grad(grad_out, values, indices)
+    torch.testing.assert_close(token_ordered.double(), expected_weights, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    values, indices, weights, grad_out = random_case(2, 8, 12, 30, 300, hot_rows=5)
+    first = kernels.weighted_bag_sparse_backward(grad_out, values, indices, weights, True)
+    second = kernels.weighted_bag_sparse_backward(grad_out, values, indices, weights, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autograd_through_the_op_matches_embedding_bag():
+    values, indices, weights, grad_out = random_case(3, 7, 9, 30, 45)
+    ours_values = values.clone().requires_grad_(True)
+    ours_weights = weights.clone().requires_grad_(True)
+    kernels.weighted_bag(ours_values, indices, ours_weights).backward(grad_out)
+    ref_values = values.clone().requires_grad_(True)
+    ref_weights = weights.clone().requires_grad_(True)
+    torch.nn.functional.embedding_bag(indices, ref_values, per_sample_weights=ref_weights, mode="sum").backward(grad_out)
+    torch.testing.assert_close(ours_values.grad, ref_values.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_weights.grad, ref_weights.grad, rtol=1e-5, atol=1e-5)
+    # Without a value gradient the op only computes the weight gradient (the row-wise optimizers' case).
+    only_weights = weights.clone().requires_grad_(True)
+    kernels.weighted_bag(values, indices, only_weights).backward(grad_out)
+    torch.testing.assert_close(only_weights.grad, ref_weights.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_traces_the_ops_without_graph_breaks():
+    values, indices, weights, grad_out = random_case(4, 4, 6, 20, 24)
+
+    def step(values, weights):
+        return (kernels.weighted_bag(values, indices, weights) * grad_out).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    v1, w1 = values.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    compiled(v1, w1).backward()
+    v2, w2 = values.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    step(v2, w2).backward()
+    torch.testing.assert_close(v1.grad, v2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def reference_row_update(kind, values, first, second, grad_rows, rows, lr, wd, clip, eps, betas, step):
+    """The same optimizer applied to the dense gradient restricted to the touched rows, in float64."""
+    values, first, second = values.double().clone(), first.double().clone(), second.double().clone()
+    grad = grad_rows.double() * clip
+    rows = rows.long()
+    current = values[rows] * (1 - lr * wd)
+    if kind == SGD:
+        current = current - lr * grad
+    elif kind == ADAGRAD:
+        first[rows] += (grad * grad).mean(dim=1)
+        current = current - lr * grad / (first[rows].sqrt() + eps)[:, None]
+    else:
+        first[rows] = betas[0] * first[rows] + (1 - betas[0]) * grad
+        second[rows] = betas[1] * second[rows] + (1 - betas[1]) * grad * grad
+        m_hat = first[rows] / (1 - betas[0] ** step)
+        v_hat = second[rows] / (1 - betas[1] ** step)
+        current = current - lr * m_hat / (v_hat.sqrt() + eps)
+    values[rows] = current
+    return values, first, second
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dim", [37, 300])
+def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(kind, dim):
+    code = OPTIMIZERS[kind]
+    values, indices, weights, grad_out = random_case(5, 6, 8, 40, dim, hot_rows=25)
+    first = torch.zeros(40) if code == ADAGRAD else torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
+    second = torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
+    expected = (values.double(), first.double(), second.double())
+    betas, eps, lr, wd = (0.9, 0.95), 1e-8, 0.05, 0.1
+    for step in (1, 2, 3):
+        grad_out = grad_out.roll(1, dims=0) * 0.7  # a different gradient each step
+        dense_grad, _ = reference_grads(values, indices, weights, grad_out)
+        pair_order, offsets, rows = kernels.row_segments(indices)
+        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
+        torch.testing.assert_close(row_sq.double(), (dense_grad[rows.long()] ** 2).sum(1), rtol=1e-5, atol=1e-5)
+        clip = 0.5 if step == 2 else 1.0
+        row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
+                    clip, eps, betas[0], betas[1], step)
+        expected = reference_row_update(code, *expected, dense_grad[rows.long()], rows, lr, wd, clip, eps, betas, step)
+        torch.testing.assert_close(values.double(), expected[0], rtol=1e-5, atol=1e-5)
+        if code != SGD:
+            torch.testing.assert_close(first.double(), expected[1], rtol=1e-5, atol=1e-5)
+    # The case leaves rows untouched, so the comparison above also proves they (and their state) did not move.
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[indices.long().unique()] = False
+    assert untouched.any()
+
+
+def test_triton_lookup_in_the_memory_layer_matches_the_torch_lookup():
+    import dataclasses
+
+    from titanmem.models import build_model
+    from titanmem.models.args import MemoryArgs, ModelArgs
+
+    memory = MemoryArgs(layers=(0, 1), n_keys=6, k_dim=8, v_dim=24, heads=2, knn=3)
+    args = ModelArgs(dim=16, n_layers=2, n_heads=2, ffn_hidden_dim=32, vocab_size=40, max_seq_len=16, memory=memory)
+    tokens = torch.randint(0, 40, (2, 5))
+    grads = {}
+    for lookup in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(args, memory=dataclasses.replace(memory, lookup=lookup)), "cpu")
+        model(tokens).logsumexp(-1).sum().backward()
+        grads[lookup] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
