@@ -6,16 +6,24 @@ import torch
 import titanmem.kernels as kernels
 from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, row_grad_sq, row_update_
 
+# The kernels run compiled on a GPU when there is one, else interpreted on CPU; references are float64 on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu64(tensor):
+    return tensor.detach().cpu().double()
+
 
 def reference_bag(values, indices, weights):
+    values, indices, weights = values.cpu(), indices.cpu(), weights.cpu()
     return torch.einsum("tl,tld->td", weights.double(), values.double()[indices.long()])
 
 
 def reference_grads(values, indices, weights, grad_out):
     """Dense value gradient and weight gradient of Σ grad_out · bag, in float64."""
-    values64 = values.detach().double().requires_grad_(True)
-    weights64 = weights.detach().double().requires_grad_(True)
-    reference_bag(values64, indices, weights64).backward(grad_out.double())
+    values64 = values.detach().cpu().double().requires_grad_(True)
+    weights64 = weights.detach().cpu().double().requires_grad_(True)
+    reference_bag(values64, indices, weights64).backward(grad_out.cpu().double())
     return values64.grad, weights64.grad
 
 
@@ -26,7 +34,7 @@ def random_case(seed, tokens, slots, rows, dim, index_dtype=torch.int64, value_d
     indices = torch.randint(0, hot_rows or rows, (tokens, slots), generator=generator).to(index_dtype)
     weights = torch.randn(tokens, slots, generator=generator)
     grad_out = torch.randn(tokens, dim, generator=generator)
-    return values, indices, weights, grad_out
+    return values.to(DEVICE), indices.to(DEVICE), weights.to(DEVICE), grad_out.to(DEVICE)
 
 
 CASES = [
@@ -45,7 +53,7 @@ def test_forward_matches_float64_reference(case):
     out = kernels.weighted_bag(values, indices, weights)
     assert out.dtype == values.dtype and out.shape == (indices.shape[0], values.shape[1])
     tolerance = 2e-2 if values.dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(out.double(), reference_bag(values, indices, weights), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(cpu64(out), reference_bag(values, indices, weights), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -55,18 +63,19 @@ def test_dense_and_sparse_backward_match_the_reference(case, deterministic):
     expected_values, expected_weights = reference_grads(values, indices, weights, grad_out)
 
     grad_weights, grad_values = kernels.weighted_bag_dense_backward(grad_out, values, indices, weights, deterministic)
-    torch.testing.assert_close(grad_values.double(), expected_values, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_weights.double(), expected_weights, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu64(grad_values), expected_values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu64(grad_weights), expected_weights, rtol=1e-5, atol=1e-5)
 
     grad_weights, rows, row_grads = kernels.weighted_bag_sparse_backward(
         grad_out, values, indices, weights, deterministic
     )
-    assert torch.equal(rows.long(), torch.unique(indices.long()))
-    torch.testing.assert_close(row_grads.double(), expected_values[rows.long()], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_weights.double(), expected_weights, rtol=1e-5, atol=1e-5)
+    rows = rows.cpu().long()
+    assert torch.equal(rows, torch.unique(indices.cpu().long()))
+    torch.testing.assert_close(cpu64(row_grads), expected_values[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu64(grad_weights), expected_weights, rtol=1e-5, atol=1e-5)
 
     token_ordered = kernels.weighted_bag_weight_grad(grad_out, values, indices)
-    torch.testing.assert_close(token_ordered.double(), expected_weights, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu64(token_ordered), expected_weights, rtol=1e-5, atol=1e-5)
 
 
 def test_deterministic_backward_is_bitwise_repeatable():
@@ -136,24 +145,26 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
     values, indices, weights, grad_out = random_case(5, 6, 8, 40, dim, hot_rows=25)
     first = torch.zeros(40) if code == ADAGRAD else torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
     second = torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
-    expected = (values.double(), first.double(), second.double())
+    first, second = first.to(DEVICE), second.to(DEVICE)
+    expected = (cpu64(values), cpu64(first), cpu64(second))
     betas, eps, lr, wd = (0.9, 0.95), 1e-8, 0.05, 0.1
     for step in (1, 2, 3):
         grad_out = grad_out.roll(1, dims=0) * 0.7  # a different gradient each step
         dense_grad, _ = reference_grads(values, indices, weights, grad_out)
         pair_order, offsets, rows = kernels.row_segments(indices)
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
-        torch.testing.assert_close(row_sq.double(), (dense_grad[rows.long()] ** 2).sum(1), rtol=1e-5, atol=1e-5)
+        touched = rows.cpu().long()
+        torch.testing.assert_close(cpu64(row_sq), (dense_grad[touched] ** 2).sum(1), rtol=1e-5, atol=1e-5)
         clip = 0.5 if step == 2 else 1.0
         row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
                     clip, eps, betas[0], betas[1], step)
-        expected = reference_row_update(code, *expected, dense_grad[rows.long()], rows, lr, wd, clip, eps, betas, step)
-        torch.testing.assert_close(values.double(), expected[0], rtol=1e-5, atol=1e-5)
+        expected = reference_row_update(code, *expected, dense_grad[touched], touched, lr, wd, clip, eps, betas, step)
+        torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
         if code != SGD:
-            torch.testing.assert_close(first.double(), expected[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cpu64(first), expected[1], rtol=1e-5, atol=1e-5)
     # The case leaves rows untouched, so the comparison above also proves they (and their state) did not move.
     untouched = torch.ones(40, dtype=torch.bool)
-    untouched[indices.long().unique()] = False
+    untouched[indices.cpu().long().unique()] = False
     assert untouched.any()
 
 
@@ -165,11 +176,11 @@ def test_triton_lookup_in_the_memory_layer_matches_the_torch_lookup():
 
     memory = MemoryArgs(layers=(0, 1), n_keys=6, k_dim=8, v_dim=24, heads=2, knn=3)
     args = ModelArgs(dim=16, n_layers=2, n_heads=2, ffn_hidden_dim=32, vocab_size=40, max_seq_len=16, memory=memory)
-    tokens = torch.randint(0, 40, (2, 5))
+    tokens = torch.randint(0, 40, (2, 5), device=DEVICE)
     grads = {}
     for lookup in ("torch", "triton"):
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(args, memory=dataclasses.replace(memory, lookup=lookup)), "cpu")
+        model = build_model(dataclasses.replace(args, memory=dataclasses.replace(memory, lookup=lookup)), DEVICE)
         model(tokens).logsumexp(-1).sum().backward()
         grads[lookup] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, grad in grads["torch"].items():
