@@ -133,6 +133,9 @@ def row_segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     segment offsets [U + 1] into that order, and the U distinct rows, ascending.
     """
     flat = indices.reshape(-1)
+    if flat.dtype == torch.int64 and flat.numel() and int(flat.max()) < 2**31:
+        # Radix sort time grows with key width: sort 32-bit keys when the rows fit.
+        flat = flat.to(torch.int32)
     sorted_rows, pair_order = torch.sort(flat, stable=True)
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indices.device)

@@ -66,8 +66,12 @@ def make_inputs(rows: int, dim: int, tokens: int):
 
 def check(values, indices, weights, grad_out) -> dict[str, float]:
     """Max relative errors against torch, in fp32, on this shape's inputs (a sample of rows for the gradient)."""
-    reference = F.embedding_bag(indices, values.float(), per_sample_weights=weights, mode="sum")
-    ours = kernels.weighted_bag(values, indices, weights).float()
+    # The first 1024 tokens: a float32 copy of the whole table would not fit beside it at the largest shapes.
+    head = slice(0, 1024)
+    used = indices[head].unique()
+    local = torch.searchsorted(used, indices[head])
+    reference = F.embedding_bag(local, values[used].float(), per_sample_weights=weights[head], mode="sum")
+    ours = kernels.weighted_bag(values, indices[head], weights[head]).float()
     forward_error = ((ours - reference).abs().max() / reference.abs().max()).item()
     del reference, ours
     _, rows, row_grads = kernels.weighted_bag_sparse_backward(grad_out, values, indices, weights, False)
@@ -109,6 +113,41 @@ def sweep_forward(values, indices, weights) -> dict:
                     best = (ms, dict(kernel_config._GPU["forward"]))
     kernel_config._GPU["forward"] = best[1]
     return best[1]
+
+
+def breakdown(values, indices, weights, grad_out, sweep: bool) -> dict[str, str]:
+    """Time each stage of the fused backward + update; with `sweep`, search the row kernels' launch configs."""
+    out = {}
+    first = torch.zeros(values.shape[0], device="cuda")
+    empty = torch.zeros(0, device="cuda")
+    pair_order, offsets, touched = kernels.row_segments(indices)
+    row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, False)
+    out["touched rows"] = f"{touched.numel():,}"
+    out["weight grads"] = f"{bench(lambda: kernels.weighted_bag_weight_grad(grad_out, values, indices)):.2f} ms"
+    out["row grouping (sort)"] = f"{bench(lambda: kernels.row_segments(indices)):.2f} ms"
+
+    def grad_sq():
+        row_grad_sq(grad_out, weights, pair_order, offsets, False)
+
+    def update():
+        row_update_(values, first, empty, grad_out, weights, pair_order, offsets, touched, row_sq, OPTIMIZERS["adagrad"],
+                    0.0, 0.0, 1.0, 1e-8, 0.9, 0.95, 1)
+
+    if sweep:
+        for kernel, fn in (("row_update", update),):
+            best = None
+            for block_p in (1, 2, 4, 8):
+                for block_d in (512, 1024, 2048, 4096):
+                    for warps in (4, 8):
+                        kernel_config._GPU[kernel] = {"BLOCK_P": block_p, "BLOCK_D": block_d, "num_warps": warps}
+                        ms = bench(fn)
+                        if best is None or ms < best[0]:
+                            best = (ms, dict(kernel_config._GPU[kernel]))
+            kernel_config._GPU[kernel] = best[1]
+            out[f"{kernel} config"] = str(best[1])
+    out["row grad norms"] = f"{bench(grad_sq):.2f} ms"
+    out["row update (adagrad)"] = f"{bench(update):.2f} ms"
+    return out
 
 
 def run_shape(rows: int, dim: int, tokens: int, ceiling: float, sweep: bool) -> dict[str, str]:
@@ -193,6 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1Mx1024:16k,1Mx4096:8k,4Mx2048:8k,8Mx2048:8k")
     parser.add_argument("--sweep", action="store_true", help="also search the forward launch config per shape")
+    parser.add_argument("--breakdown", action="store_true", help="time each stage of the fused update only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -200,6 +240,12 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s")
     results = []
     for rows, dim, tokens in parse_shapes(args.shapes):
+        if args.breakdown:
+            results.append({"shape": f"{rows // 2**20}M×{dim}, {tokens // 1024}k tok",
+                            **breakdown(*make_inputs(rows, dim, tokens), args.sweep)})
+            free()
+            print(results[-1], flush=True)
+            continue
         results.append(run_shape(rows, dim, tokens, ceiling, args.sweep))
         free()
         print(results[-1], flush=True)
