@@ -138,6 +138,7 @@ def row_segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         flat = flat.to(torch.int32)
     sorted_rows, pair_order = torch.sort(flat, stable=True)
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    rows = rows.to(indices.dtype)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, dim=0, out=offsets[1:])
     return pair_order, offsets, rows
