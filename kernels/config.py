@@ -19,12 +19,14 @@ import triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Chosen on an H100 by tools/bench_kernels.py; under the interpreter small blocks keep the CPU emulation quick.
+# Chosen on an H100 by `tools/bench_kernels.py --sweep` (docs/benchmarks.md). The row kernels take a whole row
+# (up to 4096 columns) per program: a row is touched by few pairs, so splitting it would re-walk them per block.
+# Under the interpreter, wide blocks keep the CPU emulation quick (its cost is per operation, not per element).
 _GPU = {
-    "forward": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
+    "forward": {"BLOCK_L": 16, "BLOCK_D": 1024, "num_warps": 4},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
-    "row_backward": {"BLOCK_P": 4, "BLOCK_D": 512, "num_warps": 4},
-    "row_update": {"BLOCK_P": 4, "BLOCK_D": 512, "num_warps": 4},
+    "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
+    "row_update": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
 }
 _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
