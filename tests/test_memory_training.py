@@ -95,3 +95,25 @@ def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == expected[step]
+
+
+def test_auto_value_optimizer_and_lr_follow_the_device_and_the_dense_lr():
+    from titanmem.components.optimizer import resolve_value_lr, resolve_value_optimizer
+    from titanmem.config import build_config
+
+    config, _ = build_config(["--memory.enabled", "--optimizer.lr", "2e-4"])
+    assert resolve_value_optimizer(config.memory, "cpu") == "adamw"
+    assert resolve_value_optimizer(config.memory, "cuda") == "adagrad"
+    assert resolve_value_lr(config.memory, config.optimizer, "adamw") == pytest.approx(2e-3)
+    assert resolve_value_lr(config.memory, config.optimizer, "adagrad") == pytest.approx(1e-2)
+    config, _ = build_config(["--memory.enabled", "--memory.value_optimizer", "adam", "--memory.value_lr", "5e-3"])
+    assert resolve_value_optimizer(config.memory, "cuda") == "adam"
+    assert resolve_value_lr(config.memory, config.optimizer, "adam") == 5e-3
+
+
+def test_sgd_needs_an_explicit_value_lr():
+    from titanmem.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as info:
+        build_config(["--memory.enabled", "--memory.value_optimizer", "sgd"])
+    assert info.value.field == "memory.value_lr"

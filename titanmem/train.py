@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from titanmem.components.checkpoint import CheckpointManager, TrainState
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
-from titanmem.components.optimizer import build_optimizers, memory_value_parameters
+from titanmem.components.optimizer import (
+    build_optimizers,
+    memory_value_parameters,
+    resolve_value_lr,
+    resolve_value_optimizer,
+)
 from titanmem.components.value_optimizer import clip_coefficient
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
 from titanmem.config.manager import write_config
@@ -112,10 +117,13 @@ class Trainer:
         )
         if a.memory is not None:
             m = a.memory
+            kind = resolve_value_optimizer(self.config.memory, self.device.type)
             logger.info(
-                "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s",
+                "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s; "
+                "values trained by %s at lr %.1e",
                 list(m.layers), f"{m.n_values:,}", m.v_dim, m.n_keys, m.heads, m.knn, m.k_dim, m.lookup,
-                ", swilu" if m.swilu else "", ", qk-norm" if m.qk_norm else "",
+                ", swilu" if m.swilu else "", ", qk-norm" if m.qk_norm else "", kind,
+                resolve_value_lr(self.config.memory, self.config.optimizer, kind),
             )
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",

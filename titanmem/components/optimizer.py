@@ -23,7 +23,28 @@ def memory_value_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(values.parameters()) if values is not None else []
 
 
-def build_param_groups(model: nn.Module, config: OptimizerConfig, memory: MemoryConfig | None = None) -> list[dict]:
+VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
+
+
+def resolve_value_optimizer(memory: MemoryConfig, device_type: str) -> str:
+    """`auto`: the fused row-wise Adagrad on CUDA, dense AdamW elsewhere (Triton would only run interpreted)."""
+    if memory.value_optimizer != "auto":
+        return memory.value_optimizer
+    from titanmem.models.lookup import available_lookups
+
+    return "adagrad" if device_type == "cuda" and "triton" in available_lookups() else "adamw"
+
+
+def resolve_value_lr(memory: MemoryConfig, optimizer: OptimizerConfig, kind: str) -> float:
+    """The value table's peak lr: as set, or scaled from the dense lr for the chosen optimizer."""
+    if memory.value_lr != -1:
+        return memory.value_lr
+    return VALUE_LR_SCALE[kind] * optimizer.lr
+
+
+def build_param_groups(
+    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig | None = None, value_lr: float | None = None
+) -> list[dict]:
     value_ids = {id(p) for p in memory_value_parameters(model)}
     decay, no_decay, values = [], [], []
     for name, param in model.named_parameters():
@@ -40,20 +61,19 @@ def build_param_groups(model: nn.Module, config: OptimizerConfig, memory: Memory
         groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
     if values:
         memory = memory or MemoryConfig()
-        groups.append(
-            {"name": "memory_values", "params": values, "lr": memory.value_lr, "weight_decay": memory.value_weight_decay}
-        )
+        lr = value_lr if value_lr is not None else resolve_value_lr(memory, config, "adamw")
+        groups.append({"name": "memory_values", "params": values, "lr": lr, "weight_decay": memory.value_weight_decay})
     return groups
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig, device: torch.device
+    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig, device: torch.device, value_lr: float | None = None
 ) -> torch.optim.Optimizer:
     implementation = config.implementation
     if implementation == "auto":
         implementation = "fused" if device.type == "cuda" else "foreach"
     return torch.optim.AdamW(
-        build_param_groups(model, config, memory),
+        build_param_groups(model, config, memory, value_lr),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
@@ -70,14 +90,16 @@ def build_optimizers(
     value_optimizer = None
     values = getattr(model, "memory_values", None)
     memory = config.memory
-    if values is not None and memory.value_optimizer != "adamw":
+    kind = resolve_value_optimizer(memory, device.type)
+    value_lr = resolve_value_lr(memory, config.optimizer, kind)  # sgd without a value_lr fails the config checks
+    if values is not None and kind != "adamw":
         value_optimizer = RowWiseValueOptimizer(
             values,
-            memory.value_optimizer,
-            lr=memory.value_lr,
+            kind,
+            lr=value_lr,
             weight_decay=memory.value_weight_decay,
             betas=(config.optimizer.beta1, config.optimizer.beta2),
             eps=config.optimizer.eps,
             state_dtype=torch.bfloat16 if memory.value_state_dtype == "bf16" else torch.float32,
         )
-    return build_optimizer(model, config.optimizer, memory, device), value_optimizer
+    return build_optimizer(model, config.optimizer, memory, device, value_lr), value_optimizer

@@ -121,16 +121,19 @@ class Memory:
     """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels.
     `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
 
-    value_optimizer: Literal["adamw", "sgd", "adagrad", "adam"] = "adamw"
+    value_optimizer: Literal["auto", "adamw", "sgd", "adagrad", "adam"] = "auto"
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
     `adagrad` (one fp32 state per row) and `adam` (lazy, row-sparse moments): fused row-wise updates of the touched
-    rows only, with no dense gradient or dense state. They need Triton (interpreted on CPU, so slow there)."""
+    rows only, with no dense gradient or dense state; they need Triton (interpreted on CPU, so slow there). `auto` is
+    adagrad on CUDA (the fastest whose loss matched AdamW's in our 134m check, docs/benchmarks.md) and adamw on CPU."""
 
     value_state_dtype: Literal["fp32", "bf16"] = "fp32"
     """Storage of the lazy Adam moments of the value table (`value_optimizer = "adam"`)."""
 
-    value_lr: float = bounded(1e-3, gt=0.0)
-    """Peak learning rate of the value table (its own param group; follows the same schedule multiplier)."""
+    value_lr: float = bounded(-1.0, gt=0.0, allow=(-1.0,))
+    """Peak learning rate of the value table; it follows the same schedule multiplier as the rest. -1 scales it with
+    optimizer.lr: 10× for adamw and adam (the paper's 1e-3 over 1e-4), 50× for adagrad (matched to AdamW in our
+    134m check). sgd needs an explicit value."""
 
     value_weight_decay: float = bounded(0.0, ge=0.0)
     """Weight decay of the value table."""
@@ -160,7 +163,9 @@ class Memory:
             raise ConfigError(
                 "memory.lookup", f"{self.lookup!r} is not available in this build; available: {available_lookups()}"
             )
-        if self.value_optimizer != "adamw" and "triton" not in available_lookups():
+        if self.value_optimizer == "sgd" and self.value_lr == -1:
+            raise ConfigError("memory.value_lr", "has no default for value_optimizer 'sgd'; set it explicitly")
+        if self.value_optimizer not in ("auto", "adamw") and "triton" not in available_lookups():
             raise ConfigError(
                 "memory.value_optimizer",
                 f"{self.value_optimizer!r} runs fused Triton kernels, and Triton is not importable here; use 'adamw'",
