@@ -185,16 +185,17 @@ def _row_backward(
     weight_grads: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_weights [T, L] fp32 or empty, rows [U], row grads [U, D] fp32 or dense [N, D] in values' dtype)."""
+    """(grad_weights [T, L] fp32 or empty, rows [U], row grads [U, D] or dense [N, D], both in values' dtype)."""
     grad_out, values = grad_out.contiguous(), values.contiguous()
     indices, weights = indices.contiguous(), weights.contiguous()
     tokens, slots = indices.shape
     num_rows, dim = values.shape
     pair_order, offsets, rows = row_segments(indices)
+    # Summed in fp32, stored in the table's dtype: at 1M touched rows × 2048, fp32 row gradients would be 8 GB.
     if dense:
         row_grads = torch.zeros(num_rows, dim, device=values.device, dtype=values.dtype)
     else:
-        row_grads = torch.empty(rows.numel(), dim, device=values.device, dtype=torch.float32)
+        row_grads = torch.empty(rows.numel(), dim, device=values.device, dtype=values.dtype)
     cfg = launch_config("row_backward", dim)
     block_d = cfg["BLOCK_D"]
     if deterministic and weight_grads:
@@ -265,7 +266,7 @@ def _(grad_out, values, indices, weights, deterministic):
 def weighted_bag_sparse_backward(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_weights [T, L] fp32, rows [U] ascending, row_grads [U, D] fp32): only the touched rows."""
+    """(grad_weights [T, L] fp32, rows [U] ascending, row_grads [U, D] in values' dtype): only the touched rows."""
     grad_weights, rows, row_grads = _row_backward(
         grad_out, values, indices, weights, dense=False, weight_grads=True, deterministic=deterministic
     )
@@ -278,7 +279,7 @@ def _(grad_out, values, indices, weights, deterministic):
     return (
         grad_out.new_empty(indices.shape, dtype=torch.float32),
         indices.new_empty(touched, dtype=indices.dtype),
-        grad_out.new_empty(touched, values.shape[1], dtype=torch.float32),
+        values.new_empty(touched, values.shape[1]),
     )
 
 

@@ -19,6 +19,7 @@ import gc
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import titanmem.kernels as kernels
 from titanmem.kernels import config as kernel_config
@@ -104,9 +105,11 @@ def timed(result: dict, name: str, fn, baseline: float | None = None) -> float |
 def sweep_forward(values, indices, weights) -> dict:
     """Try forward launch configs on this shape; return the fastest."""
     best = None
-    for block_l in (4, 8, 16):
-        for block_d in (256, 512, 1024):
+    for block_l in (2, 4, 8, 16):
+        for block_d in (512, 1024, 2048, 4096):
             for warps in (4, 8):
+                if block_l * block_d > 32768 or block_d > 2 * triton.next_power_of_2(values.shape[1]):
+                    continue  # register spills, or blocks past the row
                 kernel_config._GPU["forward"] = {"BLOCK_L": block_l, "BLOCK_D": block_d, "num_warps": warps}
                 ms = bench(lambda: kernels.weighted_bag(values, indices, weights))
                 if best is None or ms < best[0]:
