@@ -23,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (up to 4096 columns) per program: a row is touched by few pairs, so splitting it would re-walk them per block.
 # Under the interpreter, wide blocks keep the CPU emulation quick (its cost is per operation, not per element).
 _GPU = {
-    "forward": {"BLOCK_L": 16, "BLOCK_D": 1024, "num_warps": 4},
+    "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},

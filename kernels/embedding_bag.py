@@ -40,10 +40,12 @@ def _bag_forward_kernel(
         slot_mask = slots < L
         rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
         weights = tl.load(weights_ptr + token * L + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        # Value rows are read once: stream them past L2 (evict_first) instead of pushing out reusable data.
         tile = tl.load(
             values_ptr + rows[:, None] * stride_values + cols[None, :],
             mask=slot_mask[:, None] & col_mask[None, :],
             other=0.0,
+            eviction_policy="evict_first",
         ).to(tl.float32)
         acc += tl.sum(tile * weights[:, None], axis=0)
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
@@ -89,7 +91,9 @@ def _row_backward_kernel(
     end = tl.load(offsets_ptr + segment + 1)
     row = tl.load(rows_ptr + segment).to(tl.int64)
     if WEIGHT_GRADS:
-        value = tl.load(values_ptr + row * stride_values + cols, mask=col_mask, other=0.0).to(tl.float32)
+        value = tl.load(
+            values_ptr + row * stride_values + cols, mask=col_mask, other=0.0, eviction_policy="evict_first"
+        ).to(tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(begin, end, BLOCK_P):
         positions = start + tl.arange(0, BLOCK_P)
@@ -97,10 +101,12 @@ def _row_backward_kernel(
         pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
         tokens = pairs // L
         weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+        # Output-gradient rows are gathered once per pair (~L times each): keep them in L2 (evict_last).
         grads = tl.load(
             grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
             mask=pair_mask[:, None] & col_mask[None, :],
             other=0.0,
+            eviction_policy="evict_last",
         ).to(tl.float32)
         acc += tl.sum(grads * weights[:, None], axis=0)
         if WEIGHT_GRADS:

@@ -43,6 +43,7 @@ def _summed_row_grad(
             grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
             mask=pair_mask[:, None] & col_mask[None, :],
             other=0.0,
+            eviction_policy="evict_last",  # gathered once per pair: keep these rows in L2
         ).to(tl.float32)
         acc += tl.sum(grads * weights[:, None], axis=0)
     return acc
@@ -87,7 +88,7 @@ def _row_update_kernel(
         grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
     )
     value_ptrs = values_ptr + row * stride_values + cols
-    value = tl.load(value_ptrs, mask=col_mask, other=0.0).to(tl.float32)
+    value = tl.load(value_ptrs, mask=col_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     value = value * (1.0 - lr * weight_decay)
     if OPTIMIZER == 0:  # SGD
         value = value - lr * grad
