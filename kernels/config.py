@@ -40,4 +40,8 @@ def launch_config(kernel: str, dim: int) -> dict:
     """Block sizes for `kernel` on rows of width `dim`: never wider than the (power-of-two rounded) row."""
     cfg = dict((_INTERPRETER if INTERPRET else _GPU)[kernel])
     cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(max(dim, 1)))
+    if kernel == "forward" and not INTERPRET:
+        # Whole rows per program, and about 16k elements in flight: the sweep's optimum at D = 1024, 2048, 4096.
+        cfg["BLOCK_L"] = max(1, min(16, 16384 // cfg["BLOCK_D"]))
+        cfg["num_warps"] = 8 if cfg["BLOCK_D"] >= 4096 else 4
     return cfg
