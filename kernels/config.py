@@ -23,24 +23,28 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (up to 4096 columns) per program: a row is touched by few pairs, so splitting it would re-walk them per block.
 # Under the interpreter, wide blocks keep the CPU emulation quick (its cost is per operation, not per element).
 _GPU = {
-    "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4},
+    "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
 }
 _INTERPRETER = {
-    "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
+    "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
     "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
     "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
 }
 
 
+# The bench's --sweep turns this off to try explicit forward configs.
+FORWARD_BY_WIDTH = True
+
+
 def launch_config(kernel: str, dim: int) -> dict:
     """Block sizes for `kernel` on rows of width `dim`: never wider than the (power-of-two rounded) row."""
     cfg = dict((_INTERPRETER if INTERPRET else _GPU)[kernel])
     cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(max(dim, 1)))
-    if kernel == "forward" and not INTERPRET:
+    if kernel == "forward" and not INTERPRET and FORWARD_BY_WIDTH:
         # Whole rows per program, and about 16k elements in flight: the sweep's optimum at D = 1024, 2048, 4096.
         cfg["BLOCK_L"] = max(1, min(16, 16384 // cfg["BLOCK_D"]))
         cfg["num_warps"] = 8 if cfg["BLOCK_D"] >= 4096 else 4

@@ -29,13 +29,14 @@ import triton.language as tl  # noqa: E402
 def _bag_forward_kernel(
     values_ptr, indices_ptr, weights_ptr, out_ptr,
     L, D, stride_values, stride_out,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_L):
+    # Software pipelining (NUM_STAGES > 1) issues the next tiles' gathers before the current one is summed.
+    for start in tl.range(0, L, BLOCK_L, num_stages=NUM_STAGES):
         slots = start + tl.arange(0, BLOCK_L)
         slot_mask = slots < L
         rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
@@ -162,7 +163,7 @@ def _forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor)
     grid = (tokens, triton.cdiv(dim, cfg["BLOCK_D"]))
     _bag_forward_kernel[grid](
         values, indices, weights, out, slots, dim, values.stride(0), out.stride(0),
-        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
     )
     return out
 

@@ -105,15 +105,19 @@ def timed(result: dict, name: str, fn, baseline: float | None = None) -> float |
 def sweep_forward(values, indices, weights) -> dict:
     """Try forward launch configs on this shape; return the fastest."""
     best = None
+    kernel_config.FORWARD_BY_WIDTH = False
     for block_l in (2, 4, 8, 16):
-        for block_d in (512, 1024, 2048, 4096):
+        for block_d in (1024, 2048, 4096):
             for warps in (4, 8):
-                if block_l * block_d > 32768 or block_d > 2 * triton.next_power_of_2(values.shape[1]):
-                    continue  # register spills, or blocks past the row
-                kernel_config._GPU["forward"] = {"BLOCK_L": block_l, "BLOCK_D": block_d, "num_warps": warps}
-                ms = bench(lambda: kernels.weighted_bag(values, indices, weights))
-                if best is None or ms < best[0]:
-                    best = (ms, dict(kernel_config._GPU["forward"]))
+                for stages in (1, 2, 3):
+                    if block_l * block_d > 32768 or block_d > 2 * triton.next_power_of_2(values.shape[1]):
+                        continue  # register spills, or blocks past the row
+                    kernel_config._GPU["forward"] = {
+                        "BLOCK_L": block_l, "BLOCK_D": block_d, "num_warps": warps, "NUM_STAGES": stages
+                    }
+                    ms = bench(lambda: kernels.weighted_bag(values, indices, weights))
+                    if best is None or ms < best[0]:
+                        best = (ms, dict(kernel_config._GPU["forward"]))
     kernel_config._GPU["forward"] = best[1]
     return best[1]
 
@@ -136,18 +140,22 @@ def breakdown(values, indices, weights, grad_out, sweep: bool) -> dict[str, str]
         row_update_(values, first, empty, grad_out, weights, pair_order, offsets, touched, row_sq, OPTIMIZERS["adagrad"],
                     0.0, 0.0, 1.0, 1e-8, 0.9, 0.95, 1)
 
+    def sparse_backward():
+        kernels.weighted_bag_sparse_backward(grad_out, values, indices, weights, False)
+
     if sweep:
-        for kernel, fn in (("row_update", update),):
+        for kernel, fn in (("row_update", update), ("row_backward", sparse_backward)):
             best = None
-            for block_p in (1, 2, 4, 8):
-                for block_d in (512, 1024, 2048, 4096):
-                    for warps in (4, 8):
+            for block_p in (1, 2, 4):
+                for block_d in (1024, 2048, 4096):
+                    for warps in (2, 4, 8):
                         kernel_config._GPU[kernel] = {"BLOCK_P": block_p, "BLOCK_D": block_d, "num_warps": warps}
                         ms = bench(fn)
                         if best is None or ms < best[0]:
                             best = (ms, dict(kernel_config._GPU[kernel]))
             kernel_config._GPU[kernel] = best[1]
             out[f"{kernel} config"] = str(best[1])
+    out["sparse backward"] = f"{bench(sparse_backward):.2f} ms"
     out["row grad norms"] = f"{bench(grad_sq):.2f} ms"
     out["row update (adagrad)"] = f"{bench(update):.2f} ms"
     return out
