@@ -19,14 +19,14 @@ import triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Chosen on an H100 by `tools/bench_kernels.py --sweep` (docs/benchmarks.md). The row kernels take a whole row
-# (up to 4096 columns) per program: a row is touched by few pairs, so splitting it would re-walk them per block.
+# Chosen on an H100 by `tools/bench_kernels.py --sweep` (docs/benchmarks.md). The row backward takes a whole row
+# (up to 4096 columns) per program: it also computes each pair's weight gradient, a dot over the full row.
 # Under the interpreter, wide blocks keep the CPU emulation quick (its cost is per operation, not per element).
 _GPU = {
-    "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 1},
+    "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 2},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
-    "row_update": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
+    "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
 }
 _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
@@ -45,7 +45,7 @@ def launch_config(kernel: str, dim: int) -> dict:
     cfg = dict((_INTERPRETER if INTERPRET else _GPU)[kernel])
     cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(max(dim, 1)))
     if kernel == "forward" and not INTERPRET and FORWARD_BY_WIDTH:
-        # Whole rows per program, and about 16k elements in flight: the sweep's optimum at D = 1024, 2048, 4096.
-        cfg["BLOCK_L"] = max(1, min(16, 16384 // cfg["BLOCK_D"]))
-        cfg["num_warps"] = 8 if cfg["BLOCK_D"] >= 4096 else 4
+        # Whole rows per program, 16k-element tiles at 1024 columns and 4 rows of up to 4096 beyond: the sweep's
+        # optima at D = 1024, 2048 and 4096, all with two pipeline stages.
+        cfg["BLOCK_L"] = 16 if cfg["BLOCK_D"] <= 1024 else 4
     return cfg
