@@ -25,13 +25,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _GPU = {
     "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 2},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
-    "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4},
+    "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 1},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
 }
 _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
-    "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
+    "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
 }
 

@@ -81,43 +81,51 @@ def _weight_grad_kernel(
 def _row_backward_kernel(
     values_ptr, grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
     grad_weights_ptr, row_grads_ptr,
-    L, D, stride_values, stride_grad, stride_row_grads,
+    U, L, D, stride_values, stride_grad, stride_row_grads,
     DENSE: tl.constexpr, WEIGHT_GRADS: tl.constexpr, ATOMIC_WEIGHT_GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    begin = tl.load(offsets_ptr + segment)
-    end = tl.load(offsets_ptr + segment + 1)
-    row = tl.load(rows_ptr + segment).to(tl.int64)
-    if WEIGHT_GRADS:
-        value = tl.load(
-            values_ptr + row * stride_values + cols, mask=col_mask, other=0.0, eviction_policy="evict_first"
-        ).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(begin, end, BLOCK_P):
-        positions = start + tl.arange(0, BLOCK_P)
-        pair_mask = positions < end
-        pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
-        tokens = pairs // L
-        weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-        # Output-gradient rows are gathered once per pair (~L times each): keep them in L2 (evict_last).
-        grads = tl.load(
-            grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
-            mask=pair_mask[:, None] & col_mask[None, :],
-            other=0.0,
-            eviction_policy="evict_last",
-        ).to(tl.float32)
-        acc += tl.sum(grads * weights[:, None], axis=0)
+    # Several touched rows per program: most rows have one or two pairs, too little work for a program each.
+    for i in range(ROWS_PER_PROGRAM):
+        segment = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + i
+        valid = segment < U
+        begin = tl.load(offsets_ptr + segment, mask=valid, other=0)
+        end = tl.load(offsets_ptr + segment + 1, mask=valid, other=0)
+        row = tl.load(rows_ptr + segment, mask=valid, other=0).to(tl.int64)
         if WEIGHT_GRADS:
-            dots = tl.sum(grads * value[None, :], axis=1)
-            if ATOMIC_WEIGHT_GRADS:
-                tl.atomic_add(grad_weights_ptr + pairs, dots, mask=pair_mask)
-            else:
-                tl.store(grad_weights_ptr + pairs, dots, mask=pair_mask)
-    destination = row if DENSE else segment
-    tl.store(row_grads_ptr + destination * stride_row_grads + cols, acc.to(row_grads_ptr.dtype.element_ty), mask=col_mask)
+            value = tl.load(
+                values_ptr + row * stride_values + cols, mask=col_mask & valid, other=0.0,
+                eviction_policy="evict_first",
+            ).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(begin, end, BLOCK_P):
+            positions = start + tl.arange(0, BLOCK_P)
+            pair_mask = positions < end
+            pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
+            tokens = pairs // L
+            weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+            # Output-gradient rows are gathered once per pair (~L times each): keep them in L2 (evict_last).
+            grads = tl.load(
+                grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
+                mask=pair_mask[:, None] & col_mask[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            ).to(tl.float32)
+            acc += tl.sum(grads * weights[:, None], axis=0)
+            if WEIGHT_GRADS:
+                dots = tl.sum(grads * value[None, :], axis=1)
+                if ATOMIC_WEIGHT_GRADS:
+                    tl.atomic_add(grad_weights_ptr + pairs, dots, mask=pair_mask)
+                else:
+                    tl.store(grad_weights_ptr + pairs, dots, mask=pair_mask)
+        destination = row if DENSE else segment
+        tl.store(
+            row_grads_ptr + destination * stride_row_grads + cols,
+            acc.to(row_grads_ptr.dtype.element_ty),
+            mask=col_mask & valid,
+        )
 
 
 # --------------------------------------------------------------------------------------------------- python wrappers
@@ -213,12 +221,13 @@ def _row_backward(
     allocate = torch.zeros if atomic else torch.empty
     grad_weights = allocate(tokens, slots, device=values.device, dtype=torch.float32) if weight_grads else None
     if rows.numel():
-        _row_backward_kernel[(rows.numel(), column_blocks)](
+        per_program = cfg["ROWS_PER_PROGRAM"]
+        _row_backward_kernel[(triton.cdiv(rows.numel(), per_program), column_blocks)](
             values, grad_out, weights, pair_order, offsets, rows,
             grad_weights if weight_grads else row_grads, row_grads,
-            slots, dim, values.stride(0), grad_out.stride(0), row_grads.stride(0),
+            rows.numel(), slots, dim, values.stride(0), grad_out.stride(0), row_grads.stride(0),
             DENSE=dense, WEIGHT_GRADS=weight_grads, ATOMIC_WEIGHT_GRADS=atomic,
-            BLOCK_P=cfg["BLOCK_P"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+            ROWS_PER_PROGRAM=per_program, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
         )
     if grad_weights is None:
         grad_weights = torch.empty(0, device=values.device, dtype=torch.float32)

@@ -150,9 +150,17 @@ def breakdown(values, indices, weights, grad_out, sweep: bool) -> dict[str, str]
                 for block_d in (1024, 2048, 4096):
                     for warps in (2, 4, 8):
                         kernel_config._GPU[kernel] = {"BLOCK_P": block_p, "BLOCK_D": block_d, "num_warps": warps}
+                        if kernel == "row_backward":
+                            kernel_config._GPU[kernel]["ROWS_PER_PROGRAM"] = 1
                         ms = bench(fn)
                         if best is None or ms < best[0]:
                             best = (ms, dict(kernel_config._GPU[kernel]))
+            if kernel == "row_backward":
+                for per_program in (2, 4, 8):
+                    kernel_config._GPU[kernel] = dict(best[1], ROWS_PER_PROGRAM=per_program)
+                    ms = bench(fn)
+                    if ms < best[0]:
+                        best = (ms, dict(kernel_config._GPU[kernel]))
             kernel_config._GPU[kernel] = best[1]
             out[f"{kernel} config"] = str(best[1])
     out["sparse backward"] = f"{bench(sparse_backward):.2f} ms"
