@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _GPU = {
     "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 2},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
-    "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 1},
+    "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
 }
 _INTERPRETER = {
