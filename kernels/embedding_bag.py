@@ -78,6 +78,26 @@ def _weight_grad_kernel(
 
 
 @triton.jit
+def load_pair_chunk(
+    grad_out_ptr, weights_ptr, pair_order_ptr, start, end, cols, col_mask, L, stride_grad, BLOCK_P: tl.constexpr
+):
+    """Up to BLOCK_P (token, slot) pairs of one row's segment, from position `start`: their flat pair ids, mask,
+    weights and the output-gradient rows of their tokens, [BLOCK_P, BLOCK_D] in fp32."""
+    positions = start + tl.arange(0, BLOCK_P)
+    pair_mask = positions < end
+    pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
+    weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    # A token's gradient row is gathered once per pair (~L times): keep these rows in L2 (evict_last).
+    grads = tl.load(
+        grad_out_ptr + (pairs // L)[:, None] * stride_grad + cols[None, :],
+        mask=pair_mask[:, None] & col_mask[None, :],
+        other=0.0,
+        eviction_policy="evict_last",
+    ).to(tl.float32)
+    return pairs, pair_mask, weights, grads
+
+
+@triton.jit
 def _row_backward_kernel(
     values_ptr, grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
     grad_weights_ptr, row_grads_ptr,
@@ -101,18 +121,9 @@ def _row_backward_kernel(
             ).to(tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(begin, end, BLOCK_P):
-            positions = start + tl.arange(0, BLOCK_P)
-            pair_mask = positions < end
-            pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
-            tokens = pairs // L
-            weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-            # Output-gradient rows are gathered once per pair (~L times each): keep them in L2 (evict_last).
-            grads = tl.load(
-                grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
-                mask=pair_mask[:, None] & col_mask[None, :],
-                other=0.0,
-                eviction_policy="evict_last",
-            ).to(tl.float32)
+            pairs, pair_mask, weights, grads = load_pair_chunk(
+                grad_out_ptr, weights_ptr, pair_order_ptr, start, end, cols, col_mask, L, stride_grad, BLOCK_P
+            )
             acc += tl.sum(grads * weights[:, None], axis=0)
             if WEIGHT_GRADS:
                 dots = tl.sum(grads * value[None, :], axis=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from titanmem.kernels.config import launch_config
+from titanmem.kernels.embedding_bag import load_pair_chunk
 
 import triton  # noqa: E402  (after the config, which picks the interpreter on CPU-only hosts)
 import triton.language as tl  # noqa: E402
@@ -34,17 +35,9 @@ def _summed_row_grad(
 ):
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(begin, end, BLOCK_P):
-        positions = start + tl.arange(0, BLOCK_P)
-        pair_mask = positions < end
-        pairs = tl.load(pair_order_ptr + positions, mask=pair_mask, other=0).to(tl.int64)
-        tokens = pairs // L
-        weights = tl.load(weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-        grads = tl.load(
-            grad_out_ptr + tokens[:, None] * stride_grad + cols[None, :],
-            mask=pair_mask[:, None] & col_mask[None, :],
-            other=0.0,
-            eviction_policy="evict_last",  # gathered once per pair: keep these rows in L2
-        ).to(tl.float32)
+        _, _, weights, grads = load_pair_chunk(
+            grad_out_ptr, weights_ptr, pair_order_ptr, start, end, cols, col_mask, L, stride_grad, BLOCK_P
+        )
         acc += tl.sum(grads * weights[:, None], axis=0)
     return acc
 
