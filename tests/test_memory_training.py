@@ -117,3 +117,15 @@ def test_sgd_needs_an_explicit_value_lr():
     with pytest.raises(ConfigError) as info:
         build_config(["--memory.enabled", "--memory.value_optimizer", "sgd"])
     assert info.value.field == "memory.value_lr"
+
+
+def test_switching_the_value_optimizer_on_resume_starts_its_state_fresh(small_config, caplog):
+    sections = dict(training={"steps": 2, "seq_len": 16, "local_batch_size": 2}, checkpoint={"enable": True})
+    Trainer(small_config(memory={**TINY_MEMORY, "value_optimizer": "adamw"}, **sections)).train()
+    sections["training"] = dict(sections["training"], steps=3)
+    caplog.set_level("WARNING")
+    trainer = Trainer(small_config(memory={**TINY_MEMORY, "value_optimizer": "adagrad"}, **sections))
+    losses = trainer.train()
+    assert sorted(losses) == [3]
+    assert any("value_optimizer state for adagrad" in r.getMessage() for r in caplog.records)
+    assert trainer.value_optimizer.steps == 1

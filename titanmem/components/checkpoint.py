@@ -191,10 +191,11 @@ class CheckpointManager:
         path = self.folder / f"step-{step}"
         state = self._state_dict()
         saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-        for section in ("dataloader", "rng"):
-            key = next(iter(state[section]))
-            if f"{section}.{key}" not in saved_keys:
-                logger.warning("%s has no %s state for %s; it starts fresh on this rank", path, section, key)
+        for section in ("dataloader", "rng", "value_optimizer"):
+            key = next(iter(state.get(section, {})), None)
+            prefix = f"{section}.{key}"
+            if key is not None and not any(k == prefix or k.startswith(prefix + ".") for k in saved_keys):
+                logger.warning("%s has no %s state for %s; it starts fresh", path, section, key)
                 del state[section]
         dcp.load(state, checkpoint_id=str(path))
         if "dataloader" in state:
@@ -209,7 +210,7 @@ class CheckpointManager:
         set_model_state_dict(self.model, state["model"])
         self._load_optimizer_keeping_config(state["optimizer"], path)
         self._resume_schedule(pickle.loads(state["lr_scheduler"])["last_epoch"])
-        if self.value_optimizer is not None:
+        if "value_optimizer" in state:
             self.value_optimizer.load_state_dict(state["value_optimizer"])
         for key, value in pickle.loads(state["train_state"]).items():
             setattr(self.train_state, key, value)

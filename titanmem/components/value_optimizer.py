@@ -101,9 +101,11 @@ class RowWiseValueOptimizer:
         self._prepared = None
 
     def state_dict(self) -> dict:
-        return {"first": self.first, "second": self.second, "steps": torch.tensor(self.steps)}
+        # Keyed by the optimizer kind: a checkpoint of another kind then simply lacks these keys (see checkpoint.py).
+        return {self.kind: {"first": self.first, "second": self.second, "steps": torch.tensor(self.steps)}}
 
     def load_state_dict(self, state: dict) -> None:
+        state = state[self.kind]
         self.first.copy_(state["first"])
         self.second.copy_(state["second"])
         self.steps = int(state["steps"])
