@@ -236,7 +236,7 @@ def validate(config: JobConfig) -> None:
     check_bounds(config)
     if config.model.flavor not in FLAVORS:
         raise ConfigError("model.flavor", f"unknown flavor {config.model.flavor!r}" + _suggest(config.model.flavor, list(FLAVORS)))
-    config.parallelism.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    check_parallelism(config, int(os.environ.get("WORLD_SIZE", "1")))
     check_load_step(config.checkpoint, config.job.dump_folder)
     for section in section_classes():
         check = getattr(getattr(config, section), "check", None)
@@ -248,6 +248,25 @@ def validate(config: JobConfig) -> None:
     elif not config.tokenizer.name:
         raise ConfigError("tokenizer", "set tokenizer.path to a .tiktoken file or tokenizer.name to a named encoding")
     _check_data_path(config)
+
+
+def check_parallelism(config: JobConfig, world_size: int):
+    """The plan against the world size and the model's shapes; returns the resolved ParallelDims."""
+    from titanmem.distributed.parallel_dims import ParallelDims
+    from titanmem.models.flavors import FLAVORS, memory_args_for
+
+    p = config.parallelism
+    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.mp, world_size)
+    args = FLAVORS[config.model.flavor]
+    memory = memory_args_for(config.model.flavor, config.memory) if config.memory.enabled else None
+    dims.check_model(args.n_heads, args.kv_heads, args.ffn_hidden_dim, memory)
+    if world_size > 1:
+        raise ConfigError(
+            "parallelism",
+            f"the plan is valid, but this build trains on one process (world size {world_size}); multi-process "
+            "training arrives with the [parallel] work. Launch with NGPU=1",
+        )
+    return dims
 
 
 def _check_data_path(config: JobConfig) -> None:

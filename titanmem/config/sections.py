@@ -304,39 +304,6 @@ class Parallelism:
     mp: int = bounded(1, ge=1)
     """Memory-parallel degree, carved out of the data-parallel ranks: it shards the memory value table."""
 
-    def resolved_dp_shard(self, world_size: int) -> int:
-        if self.dp_shard != -1:
-            return self.dp_shard
-        others = self.dp_replicate * self.tp
-        if world_size % others:
-            raise ConfigError(
-                "parallelism.dp_shard",
-                f"cannot be inferred: world size {world_size} is not divisible by "
-                f"dp_replicate × tp = {self.dp_replicate} × {self.tp}",
-            )
-        return world_size // others
-
-    def check_world(self, world_size: int) -> None:
-        dp_shard = self.resolved_dp_shard(world_size)
-        product = self.dp_replicate * dp_shard * self.tp
-        if product != world_size:
-            raise ConfigError(
-                "parallelism",
-                f"dp_replicate × dp_shard × tp = {self.dp_replicate} × {dp_shard} × {self.tp} = {product} "
-                f"must equal the world size {world_size}",
-            )
-        if self.mp > 1 and (self.dp_replicate * dp_shard) % self.mp:
-            raise ConfigError(
-                "parallelism.mp",
-                f"must divide dp_replicate × dp_shard = {self.dp_replicate * dp_shard}, got {self.mp}",
-            )
-        if world_size > 1 or self.mp > 1:
-            raise ConfigError(
-                "parallelism",
-                f"this build trains on one process; got world size {world_size} and mp {self.mp}. "
-                "Launch with NGPU=1 and leave the degrees at 1",
-            )
-
 
 @dataclass
 class JobConfig:
