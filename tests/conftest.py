@@ -12,26 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from titanmem.config import JobConfig  # noqa: E402
-
-
-def make_config(dump_folder, **sections) -> JobConfig:
-    """A small CPU run on the bundled corpus; `sections` maps a section name to field overrides."""
-    config = JobConfig()
-    config.job.dump_folder = str(dump_folder)
-    config.training.steps = 20
-    config.training.seq_len = 64
-    config.training.local_batch_size = 4
-    config.training.device = "cpu"
-    config.optimizer.lr = 3e-3
-    config.lr_scheduler.warmup_steps = 4
-    config.metrics.log_freq = 5
-    config.metrics.enable_tensorboard = False
-    config.checkpoint.enable = False
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
+from helpers import make_config  # noqa: E402
 
 
 @pytest.fixture

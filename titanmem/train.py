@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from titanmem.components.checkpoint import CheckpointManager, TrainState
 from titanmem.components.lr_scheduler import build_lr_scheduler
@@ -26,8 +27,15 @@ from titanmem.components.optimizer import (
 )
 from titanmem.components.value_optimizer import clip_coefficient
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
-from titanmem.config.manager import write_config
+from titanmem.config.manager import check_parallelism, write_config
 from titanmem.data import build_dataloader, build_tokenizer
+from titanmem.distributed.parallelize import (
+    apply_fsdp,
+    build_mesh,
+    data_parallel_rank,
+    init_distributed,
+    local_world,
+)
 from titanmem.models import build_model, build_model_args
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.utils import autocast_dtype, pick_device, seed_everything, setup_logging
@@ -40,25 +48,41 @@ class NonFiniteLossError(RuntimeError):
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total gradient norm of `params` (fp32), clipped to `max_norm` unless it is 0."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf, foreach=True).float()
+    """Total gradient norm of `params` (fp32, over every rank's shards), clipped to `max_norm` unless it is 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(norm, DTensor):
+        # Sharded gradients give a partial norm per rank; the full tensor reduces it over the mesh.
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm, foreach=True)
+    return norm.float()
 
 
 class Trainer:
     def __init__(self, config: JobConfig):
         self.config = config
-        self.rank = int(os.environ.get("RANK", 0))
-        self.dp_rank, self.dp_world_size = 0, 1
+        self.rank, self.world_size = local_world()
+        self.parallel_dims = check_parallelism(config, self.world_size)
         training = config.training
         self.device = pick_device(training.device)
         seed_everything(training.seed, training.deterministic)
+        self.mesh = None
+        if self.world_size > 1:
+            init_distributed(self.device)
+            self.mesh = build_mesh(self.parallel_dims, self.device.type)
+        self.dp_rank, self.dp_world_size = data_parallel_rank(self.mesh)
 
         # Tokenizer and data first: their errors (a wrong column, too few documents) must come before the model,
         # which takes minutes to build at scale.
         self.tokenizer = build_tokenizer(config.tokenizer)
         self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
         self.model_args = build_model_args(config, self.tokenizer.vocab_size, self.device.type)
-        self.model = build_model(self.model_args, self.device)
+        self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
+        parallelize = None
+        if self.mesh is not None:
+            def parallelize(model):
+                apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
+        self.model = build_model(self.model_args, self.device, parallelize)
         self.param_counts = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.model_args, self.param_counts, training.seq_len)
 
@@ -67,9 +91,8 @@ class Trainer:
             global_batch = training.local_batch_size * self.dp_world_size
         self.accumulation_steps = global_batch // (training.local_batch_size * self.dp_world_size)
         self.tokens_per_step = global_batch * training.seq_len
-        self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
 
-        self.optimizer, self.value_optimizer = build_optimizers(self.model, config, self.device)
+        self.optimizer, self.value_optimizer = build_optimizers(self.model, config, self.device, self.world_size)
         value_ids = {id(p) for p in memory_value_parameters(self.model)}
         # The table's gradient, when autograd makes one (dense AdamW); a row-wise optimizer trains it without one.
         self.value_params = [p for p in self.model.parameters() if id(p) in value_ids and p.requires_grad]
@@ -117,7 +140,7 @@ class Trainer:
         )
         if a.memory is not None:
             m = a.memory
-            kind = resolve_value_optimizer(self.config.memory, self.device.type)
+            kind = resolve_value_optimizer(self.config.memory, self.device.type, self.world_size)
             logger.info(
                 "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s; "
                 "values trained by %s at lr %.1e",
@@ -160,8 +183,12 @@ class Trainer:
             norms.append(self.value_optimizer.grad_norm(self.config.training.deterministic).float())
         elif self.value_params:
             norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
+        mean_loss = loss_sum / self.accumulation_steps
+        if self.dp_world_size > 1:
+            # Every rank holds the same number of tokens, so the mean of the rank means is the global mean.
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG, group=self.mesh.dp.get_group())
         # One host sync per step: it decides between update and skip, and feeds the metrics.
-        loss, *norm_values = torch.stack([loss_sum / self.accumulation_steps, *norms]).tolist()
+        loss, *norm_values = torch.stack([mean_loss, *norms]).tolist()
         values = {"loss": loss, "grad_norm": norm_values[0], "lr": self.lr_scheduler.get_last_lr()[0]}
         if len(norm_values) > 1:
             values["value_grad_norm"] = norm_values[1]
@@ -220,6 +247,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

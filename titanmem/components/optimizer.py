@@ -26,13 +26,15 @@ def memory_value_parameters(model: nn.Module) -> list[nn.Parameter]:
 VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
 
 
-def resolve_value_optimizer(memory: MemoryConfig, device_type: str) -> str:
-    """`auto`: the fused row-wise Adagrad on CUDA, dense AdamW elsewhere (Triton would only run interpreted)."""
+def resolve_value_optimizer(memory: MemoryConfig, device_type: str, world_size: int = 1) -> str:
+    """`auto`: the fused row-wise Adagrad on one GPU; dense AdamW on CPU (Triton would only run interpreted) and on
+    several processes (in-place row updates need the memory-parallel layout of the table, not yet built)."""
     if memory.value_optimizer != "auto":
         return memory.value_optimizer
     from titanmem.models.lookup import available_lookups
 
-    return "adagrad" if device_type == "cuda" and "triton" in available_lookups() else "adamw"
+    single_gpu = device_type == "cuda" and world_size == 1
+    return "adagrad" if single_gpu and "triton" in available_lookups() else "adamw"
 
 
 def resolve_value_lr(memory: MemoryConfig, optimizer: OptimizerConfig, kind: str) -> float:
@@ -83,14 +85,14 @@ def build_optimizer(
 
 
 def build_optimizers(
-    model: nn.Module, config: JobConfig, device: torch.device
+    model: nn.Module, config: JobConfig, device: torch.device, world_size: int = 1
 ) -> tuple[torch.optim.Optimizer, RowWiseValueOptimizer | None]:
     """AdamW for everything autograd trains, plus the fused row-wise optimizer of the value table when
     `[memory] value_optimizer` asks for one (the table then leaves AdamW's groups)."""
     value_optimizer = None
     values = getattr(model, "memory_values", None)
     memory = config.memory
-    kind = resolve_value_optimizer(memory, device.type)
+    kind = resolve_value_optimizer(memory, device.type, world_size)
     value_lr = resolve_value_lr(memory, config.optimizer, kind)  # sgd without a value_lr fails the config checks
     if values is not None and kind != "adamw":
         value_optimizer = RowWiseValueOptimizer(

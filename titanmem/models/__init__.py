@@ -29,10 +29,13 @@ def build_model_args(config: JobConfig, tokenizer_vocab_size: int, device_type: 
     )
 
 
-def build_model(args: ModelArgs, device: torch.device) -> Transformer:
-    """Construct on the meta device (no memory, no init work), then materialise on `device` and initialise once."""
+def build_model(args: ModelArgs, device: torch.device, parallelize=None) -> Transformer:
+    """Construct on the meta device (no memory, no init work), apply `parallelize` there (so each rank only ever
+    allocates its shard), then materialise on `device` and initialise once."""
     with torch.device("meta"):
         model = Transformer(args)
+    if parallelize is not None:
+        parallelize(model)
     model.to_empty(device=device)
     model.init_weights()
     return model

@@ -1,0 +1,83 @@
+"""Apply the parallel plan to a plain model, from outside, in a fixed order.
+
+Order (each step sees the result of the one before):
+1. tensor parallel over `tp` (not yet in this build: the config refuses tp > 1 on several processes);
+2. memory parallel over `mp` (likewise);
+3. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
+   root, which holds the embeddings, the output layer and the memory value table.
+
+The mesh is built by `build_mesh` from `ParallelDims.mesh_shape`, with flattened views for data loading (`dp`) and for
+FSDP (`dp_shard`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titanmem.distributed.parallel_dims import ParallelDims
+
+try:  # torch >= 2.6 exports FSDP2 here
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # pragma: no cover - older torch
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun described in the environment: NCCL between GPUs, gloo between CPU ranks."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The device mesh and the flattened views the trainer uses (kept here: slicing a flattened dim back out of
+    the root mesh is deprecated)."""
+
+    world: DeviceMesh
+    dp: DeviceMesh  # every data-parallel rank: (dp_replicate, dp_shard_out, mp) flattened; loss and data sharding
+    fsdp: DeviceMesh  # where FSDP2 shards: dp_shard, or (dp_replicate, dp_shard) for HSDP
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
+    shape, names = dims.mesh_shape()
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    dp_shard = mesh[("dp_shard_out", "mp")]._flatten(mesh_dim_name="dp_shard")
+    dp = mesh[("dp_replicate", "dp_shard_out", "mp")]._flatten(mesh_dim_name="dp")
+    fsdp = dp_shard
+    if dims.dp_replicate > 1:
+        # HSDP needs a 2-D mesh (replicate, shard) over the same ranks as `dp`.
+        fsdp = DeviceMesh(
+            device_type,
+            dp.mesh.reshape(dims.dp_replicate, dims.dp_shard),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )
+    return Meshes(world=mesh, dp=dp, fsdp=fsdp)
+
+
+def data_parallel_rank(meshes: Meshes | None) -> tuple[int, int]:
+    """This rank's position among the data-parallel ranks, and their number."""
+    if meshes is None:
+        return 0, 1
+    return meshes.dp.get_local_rank(), meshes.dp.size()
+
+
+def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool) -> None:
+    """Shard every block, then the root. Parameters are gathered in bf16 (on GPU) and gradients reduced in fp32."""
+    fsdp_mesh = meshes.fsdp
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for index, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
+
+
+def local_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
