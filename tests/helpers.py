@@ -24,35 +24,15 @@ def make_config(dump_folder, **sections) -> JobConfig:
     return config
 
 
-def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections: dict, batches_path: str) -> None:
-    """One rank: train on its slice of each global batch from the same starting weights; rank 0 saves the losses
-    and every step's full (unsharded) gradients."""
+def run_as_rank(rank: int, world: int, port: int, body) -> None:
+    """Run `body()` as rank `rank` of a gloo group on this host, then leave the process at once."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from titanmem.train import Trainer
 
     code = 0
     try:
-        trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
-        data = torch.load(batches_path)
-        set_model_state_dict(trainer.model, data["weights"], options=StateDictOptions(full_state_dict=True))
-        def full(t):
-            return t.full_tensor() if isinstance(t, DTensor) else t
-
-        losses, grads = [], []
-        for batch in data["batches"]:
-            share = batch.shape[0] // world
-            mine = batch[rank * share : (rank + 1) * share]
-            losses.append(trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))["loss"])
-            grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        if rank == 0:
-            torch.save({"losses": losses, "grads": grads}, os.path.join(folder, "result.pt"))
-        trainer.close()
+        body()
     except BaseException:
         import traceback
 
@@ -65,28 +45,48 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         os._exit(code)
 
 
+def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections: dict, batches_path: str) -> None:
+    """One rank: train on its slice of each global batch from the same starting weights; rank 0 saves the losses
+    and every step's full (unsharded) gradients."""
+
+    def body():
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        from titanmem.train import Trainer
+
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
+        data = torch.load(batches_path)
+        set_model_state_dict(trainer.model, data["weights"], options=StateDictOptions(full_state_dict=True))
+        losses, grads = [], []
+        for batch in data["batches"]:
+            share = batch.shape[0] // world
+            mine = batch[rank * share : (rank + 1) * share]
+            losses.append(trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))["loss"])
+            grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        if rank == 0:
+            torch.save({"losses": losses, "grads": grads}, os.path.join(folder, "result.pt"))
+        trainer.close()
+
+    run_as_rank(rank, world, port, body)
+
+
 def train_worker(rank: int, world: int, port: int, folder: str, sections: dict, result_name: str) -> None:
     """One rank of a full `Trainer.train()` run (data loader, checkpoints and all); rank 0 saves the losses."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
 
-    from titanmem.train import Trainer
+    def body():
+        import torch
 
-    code = 0
-    try:
+        from titanmem.train import Trainer
+
         trainer = Trainer(make_config(folder, **sections))
         losses = trainer.train()
         if rank == 0:
             torch.save(losses, os.path.join(folder, result_name))
         trainer.close()
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os._exit(code)
+    run_as_rank(rank, world, port, body)
