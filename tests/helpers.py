@@ -64,8 +64,9 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         set_model_state_dict(trainer.model, data["weights"], options=StateDictOptions(full_state_dict=True))
         losses, grads = [], []
         for batch in data["batches"]:
-            share = batch.shape[0] // world
-            mine = batch[rank * share : (rank + 1) * share]
+            # Data-parallel peers split the batch; tensor-parallel peers share their slice.
+            share = batch.shape[0] // trainer.dp_world_size
+            mine = batch[trainer.dp_rank * share : (trainer.dp_rank + 1) * share]
             losses.append(trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))["loss"])
             grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         if rank == 0:

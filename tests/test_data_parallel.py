@@ -1,4 +1,5 @@
-"""FSDP2 data parallelism on gloo CPU ranks gives the same losses, gradients and weights as one process."""
+"""FSDP2/HSDP data parallelism and tensor parallelism on gloo CPU ranks give the same losses and gradients as one
+process."""
 
 import socket
 
@@ -33,8 +34,12 @@ def single_process_reference(small_config, sections, batches_path):
     return losses, grads
 
 
-@pytest.mark.parametrize("world, plan", [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2})],
-                         ids=["fsdp2", "hsdp2x2"])
+@pytest.mark.parametrize(
+    "world, plan",
+    [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2}), (2, {"tp": 2, "dp_shard": 1}),
+     (4, {"tp": 2, "dp_shard": 2})],
+    ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2"],
+)
 def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
     sections = dict(
         training={"steps": STEPS, "seq_len": SEQ, "local_batch_size": GLOBAL_BATCH},
@@ -51,7 +56,8 @@ def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
 
     losses, grads = single_process_reference(small_config, sections, batches_path)
 
-    ranked = dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // world),
+    dp = world // plan.get("tp", 1)
+    ranked = dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // dp),
                   parallelism=plan)
     mp.start_processes(data_parallel_worker, args=(world, free_port(), str(tmp_path), ranked, batches_path),
                        nprocs=world, join=True, start_method="spawn")
@@ -87,3 +93,4 @@ def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path):
     resumed = launch(tmp_path / "resumed", 4, "second.pt")
     assert sorted(resumed) == [3, 4]
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+

@@ -31,6 +31,7 @@ from titanmem.config.manager import check_parallelism, write_config
 from titanmem.data import build_dataloader, build_tokenizer
 from titanmem.distributed.parallelize import (
     apply_fsdp,
+    apply_tp,
     build_mesh,
     data_parallel_rank,
     init_distributed,
@@ -49,13 +50,22 @@ class NonFiniteLossError(RuntimeError):
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Total gradient norm of `params` (fp32, over every rank's shards), clipped to `max_norm` unless it is 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(norm, DTensor):
-        # Sharded gradients give a partial norm per rank; the full tensor reduces it over the mesh.
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm, foreach=True)
-    return norm.float()
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    squares = []
+    # Gradients on different meshes (FSDP only, FSDP × TP) cannot share one foreach op: one group per mesh.
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            # Sharded gradients give a partial norm per rank; the full tensor reduces it over the mesh.
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm or math.inf, total, foreach=True)
+    return total
 
 
 class Trainer:
@@ -81,6 +91,9 @@ class Trainer:
         parallelize = None
         if self.mesh is not None:
             def parallelize(model):
+                # The documented order: tensor parallel first, then FSDP2 over what it produced.
+                if self.parallel_dims.tp > 1:
+                    apply_tp(model, self.mesh.world["tp"])
                 apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
         self.model = build_model(self.model_args, self.device, parallelize)
         self.param_counts = count_parameters(self.model)

@@ -1,8 +1,8 @@
 """Apply the parallel plan to a plain model, from outside, in a fixed order.
 
 Order (each step sees the result of the one before):
-1. tensor parallel over `tp` (not yet in this build: the config refuses tp > 1 on several processes);
-2. memory parallel over `mp` (likewise);
+1. tensor parallel over `tp` (`apply_tp`);
+2. memory parallel over `mp` (not yet in this build: the config refuses mp > 1 on several processes);
 3. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
    root, which holds the embeddings, the output layer and the memory value table.
 
@@ -66,6 +66,33 @@ def data_parallel_rank(meshes: Meshes | None) -> tuple[int, int]:
     if meshes is None:
         return 0, 1
     return meshes.dp.get_local_rank(), meshes.dp.size()
+
+
+def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallel of attention (heads split) and of the SwiGLU FFNs (hidden units split): the
+    column-parallel projections take the replicated input, the row-parallel ones all-reduce their output. Memory
+    layers, norms, embeddings and the output layer stay replicated on the tp ranks in this plan: every tp rank runs
+    them on the same (replicated) activations, so their gradients agree without communication."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from titanmem.models.llama import FeedForward
+
+    for block in model.layers.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+        }
+        if isinstance(block.feed_forward, FeedForward):
+            plan.update(
+                {
+                    "feed_forward.w1": ColwiseParallel(),
+                    "feed_forward.w3": ColwiseParallel(),
+                    "feed_forward.w2": RowwiseParallel(),
+                }
+            )
+        parallelize_module(block, tp_mesh, plan)
 
 
 def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool) -> None:
