@@ -91,3 +91,26 @@ def train_worker(rank: int, world: int, port: int, folder: str, sections: dict, 
         trainer.close()
 
     run_as_rank(rank, world, port, body)
+
+
+def column_parallel_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of the column-parallel lookup check: its tokens, its column slice; saves out and grads."""
+
+    def body():
+        import torch
+        import torch.distributed as dist
+
+        from titanmem.distributed.memory_parallel import column_parallel_lookup
+        from titanmem.models.lookup import torch_weighted_bag
+
+        dist.init_process_group("gloo")
+        data = torch.load(os.path.join(folder, "inputs.pt"))
+        columns = data["values"].shape[1] // world
+        values = data["values"][:, rank * columns : (rank + 1) * columns].clone().requires_grad_(True)
+        weights = data["weights"][rank].clone().requires_grad_(True)
+        out = column_parallel_lookup(values, data["indices"][rank], weights, dist.group.WORLD, torch_weighted_bag)
+        out.backward(data["grad_out"][rank])
+        torch.save({"out": out.detach(), "grad_values": values.grad, "grad_weights": weights.grad},
+                   os.path.join(folder, f"rank{rank}.pt"))
+
+    run_as_rank(rank, world, port, body)

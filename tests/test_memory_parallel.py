@@ -1,0 +1,43 @@
+"""Column-wise memory parallel: the distributed lookup equals the single-process bag, values and gradients."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helpers import column_parallel_worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_column_parallel_lookup_matches_one_process(tmp_path, world):
+    torch.manual_seed(world)
+    rows, dim, tokens, slots = 50, 24, 5, 7
+    values = torch.randn(rows, dim, dtype=torch.float64)
+    indices = torch.randint(0, rows, (world, tokens, slots))
+    indices[:, :, 0] = 3  # a row every token of every rank reads
+    weights = torch.randn(world, tokens, slots, dtype=torch.float64)
+    grad_out = torch.randn(world, tokens, dim, dtype=torch.float64)
+    torch.save({"values": values, "indices": indices, "weights": weights, "grad_out": grad_out},
+               tmp_path / "inputs.pt")
+    mp.start_processes(column_parallel_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+
+    reference_values = values.clone().requires_grad_(True)
+    reference_weights = weights.clone().requires_grad_(True)
+    out = torch.einsum("rtl,rtld->rtd", reference_weights, reference_values[indices])
+    out.backward(grad_out)
+    columns = dim // world
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["out"], out[rank].detach())
+        torch.testing.assert_close(got["grad_weights"], reference_weights.grad[rank])
+        # The slice's gradient sums the group's tokens and is divided by the group size (see the module doc).
+        expected = reference_values.grad[:, rank * columns : (rank + 1) * columns] / world
+        torch.testing.assert_close(got["grad_values"], expected)

@@ -1,0 +1,87 @@
+"""Memory parallel, column-wise (DESIGN.md §3): each rank of an `mp` group holds all N value rows but only
+v_dim / mp of their columns, and reads them for the whole group's tokens.
+
+Forward, on a group of M ranks with T tokens each:
+1. all-gather the (indices, weights) of the group's tokens: [M·T, L] each, small next to the rows they select;
+2. run the bag on this rank's column slice for all M·T tokens: [M·T, D/M];
+3. all-to-all: rank r sends token block j to rank j and gets back its own tokens' slice from every rank, which it
+   lays side by side: [T, D].
+
+Backward runs the mirror image: an all-to-all of the output gradient's column slices, the local bag backward on the
+group's tokens, and a sum over the group of the partial weight gradients (each rank saw only its columns), scattered
+back to the tokens' owners. The value gradient of a slice sums over the group's tokens; it is divided by M so that,
+once averaged over the data-parallel replicas of the slice as every other gradient is, it is the global-batch mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from titanmem.models.lookup import Lookup
+
+
+def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+def _all_to_all(tensor: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty_like(tensor)
+    dist.all_to_all_single(out, tensor.contiguous(), group=group)
+    return out
+
+
+def _sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group, keep this rank's block of rows."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter; these weight gradients are small
+        total = tensor.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total.chunk(size)[rank].contiguous()
+    out = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
+    dist.reduce_scatter_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+class ColumnParallelLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values_slice, indices, weights, group, lookup: Lookup):
+        size = dist.get_world_size(group)
+        tokens = indices.shape[0]
+        group_indices = _all_gather(indices, group)
+        group_weights = _all_gather(weights.detach(), group)
+        with torch.no_grad():
+            local = lookup(values_slice, group_indices, group_weights)  # [M·T, D/M]
+        # Token block j goes to rank j; what comes back is this rank's tokens, one column slice per rank.
+        received = _all_to_all(local, group)  # [M·T, D/M], rows ordered by the sending rank
+        out = received.view(size, tokens, -1).permute(1, 0, 2).reshape(tokens, -1)
+        ctx.save_for_backward(values_slice, group_indices, group_weights)
+        ctx.group, ctx.lookup, ctx.size, ctx.tokens = group, lookup, size, tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values_slice, group_indices, group_weights = ctx.saved_tensors
+        size, tokens = ctx.size, ctx.tokens
+        # Column slice j of this rank's output gradient goes to rank j; it gets its columns for every rank's tokens.
+        outgoing = grad_out.reshape(tokens, size, -1).permute(1, 0, 2).reshape(size * tokens, -1)
+        grad_local = _all_to_all(outgoing, ctx.group)  # [M·T, D/M]
+        with torch.enable_grad():
+            values_leaf = values_slice.detach().requires_grad_(ctx.needs_input_grad[0])
+            weights_leaf = group_weights.detach().requires_grad_(True)
+            local = ctx.lookup(values_leaf, group_indices, weights_leaf)
+            inputs = (values_leaf, weights_leaf) if ctx.needs_input_grad[0] else (weights_leaf,)
+            grads = torch.autograd.grad(local, inputs, grad_local)
+        grad_values = grads[0] / size if ctx.needs_input_grad[0] else None
+        # Each rank's weight gradient covers only its columns: sum over the group, back to the tokens' owners.
+        grad_weights = _sum_and_scatter(grads[-1], ctx.group)
+        return grad_values, None, grad_weights, None, None
+
+
+def column_parallel_lookup(values_slice: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, group,
+                           lookup: Lookup) -> torch.Tensor:
+    """The weighted bag of `indices` over a table whose columns are split over `group`; [T, D] for this rank's T
+    tokens. Every rank of the group must pass the same number of tokens."""
+    return ColumnParallelLookup.apply(values_slice, indices, weights, group, lookup)
