@@ -37,8 +37,9 @@ def single_process_reference(small_config, sections, batches_path):
 @pytest.mark.parametrize(
     "world, plan",
     [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2}), (2, {"tp": 2, "dp_shard": 1}),
-     (4, {"tp": 2, "dp_shard": 2})],
-    ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2"],
+     (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}), (4, {"dp_shard": 4, "mp": 2}),
+     (4, {"tp": 2, "dp_shard": 2, "mp": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2})],
+    ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2", "mp2", "fsdp4xmp2", "tp2xmp2", "hsdp2x2xmp2"],
 )
 def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
     sections = dict(

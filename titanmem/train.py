@@ -29,6 +29,7 @@ from titanmem.components.value_optimizer import clip_coefficient
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
 from titanmem.config.manager import check_parallelism, write_config
 from titanmem.data import build_dataloader, build_tokenizer
+from titanmem.distributed.memory_parallel import apply_memory_parallel, average_over_replicas
 from titanmem.distributed.parallelize import (
     apply_fsdp,
     apply_tp,
@@ -94,6 +95,9 @@ class Trainer:
                 # The documented order: tensor parallel first, then FSDP2 over what it produced.
                 if self.parallel_dims.tp > 1:
                     apply_tp(model, self.mesh.world["tp"])
+                if self.parallel_dims.mp > 1:
+                    memory_mesh = self.mesh.world[("dp_replicate", "dp_shard_out", "mp")]
+                    apply_memory_parallel(model, memory_mesh, self.mesh.world["mp"].get_group())
                 apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
         self.model = build_model(self.model_args, self.device, parallelize)
         self.param_counts = count_parameters(self.model)
@@ -190,6 +194,9 @@ class Trainer:
             inputs = batch["input"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
+        if self.mesh is not None and self.mesh.replicas is not None:
+            for param in self.value_params:
+                average_over_replicas(param, self.mesh.replicas.get_group())
         norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]
         # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
         if self.value_optimizer is not None:

@@ -260,12 +260,6 @@ def check_parallelism(config: JobConfig, world_size: int):
     args = FLAVORS[config.model.flavor]
     memory = memory_args_for(config.model.flavor, config.memory) if config.memory.enabled else None
     dims.check_model(args.n_heads, args.kv_heads, args.ffn_hidden_dim, memory)
-    if world_size > 1 and dims.mp > 1:
-        raise ConfigError(
-            "parallelism",
-            f"the plan is valid, but memory parallel (mp = {dims.mp}) arrives with the rest of the [parallel] "
-            "work; this build parallelizes data (FSDP2/HSDP) and tensors (tp). Set mp to 1",
-        )
     if world_size > 1 and config.memory.enabled and config.memory.value_optimizer not in ("auto", "adamw"):
         raise ConfigError(
             "memory.value_optimizer",

@@ -85,3 +85,39 @@ def column_parallel_lookup(values_slice: torch.Tensor, indices: torch.Tensor, we
     """The weighted bag of `indices` over a table whose columns are split over `group`; [T, D] for this rank's T
     tokens. Every rank of the group must pass the same number of tokens."""
     return ColumnParallelLookup.apply(values_slice, indices, weights, group, lookup)
+
+
+def apply_memory_parallel(model: torch.nn.Module, memory_mesh, mp_group) -> None:
+    """Split the value table's columns over the `mp` dim of `memory_mesh` = (dp_replicate, dp_shard_out, mp), as a
+    DTensor replicated over the other dims (so checkpoints see one global table), and route every memory layer's
+    lookup through the column-parallel exchange. The model code is untouched: only the table and the layers'
+    `lookup` attribute change."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from titanmem.models.memory import ProductKeyMemory
+
+    values = model.memory_values
+    sharded = distribute_tensor(values.weight.data, memory_mesh, [Replicate(), Replicate(), Shard(1)])
+    values.weight = torch.nn.Parameter(sharded, requires_grad=values.weight.requires_grad)
+    for layer in model.modules():
+        if isinstance(layer, ProductKeyMemory):
+            layer.lookup = _ColumnParallel(layer.lookup, mp_group)
+
+
+class _ColumnParallel:
+    """A lookup that takes the DTensor table, and reads this rank's column slice for the whole mp group."""
+
+    def __init__(self, local_lookup: Lookup, group):
+        self.local_lookup = local_lookup
+        self.group = group
+
+    def __call__(self, values, indices, weights):
+        return column_parallel_lookup(values.to_local(), indices, weights, self.group, self.local_lookup)
+
+
+def average_over_replicas(param: torch.nn.Parameter, group) -> None:
+    """Average a column slice's gradient over the ranks that hold the same slice (the mp groups' replicas)."""
+    if param.grad is None or group is None:
+        return
+    local = param.grad.to_local()
+    dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)

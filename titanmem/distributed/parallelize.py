@@ -2,7 +2,7 @@
 
 Order (each step sees the result of the one before):
 1. tensor parallel over `tp` (`apply_tp`);
-2. memory parallel over `mp` (not yet in this build: the config refuses mp > 1 on several processes);
+2. memory parallel over `mp` (`apply_memory_parallel`): the value table's columns split over each mp group;
 3. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
    root, which holds the embeddings, the output layer and the memory value table.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from titanmem.distributed.parallel_dims import ParallelDims
 
@@ -43,6 +44,7 @@ class Meshes:
     world: DeviceMesh
     dp: DeviceMesh  # every data-parallel rank: (dp_replicate, dp_shard_out, mp) flattened; loss and data sharding
     fsdp: DeviceMesh  # where FSDP2 shards: dp_shard, or (dp_replicate, dp_shard) for HSDP
+    replicas: DeviceMesh | None  # the ranks holding the same value-table column slice: (dp_replicate, dp_shard_out)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
@@ -58,7 +60,10 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
             dp.mesh.reshape(dims.dp_replicate, dims.dp_shard),
             mesh_dim_names=("dp_replicate", "dp_shard"),
         )
-    return Meshes(world=mesh, dp=dp, fsdp=fsdp)
+    replicas = None
+    if dims.mp > 1 and dims.dp // dims.mp > 1:
+        replicas = mesh[("dp_replicate", "dp_shard_out")]._flatten(mesh_dim_name="mp_replicas")
+    return Meshes(world=mesh, dp=dp, fsdp=fsdp, replicas=replicas)
 
 
 def data_parallel_rank(meshes: Meshes | None) -> tuple[int, int]:
@@ -103,7 +108,10 @@ def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool) -> None:
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
-    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
+    # A column-split value table (memory parallel) is managed by its own plan, not by FSDP.
+    values = getattr(model, "memory_values", None)
+    ignored = {values.weight} if values is not None and isinstance(values.weight, DTensor) else None
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, ignored_params=ignored)
 
 
 def local_world() -> tuple[int, int]:
