@@ -224,3 +224,31 @@ def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, t
     with pytest.raises(train_module.ConfigError) as info:
         Trainer(small_config(data={"path": str(path)}))
     assert info.value.field == "data.text_field"
+
+
+def test_activation_checkpointing_and_compile_leave_losses_and_gradients_unchanged(small_config):
+    def run_with(**sections):
+        torch.manual_seed(0)
+        trainer = Trainer(small_config(training={"steps": 2, "seq_len": 16, "local_batch_size": 2},
+                                       memory={"enabled": True}, **sections))
+        losses = trainer.train()
+        wrappers.append([type(block).__name__ for block in trainer.model.layers.values()])
+        # Gradient names without the wrappers' prefixes (_checkpoint_wrapped_module., _orig_mod.).
+        grads = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad.clone()
+                 for n, p in trainer.model.named_parameters() if p.grad is not None}
+        trainer.close()
+        return losses, grads
+
+    wrappers = []
+    plain_losses, plain_grads = run_with()
+    for sections in ({"activation_checkpoint": {"mode": "full"}},
+                     {"activation_checkpoint": {"mode": "selective", "selective_layer_stride": 2}},
+                     {"compile": {"enable": True, "backend": "aot_eager"}}):
+        losses, grads = run_with(**sections)
+        assert losses == pytest.approx(plain_losses, rel=1e-6), sections
+        assert grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # The plans were really applied: full, every other block, compiled.
+    block, wrapped, compiled = "TransformerBlock", "CheckpointWrapper", "OptimizedModule"
+    assert wrappers == [[block] * 6, [wrapped] * 6, [wrapped, block] * 3, [compiled] * 6]

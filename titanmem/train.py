@@ -31,6 +31,8 @@ from titanmem.config.manager import check_parallelism, write_config
 from titanmem.data import build_dataloader, build_tokenizer
 from titanmem.distributed.memory_parallel import apply_memory_parallel, average_over_replicas
 from titanmem.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
     apply_fsdp,
     apply_tp,
     build_mesh,
@@ -89,17 +91,7 @@ class Trainer:
         self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_world_size, self.device)
         self.model_args = build_model_args(config, self.tokenizer.vocab_size, self.device.type)
         self.autocast_dtype = autocast_dtype(training.mixed_precision, self.device)
-        parallelize = None
-        if self.mesh is not None:
-            def parallelize(model):
-                # The documented order: tensor parallel first, then FSDP2 over what it produced.
-                if self.parallel_dims.tp > 1:
-                    apply_tp(model, self.mesh.world["tp"])
-                if self.parallel_dims.mp > 1:
-                    memory_mesh = self.mesh.world[("dp_replicate", "dp_shard_out", "mp")]
-                    apply_memory_parallel(model, memory_mesh, self.mesh.world["mp"].get_group())
-                apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
-        self.model = build_model(self.model_args, self.device, parallelize)
+        self.model = build_model(self.model_args, self.device, self._parallelize)
         self.param_counts = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.model_args, self.param_counts, training.seq_len)
 
@@ -141,6 +133,20 @@ class Trainer:
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
         self._log_setup()
+
+    def _parallelize(self, model) -> None:
+        """The plan, applied on the meta device in the documented order (titanmem/distributed/parallelize.py)."""
+        if self.mesh is not None and self.parallel_dims.tp > 1:
+            apply_tp(model, self.mesh.world["tp"])
+        if self.mesh is not None and self.parallel_dims.mp > 1:
+            memory_mesh = self.mesh.world[("dp_replicate", "dp_shard_out", "mp")]
+            apply_memory_parallel(model, memory_mesh, self.mesh.world["mp"].get_group())
+        ac = self.config.activation_checkpoint
+        apply_activation_checkpointing(model, ac.mode, ac.selective_layer_stride)
+        if self.config.compile.enable:
+            apply_compile(model, self.config.compile.backend)
+        if self.mesh is not None:
+            apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
 
     def _log_setup(self) -> None:
         if self.rank != 0:

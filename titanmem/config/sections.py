@@ -306,6 +306,25 @@ class Parallelism:
 
 
 @dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in backward instead of keeping them: `full` for every block, `selective` for every
+    `selective_layer_stride`-th block, `none` keeps all (fastest, most memory)."""
+
+    selective_layer_stride: int = bounded(2, ge=1)
+    """With `selective`, checkpoint blocks 0, stride, 2·stride, ...: 2 halves the saved activations."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """Compile each transformer block with torch.compile (applied before FSDP, after tensor and memory parallel)."""
+
+    backend: str = "inductor"
+    """torch.compile backend; `inductor` generates fused kernels, `aot_eager` only traces (for debugging)."""
+
+
+@dataclass
 class JobConfig:
     """The whole run's configuration: one attribute per TOML section."""
 
@@ -320,3 +339,5 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)

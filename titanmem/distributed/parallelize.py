@@ -3,8 +3,10 @@
 Order (each step sees the result of the one before):
 1. tensor parallel over `tp` (`apply_tp`);
 2. memory parallel over `mp` (`apply_memory_parallel`): the value table's columns split over each mp group;
-3. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
-   root, which holds the embeddings, the output layer and the memory value table.
+3. activation checkpointing of blocks (`apply_activation_checkpointing`);
+4. torch.compile of each block (`apply_compile`);
+5. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
+   root, which holds the embeddings, the output layer and (without memory parallel) the memory value table.
 
 The mesh is built by `build_mesh` from `ParallelDims.mesh_shape`, with flattened views for data loading (`dp`) and for
 FSDP (`dp_shard`).
@@ -98,6 +100,23 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
                 }
             )
         parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, stride: int) -> None:
+    """Wrap blocks so that their activations are recomputed in backward (all blocks, or every `stride`-th)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    for index, (name, block) in enumerate(list(model.layers.items())):
+        if mode == "full" or index % stride == 0:
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: torch.nn.Module, backend: str) -> None:
+    """Compile each block on its own: blocks share code, so one compiled graph serves them all."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, backend=backend, fullgraph=False)
 
 
 def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool) -> None:
