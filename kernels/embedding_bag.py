@@ -152,15 +152,16 @@ def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
 
 
-def row_segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the (token, slot) pairs by value row.
+def row_segments(indices: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the (token, slot) pairs by value row, for a table of `num_rows` rows.
 
     Returns the pair ids sorted by row (a stable sort, so ties keep token order: the sums are deterministic), the
     segment offsets [U + 1] into that order, and the U distinct rows, ascending.
     """
     flat = indices.reshape(-1)
-    if flat.dtype == torch.int64 and flat.numel() and int(flat.max()) < 2**31:
-        # Radix sort time grows with key width: sort 32-bit keys when the rows fit.
+    if flat.dtype == torch.int64 and num_rows <= 2**31:
+        # Radix sort time grows with key width: sort 32-bit keys when the table's rows fit (decided from the table
+        # size, not the indices' max, which would stall the GPU for a host sync in every backward).
         flat = flat.to(torch.int32)
     sorted_rows, pair_order = torch.sort(flat, stable=True)
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
@@ -216,7 +217,7 @@ def _row_backward(
     indices, weights = indices.contiguous(), weights.contiguous()
     tokens, slots = indices.shape
     num_rows, dim = values.shape
-    pair_order, offsets, rows = row_segments(indices)
+    pair_order, offsets, rows = row_segments(indices, num_rows)
     # Summed in fp32, stored in the table's dtype: at 1M touched rows × 2048, fp32 row gradients would be 8 GB.
     if dense:
         row_grads = torch.zeros(num_rows, dim, device=values.device, dtype=values.dtype)

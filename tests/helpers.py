@@ -1,8 +1,16 @@
 """Shared test helpers: a small CPU config, and a worker that runs training steps as one rank of a gloo group."""
 
 import os
+import socket
 
 from titanmem.config import JobConfig
+
+
+def free_port() -> int:
+    """A free TCP port on this host for a gloo group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_config(dump_folder, **sections) -> JobConfig:

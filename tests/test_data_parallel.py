@@ -1,25 +1,17 @@
 """FSDP2/HSDP data parallelism and tensor parallelism on gloo CPU ranks give the same losses and gradients as one
 process."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import data_parallel_worker
+from helpers import free_port, data_parallel_worker
 from titanmem.train import Trainer
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 # fp32 on CPU. The only differences are the order of the sums (per-rank matmuls, then a cross-rank average):
 # seen up to 2e-6 absolute on gradients of the order of 1e-2.
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process_reference(small_config, sections, batches_path):

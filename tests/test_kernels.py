@@ -151,7 +151,7 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
     for step in (1, 2, 3):
         grad_out = grad_out.roll(1, dims=0) * 0.7  # a different gradient each step
         dense_grad, _ = reference_grads(values, indices, weights, grad_out)
-        pair_order, offsets, rows = kernels.row_segments(indices)
+        pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
         touched = rows.cpu().long()
         torch.testing.assert_close(cpu64(row_sq), (dense_grad[touched] ** 2).sum(1), rtol=1e-5, atol=1e-5)

@@ -1,18 +1,10 @@
 """Column-wise memory parallel: the distributed lookup equals the single-process bag, values and gradients."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import column_parallel_worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, column_parallel_worker
 
 
 @pytest.mark.parametrize("world", [2, 4])

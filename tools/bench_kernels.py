@@ -127,11 +127,11 @@ def breakdown(values, indices, weights, grad_out, sweep: bool) -> dict[str, str]
     out = {}
     first = torch.zeros(values.shape[0], device="cuda")
     empty = torch.zeros(0, device="cuda")
-    pair_order, offsets, touched = kernels.row_segments(indices)
+    pair_order, offsets, touched = kernels.row_segments(indices, values.shape[0])
     row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, False)
     out["touched rows"] = f"{touched.numel():,}"
     out["weight grads"] = f"{bench(lambda: kernels.weighted_bag_weight_grad(grad_out, values, indices)):.2f} ms"
-    out["row grouping (sort)"] = f"{bench(lambda: kernels.row_segments(indices)):.2f} ms"
+    out["row grouping (sort)"] = f"{bench(lambda: kernels.row_segments(indices, values.shape[0])):.2f} ms"
 
     def grad_sq():
         row_grad_sq(grad_out, weights, pair_order, offsets, False)
@@ -235,7 +235,7 @@ def run_shape(rows: int, dim: int, tokens: int, ceiling: float, sweep: bool) -> 
 
         def fused(first=first, second=second, code=code):
             kernels.weighted_bag_weight_grad(grad_out, values, indices)
-            pair_order, offsets, touched = kernels.row_segments(indices)
+            pair_order, offsets, touched = kernels.row_segments(indices, values.shape[0])
             row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, False)
             row_sq.sum().sqrt()  # the table's gradient norm, for clipping and the logs
             row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code,

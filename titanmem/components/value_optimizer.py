@@ -75,7 +75,7 @@ class RowWiseValueOptimizer:
             self._prepared = None
             return torch.zeros((), device=self.values.weight.device)
         indices, weights, grad_out = merged
-        pair_order, offsets, rows = row_segments(indices)
+        pair_order, offsets, rows = row_segments(indices, self.values.weight.shape[0])
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic)
         self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, row_sq)
         return row_sq.sum().sqrt()
