@@ -265,7 +265,8 @@ class Trainer:
             state.tokens_seen += self.tokens_per_step
             self.loss_history[state.step] = values["loss"]
             values["nonfinite_skips"] = state.nonfinite_skips
-            self.metrics.step_done(state.step, self.tokens_per_step // self.dp_world_size, values)
+            # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
+            self.metrics.step_done(state.step, self.tokens_per_step // self.world_size, values)
             self.checkpointer.maybe_save(state.step)
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
