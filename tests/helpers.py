@@ -70,15 +70,23 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
         data = torch.load(batches_path)
         set_model_state_dict(trainer.model, data["weights"], options=StateDictOptions(full_state_dict=True))
-        losses, grads = [], []
+        losses, grads, value_norms = [], [], []
         for batch in data["batches"]:
             # Data-parallel peers split the batch; tensor-parallel peers share their slice.
             share = batch.shape[0] // trainer.dp_world_size
             mine = batch[trainer.dp_rank * share : (trainer.dp_rank + 1) * share]
-            losses.append(trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))["loss"])
+            metrics = trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))
+            losses.append(metrics["loss"])
+            value_norms.append(metrics.get("value_grad_norm"))
             grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        # The table after the last update: the only trace of a row-wise optimizer's work (no autograd gradient).
+        table = full(trainer.model.memory_values.weight.detach()).clone()
+        # The share of the sub-keys this rank stores (they are sharded over dp_shard, which holds the mp groups).
+        subkeys = next(p for n, p in trainer.model.named_parameters() if n.endswith("subkeys"))
+        stored = subkeys.to_local() if isinstance(subkeys, DTensor) else subkeys
         if rank == 0:
-            torch.save({"losses": losses, "grads": grads}, os.path.join(folder, "result.pt"))
+            torch.save({"losses": losses, "grads": grads, "table": table, "value_grad_norms": value_norms,
+                        "subkey_share": stored.numel() / subkeys.numel()}, os.path.join(folder, "result.pt"))
         trainer.close()
 
     run_as_rank(rank, world, port, body)

@@ -18,25 +18,22 @@ def single_process_reference(small_config, sections, batches_path):
     trainer = Trainer(small_config(**sections))
     data = torch.load(batches_path)
     trainer.model.load_state_dict(data["weights"])
-    losses, grads = [], []
+    losses, grads, value_norms = [], [], []
     for batch in data["batches"]:
-        losses.append(trainer.train_step(iter([{"input": batch[:, :-1], "labels": batch[:, 1:]}]))["loss"])
+        metrics = trainer.train_step(iter([{"input": batch[:, :-1], "labels": batch[:, 1:]}]))
+        losses.append(metrics["loss"])
+        value_norms.append(metrics.get("value_grad_norm"))
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    table = trainer.model.memory_values.weight.detach().clone()
     trainer.close()
-    return losses, grads
+    return losses, grads, table, value_norms
 
 
-@pytest.mark.parametrize(
-    "world, plan",
-    [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2}), (2, {"tp": 2, "dp_shard": 1}),
-     (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}), (4, {"dp_shard": 4, "mp": 2}),
-     (4, {"tp": 2, "dp_shard": 2, "mp": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2})],
-    ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2", "mp2", "fsdp4xmp2", "tp2xmp2", "hsdp2x2xmp2"],
-)
-def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
+def run_both(tmp_path, small_config, world, plan, memory):
+    """The same 3 steps of the debug Memory+ model on one process and under `plan`: (reference, result)."""
     sections = dict(
         training={"steps": STEPS, "seq_len": SEQ, "local_batch_size": GLOBAL_BATCH},
-        memory={"enabled": True},  # the debug Memory+ model: its value table is sharded by FSDP too
+        memory=dict(memory, enabled=True),
         optimizer={"lr": 1e-3},
     )
     torch.manual_seed(0)
@@ -47,14 +44,31 @@ def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
     batches_path = str(tmp_path / "batches.pt")
     torch.save({"weights": weights, "batches": batches}, batches_path)
 
-    losses, grads = single_process_reference(small_config, sections, batches_path)
+    reference = single_process_reference(small_config, sections, batches_path)
 
     dp = world // plan.get("tp", 1)
     ranked = dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // dp),
                   parallelism=plan)
     mp.start_processes(data_parallel_worker, args=(world, free_port(), str(tmp_path), ranked, batches_path),
                        nprocs=world, join=True, start_method="spawn")
-    result = torch.load(tmp_path / "result.pt")
+    return reference, torch.load(tmp_path / "result.pt")
+
+
+@pytest.mark.parametrize(
+    "world, plan",
+    [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2}), (2, {"tp": 2, "dp_shard": 1}),
+     (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}), (4, {"dp_shard": 4, "mp": 2}),
+     (4, {"tp": 2, "dp_shard": 2, "mp": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2}),
+     (2, {"dp_shard": 2, "value_slice_sharding": "replicate"}),
+     (4, {"dp_shard": 4, "mp": 2, "value_slice_sharding": "replicate"})],
+    ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2", "mp2", "fsdp4xmp2", "tp2xmp2", "hsdp2x2xmp2", "fsdp2-replicated",
+         "fsdp4xmp2-replicated"],
+)
+def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
+    # Dense AdamW on the table (the CPU default): value slices are row-sharded by FSDP unless the plan says otherwise.
+    (losses, grads, _, _), result = run_both(tmp_path, small_config, world, plan, memory={})
+    # Sub-keys are stored sharded over dp_shard (so over each mp group too) and split by heads over tp.
+    assert result["subkey_share"] == 1 / (plan["dp_shard"] * plan.get("tp", 1))
 
     # The losses of steps 2 and 3 also check the updates (the weights themselves are not compared: AdamW turns
     # rounding-level differences of near-zero gradients into lr-sized steps).
@@ -65,25 +79,52 @@ def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
             torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
 
 
-def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path):
+@pytest.mark.parametrize(
+    "world, plan, optimizer",
+    [(2, {"dp_shard": 2}, "adagrad"), (2, {"dp_shard": 2, "mp": 2}, "adagrad"),
+     (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2}, "adagrad"), (4, {"tp": 2, "dp_shard": 2, "mp": 2}, "adam")],
+    ids=["fsdp2-adagrad", "mp2-adagrad", "hsdp2x2xmp2-adagrad", "tp2xmp2-adam"],
+)
+def test_row_wise_value_optimizer_matches_one_process(tmp_path, small_config, world, plan, optimizer):
+    """The fused row-wise optimizers on several processes: the table's records are gathered over its replicas and
+    its row norms summed over mp, so the updated table and the losses equal one process's."""
+    # A small table and bag: on CPU the Triton kernels run interpreted, one Python step per program.
+    memory = {"value_optimizer": optimizer, "n_keys": 16, "knn": 4}
+    (losses, grads, table, value_norms), result = run_both(tmp_path, small_config, world, plan, memory=memory)
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    # The norm the table is clipped by: Adagrad and Adam are blind to the gradient's scale, this is not.
+    assert result["value_grad_norms"] == pytest.approx(value_norms, rel=1e-4)
+    # Row-wise Adagrad and Adam divide by a per-row (per-element) RMS, so a rounding-level gradient difference stays
+    # rounding-level in the update.
+    torch.testing.assert_close(result["table"], table, **TOLERANCE)
+    assert "memory_values.weight" not in grads[0]
+    for name in grads[-1]:
+        torch.testing.assert_close(result["grads"][-1][name], grads[-1][name], **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "plan, memory",
+    [({"dp_shard": 2}, {}), ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adam", "n_keys": 16, "knn": 4})],
+    ids=["fsdp2-adamw", "mp2-lazy-adam"],
+)
+def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path, plan, memory):
     from helpers import train_worker
 
     def launch(folder, steps, name):
         sections = dict(
             training={"steps": steps, "seq_len": SEQ, "local_batch_size": 2, "deterministic": True},
-            memory={"enabled": True},
+            memory=dict(memory, enabled=True),
             checkpoint={"enable": True, "interval": 2},
-            parallelism={"dp_shard": 2},
+            parallelism=plan,
         )
         mp.start_processes(train_worker, args=(2, free_port(), str(folder), sections, name), nprocs=2, join=True,
                            start_method="spawn")
         return torch.load(folder / name)
 
     # Steps 1-2 fall in the 4-step warmup, whose lrs do not depend on the run's length: stopping after 2 steps and
-    # relaunching for 4 must then reproduce the 4-step run exactly.
+    # relaunching for 4 must then reproduce the 4-step run exactly (with lazy Adam, its column-split moments too).
     straight = launch(tmp_path / "straight", 4, "losses.pt")
     launch(tmp_path / "resumed", 2, "first.pt")
     resumed = launch(tmp_path / "resumed", 4, "second.pt")
     assert sorted(resumed) == [3, 4]
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
-

@@ -30,8 +30,14 @@ else:
          "v_dim (250)"),
         (8, ["--model.flavor", "134m", "--parallelism.tp", "8"], "parallelism.tp", "n_heads (12)"),
         (3, ["--parallelism.tp", "3"], "parallelism.tp", "n_heads (8)"),
-        (4, ["--memory.enabled", "--memory.heads", "3", "--memory.k_dim", "130", "--parallelism.tp", "4"],
-         "parallelism.tp", "memory query width heads × k_dim = 390"),
+        (4, ["--memory.enabled", "--memory.heads", "3", "--parallelism.tp", "4"], "parallelism.tp",
+         "memory heads (3)"),
+        (2, ["--memory.enabled", "--memory.v_dim", "255", "--parallelism.tp", "2"], "parallelism.tp",
+         "memory v_dim (255)"),
+        (2, ["--training.seq_len", "255", "--parallelism.tp", "2"], "training.seq_len", "divisible by parallelism.tp"),
+        (2, ["--memory.enabled", "--memory.value_optimizer", "adagrad", "--parallelism.value_slice_sharding", "fsdp"],
+         "parallelism.value_slice_sharding", "updates whole slices in place"),
+        (2, ["--parallelism.value_slice_sharding", "rows"], "parallelism.value_slice_sharding", "'rows'"),
         (8, ["--parallelism.tp", "16"], "parallelism.dp_shard", "not divisible"),
     ],
 )
@@ -51,11 +57,9 @@ def test_valid_plans_resolve_and_lay_out_the_mesh():
     config, _ = build_config(["--memory.enabled"])
     config.parallelism.mp = 2
     assert check_parallelism(config, 2).mp == 2
-    # Row-wise value optimizers update a local table in place; on several processes they are refused for now.
+    # A row-wise value optimizer keeps whole slices on each rank; `auto` picks that layout for it.
     config.memory.value_optimizer = "adagrad"
-    with pytest.raises(ConfigError) as info:
-        check_parallelism(config, 2)
-    assert info.value.field == "memory.value_optimizer"
+    assert check_parallelism(config, 2).mp == 2
 
 
 def test_every_package_folder_is_installed():

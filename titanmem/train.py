@@ -24,6 +24,7 @@ from titanmem.components.optimizer import (
     memory_value_parameters,
     resolve_value_lr,
     resolve_value_optimizer,
+    resolve_value_slice_sharding,
 )
 from titanmem.components.value_optimizer import clip_coefficient
 from titanmem.config import ConfigError, JobConfig, build_config, format_config, format_help
@@ -84,6 +85,8 @@ class Trainer:
             init_distributed(self.device)
             self.mesh = build_mesh(self.parallel_dims, self.device.type)
         self.dp_rank, self.dp_world_size = data_parallel_rank(self.mesh)
+        self.value_optimizer_kind = resolve_value_optimizer(config.memory, self.device.type)
+        self.value_slice_sharding = resolve_value_slice_sharding(config.parallelism, self.value_optimizer_kind)
 
         # Tokenizer and data first: their errors (a wrong column, too few documents) must come before the model,
         # which takes minutes to build at scale.
@@ -101,7 +104,8 @@ class Trainer:
         self.accumulation_steps = global_batch // (training.local_batch_size * self.dp_world_size)
         self.tokens_per_step = global_batch * training.seq_len
 
-        self.optimizer, self.value_optimizer = build_optimizers(self.model, config, self.device, self.world_size)
+        self.optimizer, self.value_optimizer = build_optimizers(
+            self.model, config, self.device, **self._value_groups())
         value_ids = {id(p) for p in memory_value_parameters(self.model)}
         # The table's gradient, when autograd makes one (dense AdamW); a row-wise optimizer trains it without one.
         self.value_params = [p for p in self.model.parameters() if id(p) in value_ids and p.requires_grad]
@@ -136,17 +140,30 @@ class Trainer:
 
     def _parallelize(self, model) -> None:
         """The plan, applied on the meta device in the documented order (titanmem/distributed/parallelize.py)."""
-        if self.mesh is not None and self.parallel_dims.tp > 1:
-            apply_tp(model, self.mesh.world["tp"])
-        if self.mesh is not None and self.parallel_dims.mp > 1:
-            memory_mesh = self.mesh.world[("dp_replicate", "dp_shard_out", "mp")]
-            apply_memory_parallel(model, memory_mesh, self.mesh.world["mp"].get_group())
+        dims = self.parallel_dims
+        tp_mesh = self.mesh.world["tp"] if self.mesh is not None and dims.tp > 1 else None
+        mp_mesh = self.mesh.world["mp"] if self.mesh is not None and dims.mp > 1 else None
+        if tp_mesh is not None:
+            apply_tp(model, tp_mesh)
+        if model.memory_values is not None and (tp_mesh is not None or mp_mesh is not None):
+            apply_memory_parallel(model, mp_mesh, tp_mesh)
         ac = self.config.activation_checkpoint
         apply_activation_checkpointing(model, ac.mode, ac.selective_layer_stride)
         if self.config.compile.enable:
             apply_compile(model, self.config.compile.backend)
         if self.mesh is not None:
-            apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16)
+            apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16,
+                       shard_value_slices=self.value_slice_sharding == "fsdp")
+
+    def _value_groups(self) -> dict:
+        """Where a row-wise value optimizer exchanges: see `build_optimizers`."""
+        if self.mesh is None:
+            return {}
+        return dict(
+            replica_group=self.mesh.replicas.get_group() if self.mesh.replicas is not None else None,
+            slice_group=self.mesh.world["mp"].get_group() if self.parallel_dims.mp > 1 else None,
+            data_parallel_size=self.dp_world_size,
+        )
 
     def _log_setup(self) -> None:
         if self.rank != 0:
@@ -163,7 +180,7 @@ class Trainer:
         )
         if a.memory is not None:
             m = a.memory
-            kind = resolve_value_optimizer(self.config.memory, self.device.type, self.world_size)
+            kind = self.value_optimizer_kind
             logger.info(
                 "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s; "
                 "values trained by %s at lr %.1e",
@@ -171,6 +188,11 @@ class Trainer:
                 ", swilu" if m.swilu else "", ", qk-norm" if m.qk_norm else "", kind,
                 resolve_value_lr(self.config.memory, self.config.optimizer, kind),
             )
+            if self.world_size > 1:
+                d = self.parallel_dims
+                logger.info("value table: columns split over mp = %d; slices %s over %d ranks each", d.mp,
+                            "row-sharded by FSDP" if self.value_slice_sharding == "fsdp" else "replicated",
+                            d.dp // d.mp)
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
             self.device, "bf16 autocast" if self.autocast_dtype else "fp32", f"{self.tokens_per_step:,}",
@@ -200,7 +222,7 @@ class Trainer:
             inputs = batch["input"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
-        if self.mesh is not None and self.mesh.replicas is not None:
+        if self.value_slice_sharding == "replicate" and self.mesh is not None and self.mesh.replicas is not None:
             for param in self.value_params:
                 average_over_replicas(param, self.mesh.replicas.get_group())
         norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]

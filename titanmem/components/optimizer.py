@@ -26,15 +26,20 @@ def memory_value_parameters(model: nn.Module) -> list[nn.Parameter]:
 VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
 
 
-def resolve_value_optimizer(memory: MemoryConfig, device_type: str, world_size: int = 1) -> str:
-    """`auto`: the fused row-wise Adagrad on one GPU; dense AdamW on CPU (Triton would only run interpreted) and on
-    several processes (in-place row updates need the memory-parallel layout of the table, not yet built)."""
+def resolve_value_optimizer(memory: MemoryConfig, device_type: str) -> str:
+    """`auto`: the fused row-wise Adagrad on GPUs; dense AdamW on CPU, where Triton would only run interpreted."""
     if memory.value_optimizer != "auto":
         return memory.value_optimizer
     from titanmem.models.lookup import available_lookups
 
-    single_gpu = device_type == "cuda" and world_size == 1
-    return "adagrad" if single_gpu and "triton" in available_lookups() else "adamw"
+    return "adagrad" if device_type == "cuda" and "triton" in available_lookups() else "adamw"
+
+
+def resolve_value_slice_sharding(parallelism, kind: str) -> str:
+    """`auto`: a row-wise optimizer updates whole slices in place, so `replicate`; dense AdamW, `fsdp`."""
+    if parallelism.value_slice_sharding != "auto":
+        return parallelism.value_slice_sharding
+    return "fsdp" if kind == "adamw" else "replicate"
 
 
 def resolve_value_lr(memory: MemoryConfig, optimizer: OptimizerConfig, kind: str) -> float:
@@ -85,14 +90,21 @@ def build_optimizer(
 
 
 def build_optimizers(
-    model: nn.Module, config: JobConfig, device: torch.device, world_size: int = 1
+    model: nn.Module,
+    config: JobConfig,
+    device: torch.device,
+    replica_group=None,
+    slice_group=None,
+    data_parallel_size: int = 1,
 ) -> tuple[torch.optim.Optimizer, RowWiseValueOptimizer | None]:
     """AdamW for everything autograd trains, plus the fused row-wise optimizer of the value table when
-    `[memory] value_optimizer` asks for one (the table then leaves AdamW's groups)."""
+    `[memory] value_optimizer` asks for one (the table then leaves AdamW's groups). On several processes the row-wise
+    optimizer gathers its records over `replica_group` (the ranks with the same slice of the table) and sums row norms
+    over `slice_group` (the ranks with the other columns)."""
     value_optimizer = None
     values = getattr(model, "memory_values", None)
     memory = config.memory
-    kind = resolve_value_optimizer(memory, device.type, world_size)
+    kind = resolve_value_optimizer(memory, device.type)
     value_lr = resolve_value_lr(memory, config.optimizer, kind)  # sgd without a value_lr fails the config checks
     if values is not None and kind != "adamw":
         value_optimizer = RowWiseValueOptimizer(
@@ -103,5 +115,8 @@ def build_optimizers(
             betas=(config.optimizer.beta1, config.optimizer.beta2),
             eps=config.optimizer.eps,
             state_dtype=torch.bfloat16 if memory.value_state_dtype == "bf16" else torch.float32,
+            replica_group=replica_group,
+            slice_group=slice_group,
+            data_parallel_size=data_parallel_size,
         )
     return build_optimizer(model, config.optimizer, memory, device, value_lr), value_optimizer

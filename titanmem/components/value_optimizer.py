@@ -7,6 +7,12 @@ and one fused pass per touched row applies the update in place (`titanmem.kernel
 
 State per optimizer: nothing for SGD, one fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy
 Adam (fp32 or bf16). The state is saved in checkpoints with the rest of the training state.
+
+On several processes each rank trains its own slice of the table (its columns under memory parallel, else the whole
+table), kept whole on every rank that holds the same slice (`value_slice_sharding = "replicate"`). The step's records
+are gathered over those replicas, so that every one of them applies the same update of the global-batch gradient;
+and the per-row squared norms are summed over the ranks that hold the other columns of the same rows (the mp group),
+so that Adagrad's row statistic and the clipping norm are those of whole rows.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
 
 
@@ -28,6 +37,9 @@ class RowWiseValueOptimizer:
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         state_dtype: torch.dtype = torch.float32,
+        replica_group=None,
+        slice_group=None,
+        data_parallel_size: int = 1,
     ):
         from titanmem.kernels.row_update import OPTIMIZERS
 
@@ -41,7 +53,12 @@ class RowWiseValueOptimizer:
         self.betas = betas
         self.eps = eps
         self.steps = 0
-        table = values.weight
+        self.replica_group = replica_group
+        self.slice_group = slice_group
+        # Each rank's records carry the gradient of its own mean loss; the global loss is their mean.
+        self.grad_scale = 1.0 / data_parallel_size
+        self.full_width = values.weight.shape[1]
+        table = self._local_table()
         empty = table.new_empty(0, dtype=torch.float32)
         if kind == "adagrad":
             self.first, self.second = torch.zeros(table.shape[0], device=table.device, dtype=torch.float32), empty
@@ -52,32 +69,44 @@ class RowWiseValueOptimizer:
             self.first, self.second = empty, empty
         self._prepared = None
         # The table is trained here, not by autograd: no layer may ask for its dense gradient.
-        table.requires_grad_(False)
+        values.weight.requires_grad_(False)
         values.start_recording()
 
+    def _local_table(self) -> torch.Tensor:
+        weight = self.values.weight
+        return weight.to_local() if isinstance(weight, DTensor) else weight
+
     def _merge(self):
-        """All contributions recorded since the last step, as one [T_total, L] bag over one gradient table."""
+        """All contributions recorded since the last step, on every replica of this slice, as one [T_total, L] bag
+        over one gradient table (weights scaled to the global-batch mean)."""
         contributions = self.values.take_recorded()
         if not contributions:
             return None
-        indices = torch.cat([c[0] for c in contributions])
-        weights = torch.cat([c[1] for c in contributions]).float()
-        grad_out = torch.cat([c[2] for c in contributions])
-        return indices, weights, grad_out
+        merged = [torch.cat([c[i] for c in contributions]) for i in range(3)]
+        if self.replica_group is not None:
+            merged = [all_gather_rows(t, self.replica_group) for t in merged]
+        indices, weights, grad_out = merged
+        return indices, weights.float() * self.grad_scale, grad_out
 
     def grad_norm(self, deterministic: bool = False) -> torch.Tensor:
         """The table's gradient norm this step (0 when no memory layer ran); also prepares the update."""
         from titanmem.kernels import row_segments
         from titanmem.kernels.row_update import row_grad_sq
 
+        table = self._local_table()
         merged = self._merge()
         if merged is None:
             self._prepared = None
-            return torch.zeros((), device=self.values.weight.device)
+            return torch.zeros((), device=table.device)
         indices, weights, grad_out = merged
-        pair_order, offsets, rows = row_segments(indices, self.values.weight.shape[0])
+        pair_order, offsets, rows = row_segments(indices, table.shape[0])
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic)
-        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, row_sq)
+        if self.slice_group is not None:
+            # Every rank of the group grouped the same rows in the same order: sum their column parts.
+            dist.all_reduce(row_sq, group=self.slice_group)
+        # The update kernel averages the row statistic over the table's local width; make that the whole row's mean.
+        local_row_sq = row_sq * (table.shape[1] / self.full_width)
+        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq)
         return row_sq.sum().sqrt()
 
     def step(self, lr_multiplier: float, clip: float = 1.0) -> None:
@@ -90,7 +119,7 @@ class RowWiseValueOptimizer:
         self._prepared = None
         self.steps += 1
         row_update_(
-            self.values.weight.data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
+            self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
             self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
             self.steps,
         )
@@ -102,12 +131,23 @@ class RowWiseValueOptimizer:
 
     def state_dict(self) -> dict:
         # Keyed by the optimizer kind: a checkpoint of another kind then simply lacks these keys (see checkpoint.py).
-        return {self.kind: {"first": self.first, "second": self.second, "steps": torch.tensor(self.steps)}}
+        return {self.kind: {"first": self._as_table(self.first), "second": self._as_table(self.second),
+                            "steps": torch.tensor(self.steps)}}
+
+    def _as_table(self, state: torch.Tensor) -> torch.Tensor:
+        """Per-element state laid out like a column-split table is saved as the same global DTensor; per-row state is
+        the same on every rank."""
+        table = self.values.weight
+        if isinstance(table, DTensor) and state.ndim == 2:
+            return DTensor.from_local(state, table.device_mesh, table.placements, run_check=False,
+                                      shape=table.shape, stride=table.stride())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         state = state[self.kind]
-        self.first.copy_(state["first"])
-        self.second.copy_(state["second"])
+        for name in ("first", "second"):
+            saved = state[name]
+            getattr(self, name).copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
         self.steps = int(state["steps"])
 
 

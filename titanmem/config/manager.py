@@ -252,6 +252,7 @@ def validate(config: JobConfig) -> None:
 
 def check_parallelism(config: JobConfig, world_size: int):
     """The plan against the world size and the model's shapes; returns the resolved ParallelDims."""
+    from titanmem.components.optimizer import resolve_value_optimizer
     from titanmem.distributed.parallel_dims import ParallelDims
     from titanmem.models.flavors import FLAVORS, memory_args_for
 
@@ -260,12 +261,24 @@ def check_parallelism(config: JobConfig, world_size: int):
     args = FLAVORS[config.model.flavor]
     memory = memory_args_for(config.model.flavor, config.memory) if config.memory.enabled else None
     dims.check_model(args.n_heads, args.kv_heads, args.ffn_hidden_dim, memory)
-    if world_size > 1 and config.memory.enabled and config.memory.value_optimizer not in ("auto", "adamw"):
+    if p.tp > 1 and config.training.seq_len % p.tp:
         raise ConfigError(
-            "memory.value_optimizer",
-            f"{config.memory.value_optimizer!r} updates rows in place, which needs the memory-parallel layout of "
-            "the table; on several processes use 'adamw' (or 'auto') until it lands",
+            "training.seq_len",
+            f"({config.training.seq_len}) must be divisible by parallelism.tp = {p.tp}: sequence parallel splits each "
+            "sequence over the tensor-parallel ranks",
         )
+    if world_size > 1 and memory is not None:
+        import torch
+
+        on_gpu = config.training.device == "cuda" or (config.training.device == "auto" and torch.cuda.is_available())
+        kind = resolve_value_optimizer(config.memory, "cuda" if on_gpu else "cpu")
+        if kind != "adamw" and p.value_slice_sharding == "fsdp":
+            raise ConfigError(
+                "parallelism.value_slice_sharding",
+                f"'fsdp' row-shards the value table, but value_optimizer {kind!r} updates whole slices in place; use "
+                "'replicate' (or 'auto'), or memory.value_optimizer = 'adamw'",
+            )
+    return dims
     return dims
 
 

@@ -302,7 +302,17 @@ class Parallelism:
     """Tensor-parallel degree."""
 
     mp: int = bounded(1, ge=1)
-    """Memory-parallel degree, carved out of the data-parallel ranks: it shards the memory value table."""
+    """Memory-parallel degree, carved out of the data-parallel ranks: each group of mp consecutive data-parallel ranks
+    splits the value table's columns (v_dim / mp each) and looks up for the whole group's tokens."""
+
+    value_slice_sharding: Literal["auto", "replicate", "fsdp"] = "auto"
+    """How the ranks that hold the same value-table slice (the mp groups, side by side; with mp = 1, every
+    data-parallel rank) keep it. `fsdp`: FSDP2 shards it by rows over them, gathered for the step, with a dense
+    gradient reduce-scatter; the memory-lean choice for dense AdamW, whose gradient and two moments would otherwise be
+    replicated. `replicate`: each holds the whole slice; a row-wise value optimizer gathers the step's reads over them
+    (rows, weights and read-out gradients, far smaller than the slice) and every one applies the same sparse update;
+    dense AdamW all-reduces the dense gradient. `auto`: replicate with a row-wise value optimizer (which needs it), fsdp
+    with adamw."""
 
 
 @dataclass

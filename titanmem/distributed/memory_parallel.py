@@ -11,6 +11,17 @@ Backward runs the mirror image: an all-to-all of the output gradient's column sl
 group's tokens, and a sum over the group of the partial weight gradients (each rank saw only its columns), scattered
 back to the tokens' owners. The value gradient of a slice sums over the group's tokens; it is divided by M so that,
 once averaged over the data-parallel replicas of the slice as every other gradient is, it is the global-batch mean.
+
+Under tensor parallel (`tp` > 1, Memory+ layers), each tp rank scores its slice of the heads (the query projection
+and the sub-keys are split by heads). The (indices, weights) of all heads are then gathered over tp, so every tp rank
+reads the same full bag, and each keeps the columns of the read-out that its slice of W1/W2 needs. The lookup itself
+is thus repeated on the tp ranks: the table's gradient agrees across them with no communication, and the table can
+be laid out over `mp` alone. (Splitting the lookup's columns over tp as well would divide its memory traffic by tp;
+it is left for when the lookup, not the search, bounds the layer.)
+
+With a row-wise value optimizer the table gets no autograd gradient. The lookups here then record what they read
+(rows, weights and the read-out's gradient, for this rank's columns) with the table (`MemoryValues.add_record`); the
+optimizer gathers these records over the slice's replicas (`titanmem.components.value_optimizer`).
 """
 
 from __future__ import annotations
@@ -18,10 +29,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
 from titanmem.models.lookup import Lookup
+from titanmem.models.memory import MemoryValues, ProductKeyMemory
 
 
-def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The group's tensors stacked along dim 0, in rank order."""
     out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
     dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
     return out
@@ -47,18 +62,18 @@ def _sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
 
 class ColumnParallelLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values_slice, indices, weights, group, lookup: Lookup):
+    def forward(ctx, values_slice, indices, weights, group, lookup: Lookup, recorder: MemoryValues | None):
         size = dist.get_world_size(group)
         tokens = indices.shape[0]
-        group_indices = _all_gather(indices, group)
-        group_weights = _all_gather(weights.detach(), group)
+        group_indices = all_gather_rows(indices, group)
+        group_weights = all_gather_rows(weights.detach(), group)
         with torch.no_grad():
             local = lookup(values_slice, group_indices, group_weights)  # [M·T, D/M]
         # Token block j goes to rank j; what comes back is this rank's tokens, one column slice per rank.
         received = _all_to_all(local, group)  # [M·T, D/M], rows ordered by the sending rank
         out = received.view(size, tokens, -1).permute(1, 0, 2).reshape(tokens, -1)
         ctx.save_for_backward(values_slice, group_indices, group_weights)
-        ctx.group, ctx.lookup, ctx.size, ctx.tokens = group, lookup, size, tokens
+        ctx.group, ctx.lookup, ctx.size, ctx.tokens, ctx.recorder = group, lookup, size, tokens, recorder
         return out
 
     @staticmethod
@@ -68,6 +83,8 @@ class ColumnParallelLookup(torch.autograd.Function):
         # Column slice j of this rank's output gradient goes to rank j; it gets its columns for every rank's tokens.
         outgoing = grad_out.reshape(tokens, size, -1).permute(1, 0, 2).reshape(size * tokens, -1)
         grad_local = _all_to_all(outgoing, ctx.group)  # [M·T, D/M]
+        if ctx.recorder is not None:
+            ctx.recorder.add_record(group_indices, group_weights, grad_local)
         with torch.enable_grad():
             values_leaf = values_slice.detach().requires_grad_(ctx.needs_input_grad[0])
             weights_leaf = group_weights.detach().requires_grad_(True)
@@ -77,47 +94,90 @@ class ColumnParallelLookup(torch.autograd.Function):
         grad_values = grads[0] / size if ctx.needs_input_grad[0] else None
         # Each rank's weight gradient covers only its columns: sum over the group, back to the tokens' owners.
         grad_weights = _sum_and_scatter(grads[-1], ctx.group)
-        return grad_values, None, grad_weights, None, None
+        return grad_values, None, grad_weights, None, None, None
 
 
 def column_parallel_lookup(values_slice: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, group,
-                           lookup: Lookup) -> torch.Tensor:
+                           lookup: Lookup, recorder: MemoryValues | None = None) -> torch.Tensor:
     """The weighted bag of `indices` over a table whose columns are split over `group`; [T, D] for this rank's T
-    tokens. Every rank of the group must pass the same number of tokens."""
-    return ColumnParallelLookup.apply(values_slice, indices, weights, group, lookup)
+    tokens. Every rank of the group must pass the same number of tokens. `recorder` (if recording) receives the
+    group's reads with this rank's columns of their gradient."""
+    return ColumnParallelLookup.apply(values_slice, indices, weights, group, lookup, recorder)
 
 
-def apply_memory_parallel(model: torch.nn.Module, memory_mesh, mp_group) -> None:
-    """Split the value table's columns over the `mp` dim of `memory_mesh` = (dp_replicate, dp_shard_out, mp), as a
-    DTensor replicated over the other dims (so checkpoints see one global table), and route every memory layer's
-    lookup through the column-parallel exchange. The model code is untouched: only the table and the layers'
-    `lookup` attribute change."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+def _gather_heads(indices: torch.Tensor, weights: torch.Tensor, tp_mesh) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every tp rank's heads side by side: [T, heads·knn]. The lookup after this runs the same on every tp rank, so
+    the weights' gradient is replicated too, and its backward keeps this rank's columns."""
 
-    from titanmem.models.memory import ProductKeyMemory
+    def gather(tensor):
+        return DTensor.from_local(tensor, tp_mesh, [Shard(1)], run_check=False).redistribute(
+            tp_mesh, [Replicate()]).to_local()
+
+    return gather(indices), gather(weights)
+
+
+def _own_columns(read: torch.Tensor, tp_mesh) -> torch.Tensor:
+    """This tp rank's columns of a read-out that every tp rank computed alike (W1's and W2's slice of v_dim); the
+    backward gathers the column gradients back into the full read-out's."""
+    return DTensor.from_local(read, tp_mesh, [Replicate()], run_check=False).redistribute(
+        tp_mesh, [Shard(1)]).to_local()
+
+
+class DistributedLookup:
+    """A memory layer's lookup under the parallel plan: the bag of all heads (gathered over `tp_mesh` when the layer
+    is tensor parallel), over the table's local columns (exchanged over `mp_group` when the columns are split),
+    recorded for a row-wise value optimizer."""
+
+    records_reads = True  # ProductKeyMemory then leaves the recording to this lookup
+
+    def __init__(self, local_lookup: Lookup, values: MemoryValues, mp_group=None, tp_mesh=None):
+        self.local_lookup = local_lookup
+        self.values = values
+        self.mp_group = mp_group
+        self.tp_mesh = tp_mesh
+
+    def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.tp_mesh is not None:
+            indices, weights = _gather_heads(indices, weights, self.tp_mesh)
+        local_table = table.to_local() if isinstance(table, DTensor) else table
+        if self.mp_group is not None:
+            read = column_parallel_lookup(local_table, indices, weights, self.mp_group, self.local_lookup, self.values)
+        else:
+            read = self.local_lookup(local_table, indices, weights)
+            self.values.record(indices, weights, read)
+        if self.tp_mesh is not None:
+            read = _own_columns(read, self.tp_mesh)
+        return read
+
+
+def apply_memory_parallel(model: torch.nn.Module, mp_mesh=None, tp_mesh=None) -> None:
+    """Route every memory layer's lookup through `DistributedLookup`. With `mp_mesh` (the 1-D `mp` dim), the value
+    table becomes a DTensor whose columns are split over it (Shard(1)), and so one global table for checkpoints;
+    it is replicated over the other mesh dims, or row-sharded over them by FSDP (`apply_fsdp`). With `tp_mesh`,
+    the tensor-parallel memory layers (see `apply_tp`) gather their heads over it. The model code is untouched: only
+    the table and the layers' `lookup` attribute change."""
+    from torch.distributed.tensor import distribute_tensor
 
     values = model.memory_values
-    sharded = distribute_tensor(values.weight.data, memory_mesh, [Replicate(), Replicate(), Shard(1)])
-    values.weight = torch.nn.Parameter(sharded, requires_grad=values.weight.requires_grad)
+    mp_group = None
+    if mp_mesh is not None:
+        sharded = distribute_tensor(values.weight.data, mp_mesh, [Shard(1)])
+        values.weight = torch.nn.Parameter(sharded, requires_grad=values.weight.requires_grad)
+        mp_group = mp_mesh.get_group()
     for layer in model.modules():
         if isinstance(layer, ProductKeyMemory):
-            layer.lookup = _ColumnParallel(layer.lookup, mp_group)
+            layer_tp = tp_mesh if tp_mesh is not None and is_tensor_parallel(layer) else None
+            layer.lookup = DistributedLookup(layer.lookup, values, mp_group, layer_tp)
 
 
-class _ColumnParallel:
-    """A lookup that takes the DTensor table, and reads this rank's column slice for the whole mp group."""
-
-    def __init__(self, local_lookup: Lookup, group):
-        self.local_lookup = local_lookup
-        self.group = group
-
-    def __call__(self, values, indices, weights):
-        return column_parallel_lookup(values.to_local(), indices, weights, self.group, self.local_lookup)
+def is_tensor_parallel(layer: ProductKeyMemory) -> bool:
+    """Memory+ layers (with W1) are split over tp; the others run whole on every tp rank."""
+    return layer.w1 is not None
 
 
 def average_over_replicas(param: torch.nn.Parameter, group) -> None:
-    """Average a column slice's gradient over the ranks that hold the same slice (the mp groups' replicas)."""
+    """Average the gradient of a table slice over the ranks that hold the same slice (when FSDP does not)."""
     if param.grad is None or group is None:
         return
-    local = param.grad.to_local()
+    local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
     dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)

@@ -5,7 +5,8 @@ Dimensions, outermost first (the innermost share a node, so their collectives ru
 - `dp_replicate`: full replicas of the (sharded) model; gradients are all-reduced across them (the replicate dim of
   HSDP).
 - `dp_shard`: FSDP2 shards parameters, gradients and optimizer state over these ranks.
-- `tp`: tensor parallel; attention heads, FFN columns and the memory layers' projections are split over these ranks.
+- `tp`: tensor parallel with sequence parallel; attention heads, FFN columns and the Memory+ layers' heads and v_dim
+  are split over these ranks, and the residual stream's sequence between blocks.
 
 `mp` (memory parallel) is not another factor of the world size: like torchtitan's expert parallel, it is carved out of
 the existing ranks. Each group of `mp` consecutive `dp_shard` ranks splits the value table's columns (v_dim / mp each);
@@ -68,11 +69,11 @@ class ParallelDims:
             for name, size in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("ffn_hidden_dim", ffn_hidden_dim)):
                 if size % self.tp:
                     raise ConfigError("parallelism.tp", f"must divide the model's {name} ({size}), got {self.tp}")
-            if memory is not None and (memory.heads * memory.k_dim) % self.tp:
-                raise ConfigError(
-                    "parallelism.tp",
-                    f"must divide the memory query width heads × k_dim = {memory.heads * memory.k_dim}, got {self.tp}",
-                )
+            if memory is not None and memory.swilu:
+                # Memory+ layers split their heads (query, sub-keys) and their v_dim (W1, W2) over tp.
+                for name, size in (("memory heads", memory.heads), ("memory v_dim", memory.v_dim)):
+                    if size % self.tp:
+                        raise ConfigError("parallelism.tp", f"must divide the {name} ({size}), got {self.tp}")
         if self.mp > 1:
             if memory is None:
                 raise ConfigError("parallelism.mp", f"is {self.mp}, but the model has no memory layers to shard")

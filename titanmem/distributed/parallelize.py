@@ -1,12 +1,14 @@
 """Apply the parallel plan to a plain model, from outside, in a fixed order.
 
 Order (each step sees the result of the one before):
-1. tensor parallel over `tp` (`apply_tp`);
-2. memory parallel over `mp` (`apply_memory_parallel`): the value table's columns split over each mp group;
+1. tensor parallel over `tp` with sequence parallel (`apply_tp`, plan in `tensor_parallel_plan`);
+2. memory parallel (`apply_memory_parallel`): the value table's columns split over each mp group, and the memory
+   layers' lookups made to exchange over mp and to gather their heads over tp;
 3. activation checkpointing of blocks (`apply_activation_checkpointing`);
 4. torch.compile of each block (`apply_compile`);
 5. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
-   root, which holds the embeddings, the output layer and (without memory parallel) the memory value table.
+   root, which holds the embeddings and the output layer. The memory value table is row-sharded by FSDP or kept
+   whole on each rank, per `[parallelism] value_slice_sharding` (see `apply_fsdp`).
 
 The mesh is built by `build_mesh` from `ParallelDims.mesh_shape`, with flattened views for data loading (`dp`) and for
 FSDP (`dp_shard`).
@@ -46,7 +48,9 @@ class Meshes:
     world: DeviceMesh
     dp: DeviceMesh  # every data-parallel rank: (dp_replicate, dp_shard_out, mp) flattened; loss and data sharding
     fsdp: DeviceMesh  # where FSDP2 shards: dp_shard, or (dp_replicate, dp_shard) for HSDP
-    replicas: DeviceMesh | None  # the ranks holding the same value-table column slice: (dp_replicate, dp_shard_out)
+    # The ranks holding the same value-table slice: (dp_replicate, dp_shard_out) flattened, or `dp` when mp = 1;
+    # None when there is one.
+    replicas: DeviceMesh | None
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
@@ -63,8 +67,8 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
             mesh_dim_names=("dp_replicate", "dp_shard"),
         )
     replicas = None
-    if dims.mp > 1 and dims.dp // dims.mp > 1:
-        replicas = mesh[("dp_replicate", "dp_shard_out")]._flatten(mesh_dim_name="mp_replicas")
+    if dims.dp // dims.mp > 1:
+        replicas = dp if dims.mp == 1 else mesh[("dp_replicate", "dp_shard_out")]._flatten(mesh_dim_name="mp_replicas")
     return Meshes(world=mesh, dp=dp, fsdp=fsdp, replicas=replicas)
 
 
@@ -75,31 +79,92 @@ def data_parallel_rank(meshes: Meshes | None) -> tuple[int, int]:
     return meshes.dp.get_local_rank(), meshes.dp.size()
 
 
+def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
+    """The tensor-parallel plan, as a literal dict from module path to style (Megatron-style with sequence parallel).
+
+    Between blocks the residual stream is split along the sequence over tp (`Shard(1)`), and the norms run on their
+    slice of the tokens (sequence parallel). Each attention, FFN and memory layer gathers the sequence at its input;
+    its column-parallel projections (attention's wq/wk/wv, the FFN's w1/w3, the memory's query and W1) take the full
+    input and keep a slice of heads or hidden units; its row-parallel projection (wo, the FFN's w2, the memory's W2)
+    reduce-scatters its partial sums back to sequence slices. The memory layer's sub-keys are split by heads like its
+    query; its lookup is made tensor parallel by `apply_memory_parallel`. Memory layers without W1 (plain PKM) run
+    whole on every tp rank. Embedding rows and the output layer's vocabulary are split too.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    from titanmem.distributed.memory_parallel import is_tensor_parallel
+    from titanmem.models.memory import ProductKeyMemory
+
+    def gather_sequence():
+        return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                  use_local_output=True)
+
+    plan: dict[str, object] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    for name, block in model.layers.items():
+        prefix = f"layers.{name}"
+        plan.update({
+            f"{prefix}.attention_norm": SequenceParallel(),
+            f"{prefix}.attention": PrepareModuleInput(input_layouts=(Shard(1), None),
+                                                      desired_input_layouts=(Replicate(), None)),
+            f"{prefix}.attention.wq": ColwiseParallel(),
+            f"{prefix}.attention.wk": ColwiseParallel(),
+            f"{prefix}.attention.wv": ColwiseParallel(),
+            f"{prefix}.attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            f"{prefix}.ffn_norm": SequenceParallel(),
+            f"{prefix}.feed_forward": gather_sequence(),
+        })
+        ffn = block.feed_forward
+        if not isinstance(ffn, ProductKeyMemory):
+            plan.update({
+                f"{prefix}.feed_forward.w1": ColwiseParallel(),
+                f"{prefix}.feed_forward.w3": ColwiseParallel(),
+                f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            })
+        elif is_tensor_parallel(ffn) and ffn.gate is None:
+            plan.update({
+                f"{prefix}.feed_forward.query": ColwiseParallel(),
+                f"{prefix}.feed_forward.w1": ColwiseParallel(),
+                f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            })
+        else:
+            # A gate multiplies W2's full output, and a plain PKM layer runs whole: the layer's output is then
+            # replicated, and only this rank's sequence slice goes on.
+            if is_tensor_parallel(ffn):
+                plan.update({
+                    f"{prefix}.feed_forward.query": ColwiseParallel(),
+                    f"{prefix}.feed_forward.w1": ColwiseParallel(),
+                    f"{prefix}.feed_forward.w2": RowwiseParallel(),
+                })
+            plan[f"{prefix}.feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+    return plan
+
+
 def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style tensor parallel of attention (heads split) and of the SwiGLU FFNs (hidden units split): the
-    column-parallel projections take the replicated input, the row-parallel ones all-reduce their output. Memory
-    layers, norms, embeddings and the output layer stay replicated on the tp ranks in this plan: every tp rank runs
-    them on the same (replicated) activations, so their gradients agree without communication."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    """Apply `tensor_parallel_plan`, and split each tensor-parallel memory layer's sub-keys by heads."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    from titanmem.models.llama import FeedForward
+    from titanmem.distributed.memory_parallel import is_tensor_parallel
+    from titanmem.models.memory import ProductKeyMemory
 
-    for block in model.layers.values():
-        plan = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
-        }
-        if isinstance(block.feed_forward, FeedForward):
-            plan.update(
-                {
-                    "feed_forward.w1": ColwiseParallel(),
-                    "feed_forward.w3": ColwiseParallel(),
-                    "feed_forward.w2": RowwiseParallel(),
-                }
-            )
-        parallelize_module(block, tp_mesh, plan)
+    parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
+    for layer in model.modules():
+        if isinstance(layer, ProductKeyMemory) and is_tensor_parallel(layer):
+            subkeys = distribute_tensor(layer.subkeys.data, tp_mesh, [Shard(0)])
+            layer.subkeys = torch.nn.Parameter(subkeys, requires_grad=layer.subkeys.requires_grad)
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str, stride: int) -> None:
@@ -119,17 +184,27 @@ def apply_compile(model: torch.nn.Module, backend: str) -> None:
         model.layers[name] = torch.compile(block, backend=backend, fullgraph=False)
 
 
-def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool) -> None:
-    """Shard every block, then the root. Parameters are gathered in bf16 (on GPU) and gradients reduced in fp32."""
+def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool, shard_value_slices: bool) -> None:
+    """Shard every block, then the root. Parameters are gathered in bf16 (on GPU) and gradients reduced in fp32.
+
+    The memory value table: with `shard_value_slices`, FSDP shards it by rows. When mp splits its columns, that is a
+    group of its own over the slice's replicas, gathered once per step (its reads are random rows: resharding it
+    between layers would gather it again for each); otherwise it belongs to the root. Without, FSDP leaves it alone and
+    each rank holds its whole slice (`value_slice_sharding = "replicate"`)."""
     fsdp_mesh = meshes.fsdp
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
-    # A column-split value table (memory parallel) is managed by its own plan, not by FSDP.
     values = getattr(model, "memory_values", None)
-    ignored = {values.weight} if values is not None and isinstance(values.weight, DTensor) else None
+    ignored = None
+    if values is not None:
+        column_split = isinstance(values.weight, DTensor)
+        if shard_value_slices and column_split and meshes.replicas is not None:
+            fully_shard(values, mesh=meshes.replicas, mp_policy=policy, reshard_after_forward=False)
+        elif not shard_value_slices or column_split:
+            ignored = {values.weight}
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, ignored_params=ignored)
 
 

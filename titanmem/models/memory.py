@@ -12,9 +12,11 @@ and the table has one parameter name. Layers hold an unregistered reference to i
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titanmem.models.args import MemoryArgs
 from titanmem.models.lookup import get_lookup
@@ -34,6 +36,11 @@ class MemoryValues(nn.Module):
         self.recording = False
         self._recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
+    def forward(self) -> torch.Tensor:
+        """The table. Layers read it through this call, so that wrappers of this module see each use (FSDP gathers a
+        row-sharded table here)."""
+        return self.weight
+
     def init_weights(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
@@ -46,6 +53,11 @@ class MemoryValues(nn.Module):
             return
         weights = weights.detach()
         read.register_hook(lambda grad: self._recorded.append((indices, weights, grad)))
+
+    def add_record(self, indices: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> None:
+        """Keep a read whose gradient is already known (distributed lookups call this from their backward)."""
+        if self.recording:
+            self._recorded.append((indices, weights.detach(), grad))
 
     def take_recorded(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         recorded, self._recorded = self._recorded, []
@@ -108,25 +120,28 @@ class ProductKeyMemory(nn.Module):
             if linear is not None:
                 nn.init.zeros_(linear.bias)
 
-    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and value-row indices, each [T, heads, knn], for flat tokens x: [T, dim]."""
-        query = self.query(x).unflatten(-1, (self.args.heads, self.args.k_dim))
-        return product_key_topk(query, self.subkeys.to(query.dtype), self.args.knn, self.args.qk_norm)
+    def search(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and value-row indices, each [T, heads, knn], for flat tokens: [T, dim]. Under tensor parallel the
+        query projection and the sub-keys hold a slice of the heads, and so do the results."""
+        query = self.query(tokens).unflatten(-1, (-1, self.args.k_dim))
+        subkeys = self.subkeys.to_local() if isinstance(self.subkeys, DTensor) else self.subkeys
+        return product_key_topk(query, subkeys.to(query.dtype), self.args.knn, self.args.qk_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, self.dim)
-        scores, indices = self.search(tokens)
+        scores, indices = self.search(x.reshape(-1, self.dim))
         weights = torch.softmax(scores, dim=-1)  # fp32 or wider: see product_key_topk
-        bag = self.args.heads * self.args.knn
-        indices, weights = indices.reshape(-1, bag), weights.reshape(-1, bag)
-        read = self.lookup(self.values.weight, indices, weights)
-        self.values.record(indices, weights, read)
+        indices, weights = indices.flatten(1), weights.flatten(1)  # one bag of heads × knn rows per token
+        read = self.lookup(self.values(), indices, weights)
+        if not getattr(self.lookup, "records_reads", False):  # distributed lookups record what they read themselves
+            self.values.record(indices, weights, read)
+        # Back to [B, S, width]: the projections then see the sequence dim, which sequence parallel splits.
+        read = read.view(*x.shape[:-1], -1).to(x.dtype)
         if self.w1 is not None:
-            out = self.w2(read.to(tokens.dtype) * F.silu(self.w1(tokens)))
+            out = self.w2(read * F.silu(self.w1(x)))
         elif self.w2 is not None:
-            out = self.w2(read.to(tokens.dtype))
+            out = self.w2(read)
         else:
-            out = read.to(tokens.dtype)
+            out = read
         if self.gate is not None:
-            out = out * torch.sigmoid(self.gate(tokens))
-        return out.reshape(x.shape)
+            out = out * torch.sigmoid(self.gate(x))
+        return out
