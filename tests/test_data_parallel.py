@@ -60,9 +60,10 @@ def run_both(tmp_path, small_config, world, plan, memory):
      (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}), (4, {"dp_shard": 4, "mp": 2}),
      (4, {"tp": 2, "dp_shard": 2, "mp": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2}),
      (2, {"dp_shard": 2, "value_slice_sharding": "replicate"}),
-     (4, {"dp_shard": 4, "mp": 2, "value_slice_sharding": "replicate"})],
+     (4, {"dp_shard": 4, "mp": 2, "value_slice_sharding": "replicate"}),
+     (8, {"dp_replicate": 2, "dp_shard": 2, "tp": 2, "mp": 2})],
     ids=["fsdp2", "hsdp2x2", "tp2", "fsdp2xtp2", "mp2", "fsdp4xmp2", "tp2xmp2", "hsdp2x2xmp2", "fsdp2-replicated",
-         "fsdp4xmp2-replicated"],
+         "fsdp4xmp2-replicated", "hsdp2x2xtp2xmp2"],
 )
 def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
     # Dense AdamW on the table (the CPU default): value slices are row-sharded by FSDP unless the plan says otherwise.

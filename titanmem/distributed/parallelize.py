@@ -60,12 +60,8 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     dp = mesh[("dp_replicate", "dp_shard_out", "mp")]._flatten(mesh_dim_name="dp")
     fsdp = dp_shard
     if dims.dp_replicate > 1:
-        # HSDP needs a 2-D mesh (replicate, shard) over the same ranks as `dp`.
-        fsdp = DeviceMesh(
-            device_type,
-            dp.mesh.reshape(dims.dp_replicate, dims.dp_shard),
-            mesh_dim_names=("dp_replicate", "dp_shard"),
-        )
+        # HSDP needs a 2-D mesh (replicate, shard); sliced from the root mesh, so that FSDP can combine it with tp.
+        fsdp = mesh[("dp_replicate", "dp_shard")]
     replicas = None
     if dims.dp // dims.mp > 1:
         replicas = dp if dims.mp == 1 else mesh[("dp_replicate", "dp_shard_out")]._flatten(mesh_dim_name="mp_replicas")
