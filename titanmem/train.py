@@ -190,9 +190,11 @@ class Trainer:
             )
             if self.world_size > 1:
                 d = self.parallel_dims
-                logger.info("value table: columns split over mp = %d; slices %s over %d ranks each", d.mp,
-                            "row-sharded by FSDP" if self.value_slice_sharding == "fsdp" else "replicated",
-                            d.dp // d.mp)
+                copies = d.dp // d.mp
+                layout = ("one copy of each slice" if copies == 1 else
+                          f"each slice {'row-sharded by FSDP' if self.value_slice_sharding == 'fsdp' else 'replicated'}"
+                          f" over {copies} ranks")
+                logger.info("value table: columns split over mp = %d; %s", d.mp, layout)
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
             self.device, "bf16 autocast" if self.autocast_dtype else "fp32", f"{self.tokens_per_step:,}",
