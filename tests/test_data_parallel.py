@@ -80,6 +80,16 @@ def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
             torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
 
 
+@pytest.mark.parametrize("memory", [{"gated": True}, {"swilu": False}], ids=["gated-memory+", "plain-pkm"])
+def test_tensor_parallel_memory_variants_match_one_process(tmp_path, small_config, memory):
+    """A gated Memory+ layer reduces W2 in full before its gate; a plain PKM layer runs whole on each tp rank."""
+    (losses, grads, _, _), result = run_both(tmp_path, small_config, 2, {"tp": 2, "dp_shard": 1}, memory=memory)
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    for step, (got, expected) in enumerate(zip(result["grads"], grads), start=1):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
+
+
 @pytest.mark.parametrize(
     "world, plan, optimizer",
     [(2, {"dp_shard": 2}, "adagrad"), (2, {"dp_shard": 2, "mp": 2}, "adagrad"),
