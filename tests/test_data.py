@@ -185,3 +185,39 @@ def test_empty_documents_are_skipped_and_an_all_empty_shard_is_an_error(tmp_path
     empty = load_documents(DataConfig(path=write_jsonl(tmp_path / "e.jsonl", ["", ""])))
     with pytest.raises(ConfigError, match="holds no text"):
         next(iter(PackedTokenDataset(empty, tokenizer, 2)))
+
+
+def test_fact_statements_are_mixed_in_at_the_configured_share_and_resume_exactly(tmp_path, tokenizer):
+    from titanmem.eval.facts import RELATIONS, load_facts
+
+    facts = load_facts("assets/facts/facts.jsonl.gz")
+    texts = random_documents(40, seed=3)
+    documents = load_documents(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", texts)))
+
+    def dataset():
+        return PackedTokenDataset(documents, tokenizer, 32, facts=facts, facts_fraction=0.25, seed=5)
+
+    stream = dataset()
+    windows = take(iter(stream), 60)
+    text = tokenizer.decode([t for w in windows for t in w["input"].tolist()])
+    prose = sum(len(tokenizer.encode(t)) + 1 for t in texts)
+    total = 60 * 32
+    # Every document is followed by statements of about a third of its length (0.25 / 0.75); within one pass the
+    # statements' share of the stream is then close to 0.25 (a statement overshoots its target by < 1 statement).
+    assert total < prose * 1.5
+    statement_share = 1 - sum(len(tokenizer.encode(t)) + 1 for t in texts if t in text) / total
+    assert 0.2 < statement_share < 0.35
+    seen = {f for f in facts if f.seen}
+    stated = [f for f in facts if any(RELATIONS[f.relation].statement(f.subject, f.answer, i) in text
+                                      for i in range(len(RELATIONS[f.relation].train_templates)))]
+    assert stated and all(f in seen for f in stated)
+
+    # Resuming from a saved position yields the same windows, statements included.
+    state = stream.state_dict()
+    following = take(iter(stream), 10)
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    assert [w["input"].tolist() for w in take(iter(resumed), 10)] == [w["input"].tolist() for w in following]
+    # Another seed states other facts.
+    other = PackedTokenDataset(documents, tokenizer, 32, facts=facts, facts_fraction=0.25, seed=6)
+    assert [w["input"].tolist() for w in take(iter(other), 60)] != [w["input"].tolist() for w in windows]

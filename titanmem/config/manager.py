@@ -286,6 +286,8 @@ def _check_data_path(config: JobConfig) -> None:
     from titanmem.data.files import local_data_files, looks_local
 
     data = config.data
+    if data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
+        raise ConfigError("data.facts_path", f"no such file: {data.facts_path} (needed by data.facts_fraction > 0)")
     if data.format == "hub" or local_data_files(data.path):
         return
     if data.format != "auto" or looks_local(data.path):

@@ -82,6 +82,15 @@ class Data:
     num_workers: int = bounded(0, ge=0)
     """Data-loader worker processes that tokenize in the background. 0 tokenizes in the training process."""
 
+    facts_path: str = "assets/facts/facts.jsonl.gz"
+    """Facts to mix into training as statements (JSON lines of relation, subject, answer, seen; the bundled file is
+    built by tools/build_assets.py). Only the `seen` facts are stated; the factual-recall eval asks about all of them.
+    Used when `facts_fraction` > 0, and by the eval."""
+
+    facts_fraction: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Share of the training tokens that are fact statements: after each document, statements of random seen facts,
+    in random training templates, follow as a document of their own. 0 trains on the corpus alone."""
+
 
 @dataclass
 class Memory:

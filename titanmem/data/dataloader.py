@@ -7,9 +7,11 @@ import warnings
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import JobConfig
 from titanmem.data.text import PackedTokenDataset, check_shardable, load_documents
 from titanmem.data.tokenizer import Tokenizer
+from titanmem.eval.facts import load_facts
 
 
 # torchdata calls a torch API that newer torch deprecated; the warning is noise for our users.
@@ -21,6 +23,9 @@ def build_dataloader(
 ) -> StatefulDataLoader:
     documents = load_documents(config.data)
     check_shardable(documents, dp_world_size, config.data.num_workers)
+    facts = None
+    if config.data.facts_fraction > 0:
+        facts = load_facts(resolve_asset_path(config.data.facts_path))
     dataset = PackedTokenDataset(
         documents,
         tokenizer,
@@ -28,6 +33,9 @@ def build_dataloader(
         text_field=config.data.text_field,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        facts=facts,
+        facts_fraction=config.data.facts_fraction,
+        seed=config.training.seed,
     )
     workers = config.data.num_workers
     return StatefulDataLoader(

@@ -7,6 +7,7 @@ position is kept as (epoch, next document, leftover tokens), so a checkpoint res
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator
 
 import datasets
@@ -18,6 +19,7 @@ from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Data as DataConfig
 from titanmem.data.files import local_data_files, suffix_builder
 from titanmem.data.tokenizer import Tokenizer
+from titanmem.eval.facts import Fact, fact_statements
 
 def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
     """Open the configured corpus, local or hub, as a dataset of documents."""
@@ -81,8 +83,15 @@ class PackedTokenDataset(IterableDataset):
         text_field: str = "text",
         dp_rank: int = 0,
         dp_world_size: int = 1,
+        facts: list[Fact] | None = None,
+        facts_fraction: float = 0.0,
+        seed: int = 0,
     ):
         self.documents = documents
+        # Only seen facts are ever stated; the rest stay unseen for the recall eval.
+        self.facts = [fact for fact in facts or [] if fact.seen]
+        self.facts_fraction = facts_fraction if self.facts else 0.0
+        self.seed = seed
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.text_field = text_field
@@ -121,6 +130,18 @@ class PackedTokenDataset(IterableDataset):
             self._next_document = index + 1
             yield shard[index][self.text_field]
 
+    def _fact_tokens(self, document_tokens: int) -> list[int]:
+        """The fact statements that follow the current document: about facts_fraction / (1 - facts_fraction) of its
+        length. They depend only on (seed, epoch, shard, document index), so a resumed stream repeats them."""
+        worker = get_worker_info()
+        shard = self.dp_rank * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
+        rng = random.Random(f"facts:{self.seed}:{self._epoch}:{shard}:{self._next_document}")
+        wanted = document_tokens * self.facts_fraction / (1 - self.facts_fraction)
+        tokens: list[int] = []
+        while len(tokens) < wanted:
+            tokens.extend(self.tokenizer.encode(fact_statements(self.facts, rng, 1) + " "))
+        return tokens
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._shard is None:
             self._shard = self._shard_for_this_worker()
@@ -131,8 +152,12 @@ class PackedTokenDataset(IterableDataset):
                 if not text:
                     continue  # an empty or null document would only add a lone separator
                 epoch_has_text = True
-                self._buffer.extend(self.tokenizer.encode(text))
+                document = self.tokenizer.encode(text)
+                self._buffer.extend(document)
                 self._buffer.append(self.tokenizer.eos_id)
+                if self.facts_fraction:
+                    self._buffer.extend(self._fact_tokens(len(document)))
+                    self._buffer.append(self.tokenizer.eos_id)
                 while len(self._buffer) >= window:
                     tokens = torch.tensor(self._buffer[:window], dtype=torch.long)
                     # Trim before yielding: the state seen while suspended must be the state *after* this window.
