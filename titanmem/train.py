@@ -42,7 +42,10 @@ from titanmem.distributed.parallelize import (
     local_world,
 )
 from titanmem.models import build_model, build_model_args
+from titanmem.eval.runner import Evaluator
+from titanmem.eval.telemetry import MemoryTelemetry
 from titanmem.models.accounting import count_parameters, flops_per_token
+from titanmem.models.memory import ProductKeyMemory
 from titanmem.utils import autocast_dtype, pick_device, seed_everything, setup_logging
 
 logger = logging.getLogger("titanmem")
@@ -134,6 +137,10 @@ class Trainer:
             rank=self.rank,
             dp_rank=self.dp_rank,
         )
+        self.telemetry = self._build_telemetry()
+        self.evaluator = None
+        if config.eval.interval:
+            self.evaluator = Evaluator(config, self.tokenizer, self.device, self.autocast_dtype, self.rank)
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
         self._log_setup()
@@ -154,6 +161,18 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(model, self.mesh, bf16=self.autocast_dtype == torch.bfloat16,
                        shard_value_slices=self.value_slice_sharding == "fsdp")
+
+    def _build_telemetry(self) -> MemoryTelemetry | None:
+        values = self.model.memory_values
+        if values is None or self.config.metrics.memory_telemetry_freq == 0:
+            return None
+        # Named by block ("layers.<i>...", whatever AC or compile wrap around them).
+        names = {id(m): f"layer{n.split('.')[1]}" for n, m in self.model.named_modules()
+                 if isinstance(m, ProductKeyMemory)}
+        telemetry = MemoryTelemetry(self.model_args.memory.n_values, sorted(set(names.values())), self.device)
+        knn = self.model_args.memory.knn
+        values.observer = lambda layer, indices, weights: telemetry.observe(names[id(layer)], indices, weights, knn)
+        return telemetry
 
     def _value_groups(self) -> dict:
         """Where a row-wise value optimizer exchanges: see `build_optimizers`."""
@@ -291,10 +310,22 @@ class Trainer:
             values["nonfinite_skips"] = state.nonfinite_skips
             # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
             self.metrics.step_done(state.step, self.tokens_per_step // self.world_size, values)
+            if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
+                self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
+            if self.evaluator is not None and (state.step % self.config.eval.interval == 0 or state.step == total):
+                self.evaluate()
             self.checkpointer.maybe_save(state.step)
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
         return self.loss_history
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity and fact recall of the current model (titanmem/eval/runner.py)."""
+        if self.evaluator is None:
+            self.evaluator = Evaluator(self.config, self.tokenizer, self.device, self.autocast_dtype, self.rank)
+        results = self.evaluator.run(self.model, self.train_state.step)
+        self.metrics.log_scalars(self.train_state.step, self.evaluator.scalars(results))
+        return results
 
     def close(self) -> None:
         self.metrics.close()

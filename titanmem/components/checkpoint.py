@@ -83,6 +83,21 @@ def check_load_step(config: CheckpointConfig, dump_folder: str) -> None:
             )
 
 
+def newest_checkpoint(config: CheckpointConfig, dump_folder: str) -> Path | None:
+    """The newest complete `step-N` folder of a run, or None."""
+    steps = complete_checkpoint_steps(checkpoint_folder(config, dump_folder))
+    return checkpoint_folder(config, dump_folder) / f"step-{steps[-1]}" if steps else None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Only the model's weights from a checkpoint folder (for generation and eval; no optimizer or data state)."""
+    if not (Path(path) / ".metadata").is_file():
+        raise ConfigError("generate.checkpoint", f"{path} is not a complete checkpoint (no .metadata file)")
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

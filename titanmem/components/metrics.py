@@ -101,6 +101,31 @@ class MetricsLogger:
         self.reset_window()
         return metrics
 
+    def log_memory_telemetry(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
+        """The memory telemetry of the last window: all of it to TensorBoard, the pool's headline to the console."""
+        if not self.enabled or not scalars:
+            return
+        pool = {k.rsplit("/", 1)[1]: v for k, v in scalars.items() if k.startswith("memory/pool/")}
+        if pool:
+            logger.info(
+                "step %d memory | rows hit %.1f%% | never hit %.1f%% | KL to uniform %.3f | top-1 weight %.3f | "
+                "hottest 1%% take %.1f%% of reads", step, 100 * pool["hit_fraction"], 100 * pool["never_hit_fraction"],
+                pool["kl_to_uniform"], pool["top1_weight"], 100 * pool["hottest_1pct_share"],
+            )
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            for key, values in histograms.items():
+                self.writer.add_histogram(key, values, step)
+            self.writer.flush()
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Extra scalars (eval results) to TensorBoard."""
+        if self.enabled and self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
     def format_line(self, step: int, m: dict[str, float]) -> str:
         parts = [
             f"step {step:>{len(str(self.total_steps))}}",

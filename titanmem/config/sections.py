@@ -298,6 +298,11 @@ class Metrics:
     save_tb_folder: str = "tb"
     """Folder under job.dump_folder for TensorBoard event files."""
 
+    memory_telemetry_freq: int = bounded(100, ge=0)
+    """Every this many steps, summarise how the memory layers used the value table since the last summary (rows hit,
+    dead rows, usage entropy and KL to uniform, top-1 weight, hottest 1%; titanmem/eval/telemetry.py) into TensorBoard
+    scalars and histograms, and a console line. Rows are counted on the device at every step. 0 disables."""
+
 
 @dataclass
 class Parallelism:
@@ -344,6 +349,55 @@ class Compile:
 
 
 @dataclass
+class Eval:
+    interval: int = bounded(0, ge=0)
+    """Evaluate every this many training steps, and after the last one; 0 evaluates only in `python -m
+    titanmem.eval`. Every rank takes part (sharded models need all of them); rank 0 writes the results."""
+
+    perplexity_path: str = "assets/corpus/validation.jsonl.gz"
+    """Held-out text for perplexity (a local file, read like `data.path`)."""
+
+    perplexity_tokens: int = bounded(65536, ge=1)
+    """Tokens of held-out text to score, in windows of training.seq_len from the start of the file."""
+
+    facts_limit: int = bounded(2000, ge=0)
+    """Facts of `data.facts_path` to ask about: a fixed sample of this many (seen and unseen in their proportion),
+    the same at every eval; 0 asks about all."""
+
+    max_new_tokens: int = bounded(12, ge=1)
+    """Greedy tokens generated per fact prompt before scoring."""
+
+    batch_size: int = bounded(64, ge=1)
+    """Sequences per eval forward."""
+
+    dump_memory: bool = False
+    """Also save the memory layers' selected rows and scores on the perplexity text, per layer, to
+    `<job.dump_folder>/eval/memory-step-<N>.pt`, for offline analysis."""
+
+
+@dataclass
+class Generate:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts for `python -m titanmem.generate`, e.g. --generate.prompts '["The capital of France is"]'."""
+
+    checkpoint: str = ""
+    """A `step-N` checkpoint folder to load; empty takes the newest complete one in
+    `<job.dump_folder>/<checkpoint.folder>`."""
+
+    max_new_tokens: int = bounded(32, ge=1)
+    """Tokens to generate per prompt (fewer if the end-of-text token comes first)."""
+
+    temperature: float = bounded(0.0, ge=0.0)
+    """0 decodes greedily; above 0, samples from the softmax of logits / temperature."""
+
+    top_p: float = bounded(1.0, gt=0.0, le=1.0)
+    """When sampling: keep the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+
+    seed: int = 0
+    """Seed of the sampler: the same seed, prompts and checkpoint give the same text."""
+
+
+@dataclass
 class JobConfig:
     """The whole run's configuration: one attribute per TOML section."""
 
@@ -360,3 +414,5 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    eval: Eval = field(default_factory=Eval)
+    generate: Generate = field(default_factory=Generate)

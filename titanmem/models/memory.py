@@ -35,6 +35,8 @@ class MemoryValues(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_values, v_dim))
         self.recording = False
         self._recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Called by each memory layer with (layer, indices, weights) of its read, when set (telemetry).
+        self.observer = None
 
     def forward(self) -> torch.Tensor:
         """The table. Layers read it through this call, so that wrappers of this module see each use (FSDP gathers a
@@ -131,6 +133,8 @@ class ProductKeyMemory(nn.Module):
         scores, indices = self.search(x.reshape(-1, self.dim))
         weights = torch.softmax(scores, dim=-1)  # fp32 or wider: see product_key_topk
         indices, weights = indices.flatten(1), weights.flatten(1)  # one bag of heads × knn rows per token
+        if self.values.observer is not None:
+            self.values.observer(self, indices, weights)
         read = self.lookup(self.values(), indices, weights)
         if not getattr(self.lookup, "records_reads", False):  # distributed lookups record what they read themselves
             self.values.record(indices, weights, read)

@@ -1,0 +1,185 @@
+"""Evaluation of a model in training or from a checkpoint: held-out perplexity and factual recall (DESIGN.md §7).
+
+Results go to `<job.dump_folder>/eval/results.jsonl` (one JSON object per evaluation, with per-relation detail) and,
+in training, to TensorBoard under `eval/`. Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
+the share of facts answered exactly by greedy completion of the first training template's prompt (`train`) and of
+the held-out prompts (`heldout`, averaged over them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from titanmem.config.manager import resolve_asset_path
+from titanmem.config.sections import JobConfig
+from titanmem.data.tokenizer import Tokenizer
+from titanmem.eval.decode import generate
+from titanmem.eval.facts import RELATIONS, Fact, is_exact_match, load_facts
+
+logger = logging.getLogger(__name__)
+
+
+def sample_facts(facts: list[Fact], limit: int) -> list[Fact]:
+    """A fixed sample of `limit` facts (all when 0 or more than there are), the same at every call."""
+    if limit == 0 or limit >= len(facts):
+        return list(facts)
+    return sorted(random.Random(0).sample(facts, limit), key=lambda f: (f.relation, f.subject))
+
+
+def heldout_tokens(path: str, tokenizer: Tokenizer, count: int, text_field: str = "text") -> list[int]:
+    """The first `count` + 1 tokens of the held-out documents, EOS-separated (fewer if the file is shorter). A
+    .jsonl/.json file holds one document per line, in `text_field`; any other file is one document."""
+    resolved = resolve_asset_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"eval.perplexity_path: no such file: {path}")
+    opener = gzip.open if resolved.name.endswith(".gz") else open
+    with opener(resolved, "rt", encoding="utf-8") as handle:
+        if resolved.name.removesuffix(".gz").endswith((".jsonl", ".json")):
+            documents = (json.loads(line)[text_field] for line in handle if line.strip())
+        else:
+            documents = iter([handle.read()])
+        tokens: list[int] = []
+        for text in documents:
+            tokens.extend(tokenizer.encode(text))
+            tokens.append(tokenizer.eos_id)
+            if len(tokens) > count:
+                break
+    return tokens[: count + 1]
+
+
+class Evaluator:
+    def __init__(self, config: JobConfig, tokenizer: Tokenizer, device: torch.device,
+                 autocast_dtype: torch.dtype | None, rank: int = 0):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.rank = rank
+        self.folder = Path(config.job.dump_folder) / "eval"
+        self.tokens = heldout_tokens(config.eval.perplexity_path, tokenizer, config.eval.perplexity_tokens,
+                                     config.data.text_field)
+        facts_path = resolve_asset_path(config.data.facts_path)
+        self.facts = sample_facts(load_facts(facts_path), config.eval.facts_limit) if facts_path.is_file() else []
+
+    @torch.no_grad()
+    def perplexity(self, model: torch.nn.Module) -> tuple[float, int]:
+        """Mean next-token loss over non-overlapping windows of training.seq_len, and the tokens scored."""
+        seq_len = self.config.training.seq_len
+        windows = (len(self.tokens) - 1) // seq_len
+        if windows == 0:
+            raise ValueError(f"eval.perplexity_path holds {len(self.tokens)} tokens, fewer than one window of {seq_len}")
+        data = torch.tensor(self.tokens[: windows * seq_len + 1], dtype=torch.long)
+        inputs = data[:-1].view(windows, seq_len)
+        labels = data[1:].view(windows, seq_len)
+        total, count = 0.0, 0
+        batch = self.config.eval.batch_size
+        for start in range(0, windows, batch):
+            x = inputs[start : start + batch].to(self.device)
+            y = labels[start : start + batch].to(self.device)
+            with self._autocast():
+                logits = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            count += y.numel()
+        return total / count, count
+
+    @torch.no_grad()
+    def recall(self, model: torch.nn.Module) -> dict:
+        """Exact-match recall of the sampled facts, by split and phrasing, overall and per relation."""
+        prompts, keys = [], []
+        for fact in self.facts:
+            relation = RELATIONS[fact.relation]
+            prompts.append(relation.training_prompt(fact.subject))
+            keys.append((fact, "train"))
+            for prompt in relation.heldout(fact.subject):
+                prompts.append(prompt)
+                keys.append((fact, "heldout"))
+        completions = generate(
+            model, [self.tokenizer.encode(p) for p in prompts], self.config.eval.max_new_tokens,
+            self.tokenizer.eos_id, self.device, batch_size=self.config.eval.batch_size,
+            autocast_dtype=self.autocast_dtype, vocab_size=self.tokenizer.vocab_size,
+        )
+        hits: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
+        for (fact, phrasing), completion in zip(keys, completions):
+            correct = is_exact_match(self.tokenizer.decode(completion), fact.answer)
+            split = "seen" if fact.seen else "unseen"
+            hits[(split, phrasing, "all")].append(correct)
+            hits[(split, phrasing, fact.relation)].append(correct)
+        return {f"{split}/{phrasing}/{relation}": sum(v) / len(v) for (split, phrasing, relation), v in
+                sorted(hits.items())}
+
+    def run(self, model: torch.nn.Module, step: int) -> dict:
+        """Evaluate `model` (left in train mode afterwards); on rank 0, append the results to results.jsonl and
+        return them (scalars for TensorBoard under `eval/`)."""
+        was_training = model.training
+        model.eval()
+        dump = self._start_dump(model) if self.config.eval.dump_memory else None
+        try:
+            loss, scored = self.perplexity(model)
+        finally:
+            if dump is not None:
+                model.memory_values.observer = dump["previous"]
+        try:
+            if dump is not None:
+                self._save_dump(dump, step)
+            recall = self.recall(model) if self.facts else {}
+        finally:
+            model.train(was_training)
+        results = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens_scored": scored,
+                   "facts_asked": len(self.facts), "recall": recall}
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "results.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(results) + "\n")
+            summary = " | ".join(f"{k.replace('/all', '')} {v:.1%}" for k, v in recall.items() if k.endswith("/all"))
+            logger.info("eval step %d | loss %.4f | perplexity %.2f%s", step, loss, results["perplexity"],
+                        f" | recall {summary}" if summary else "")
+        return results
+
+    def scalars(self, results: dict) -> dict[str, float]:
+        scalars = {"eval/loss": results["loss"], "eval/perplexity": results["perplexity"]}
+        scalars.update({f"eval/recall/{k.removesuffix('/all')}": v for k, v in results["recall"].items()
+                        if k.endswith("/all")})
+        return scalars
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _start_dump(self, model: torch.nn.Module) -> dict | None:
+        values = getattr(model, "memory_values", None)
+        if values is None:
+            return None
+        from titanmem.models.memory import ProductKeyMemory
+
+        names = {id(m): f"layer{n.split('.')[1]}" for n, m in model.named_modules() if isinstance(m, ProductKeyMemory)}
+        dump: dict = {"indices": defaultdict(list), "weights": defaultdict(list), "previous": values.observer}
+
+        def observe(layer, indices, weights):
+            dump["indices"][names[id(layer)]].append(indices.detach().to("cpu", torch.int32))
+            dump["weights"][names[id(layer)]].append(weights.detach().float().cpu())
+            if dump["previous"] is not None:
+                dump["previous"](layer, indices, weights)
+
+        values.observer = observe
+        return dump
+
+    def _save_dump(self, dump: dict, step: int) -> None:
+        """Per layer: the selected rows [tokens, heads·knn] and their softmax weights (the normalised scores)."""
+        if self.rank != 0:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"indices": {k: torch.cat(v) for k, v in dump["indices"].items()},
+                    "weights": {k: torch.cat(v) for k, v in dump["weights"].items()},
+                    "tokens": torch.tensor(self.tokens, dtype=torch.int32)},
+                   self.folder / f"memory-step-{step}.pt")
