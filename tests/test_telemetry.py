@@ -54,3 +54,33 @@ def test_telemetry_matches_a_direct_computation():
     assert scalars["memory/layer3/top1_weight"] == pytest.approx(0.7)
     assert scalars["memory/layer3/hottest_1pct_hits"] == 4  # ceil(200 / 100) = 2 rows: 150 (3 reads) + 151 (1)
     assert "memory/layer1/hit_fraction" not in scalars  # no reads in this window: nothing to report
+
+
+def test_a_training_run_writes_memory_telemetry_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import make_config
+    from titanmem.train import Trainer
+
+    config = make_config(tmp_path, training={"steps": 2, "seq_len": 32, "local_batch_size": 2},
+                         memory={"enabled": True}, metrics={"enable_tensorboard": True, "memory_telemetry_freq": 1})
+    trainer = Trainer(config)
+    trainer.train()
+    trainer.close()
+    (run,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0}).Reload()
+    tags = events.Tags()
+    for name in ("layer1", "layer3", "layer5", "pool"):
+        for metric in ("hit_fraction", "never_hit_fraction", "entropy", "kl_to_uniform", "top1_weight",
+                       "hottest_1pct_hits", "hottest_1pct_share"):
+            assert f"memory/{name}/{metric}" in tags["scalars"]
+    assert "memory/pool/log10_hits" in tags["histograms"]
+    assert [e.step for e in events.Scalars("memory/pool/hit_fraction")] == [1, 2]
+
+
+def test_the_default_run_reports_memory_telemetry():
+    from titanmem.config import build_config
+
+    config, _ = build_config(["--job.config_file", "train_configs/debug_model.toml"])
+    assert config.memory.enabled and config.metrics.enable_tensorboard
+    assert 0 < config.metrics.memory_telemetry_freq <= config.training.steps

@@ -37,9 +37,9 @@ def plot(arms: dict[str, dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for arm, data in arms.items():
+    for color, (arm, data) in zip(("tab:blue", "tab:red", "tab:green", "tab:purple"), arms.items()):
         steps = sorted(data["losses"])
-        axis.plot(steps, [data["losses"][s] for s in steps], label=ARM_LABELS.get(arm, arm))
+        axis.plot(steps, [data["losses"][s] for s in steps], color=color, label=ARM_LABELS.get(arm, arm))
     axis.set(xlabel="step", ylabel="training loss", title="Training loss (same tokens, same order)")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -50,12 +50,12 @@ def plot(arms: dict[str, dict], out: Path) -> list[Path]:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     styles = {"seen/train": "-", "seen/heldout": "--", "unseen/train": ":"}
-    for arm, data in arms.items():
+    for color, (arm, data) in zip(("tab:blue", "tab:red", "tab:green", "tab:purple"), arms.items()):
         for key, style in styles.items():
             points = [(e["step"], e["recall"].get(f"{key}/all")) for e in data["evals"]]
             points = [(s, 100 * v) for s, v in points if v is not None]
             if points:
-                axis.plot(*zip(*points), style, marker="o", label=f"{ARM_LABELS.get(arm, arm)}: {key}")
+                axis.plot(*zip(*points), style, color=color, marker="o", label=f"{ARM_LABELS.get(arm, arm)}: {key}")
     axis.set(xlabel="step", ylabel="exact-match recall (%)", title="Fact recall (greedy completion)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
