@@ -1,7 +1,7 @@
 """Plot the dense vs Memory+ experiment from the files tools/run_experiment.sh leaves (<arm>.log, <arm>.eval.jsonl):
 loss curves and fact recall against steps, as PNG, plus a markdown table of the final numbers.
 
-    pip install matplotlib   # only this tool needs it
+    pip install -e ".[plot]"   # matplotlib: only this tool needs it
     python tools/plot_experiment.py --runs /tmp/experiment --out docs/experiments
 """
 
