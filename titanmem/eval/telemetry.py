@@ -9,7 +9,9 @@ the shared pool (all layers together), into:
   read equally, log N when all reads hit one row);
 - `top1_weight`: mean over tokens and heads of the largest softmax weight in a head's bag (1 means one row decides);
 - `hottest_1pct_hits` and `hottest_1pct_share`: reads of the 1% most-read rows, and their share of all reads.
-Counts are those of this rank's tokens (rank 0 is the one that logs).
+Counts are those of this rank's tokens (rank 0 is the one that logs), and under tensor parallel of this rank's
+heads. With activation checkpointing a recomputed forward reads again and is counted again: shares, entropy and the
+top-1 weight are unaffected, the hottest rows' raw hit count doubles.
 """
 
 from __future__ import annotations
