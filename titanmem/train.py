@@ -6,7 +6,6 @@ schedule, metrics and checkpointing, resume if a complete checkpoint exists, and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -43,10 +42,9 @@ from titanmem.distributed.parallelize import (
 )
 from titanmem.models import build_model, build_model_args
 from titanmem.eval.runner import Evaluator
-from titanmem.eval.telemetry import MemoryTelemetry
+from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.models.accounting import count_parameters, flops_per_token
-from titanmem.models.memory import ProductKeyMemory
-from titanmem.utils import autocast_dtype, pick_device, seed_everything, setup_logging
+from titanmem.utils import autocast, autocast_dtype, pick_device, seed_everything, setup_logging
 
 logger = logging.getLogger("titanmem")
 
@@ -166,9 +164,7 @@ class Trainer:
         values = self.model.memory_values
         if values is None or self.config.metrics.memory_telemetry_freq == 0:
             return None
-        # Named by block ("layers.<i>...", whatever AC or compile wrap around them).
-        names = {id(m): f"layer{n.split('.')[1]}" for n, m in self.model.named_modules()
-                 if isinstance(m, ProductKeyMemory)}
+        names = memory_layer_names(self.model)
         telemetry = MemoryTelemetry(self.model_args.memory.n_values, sorted(set(names.values())), self.device)
         knn = self.model_args.memory.knn
         values.observer = lambda layer, indices, weights: telemetry.observe(names[id(layer)], indices, weights, knn)
@@ -222,13 +218,8 @@ class Trainer:
         )
         write_config(self.config, self.config.job.dump_folder)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.autocast_dtype):
             logits = self.model(inputs)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         (loss / self.accumulation_steps).backward()

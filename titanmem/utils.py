@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -46,3 +47,8 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context for `dtype` on `device`, or no autocast for None (plain fp32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

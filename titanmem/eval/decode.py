@@ -8,10 +8,11 @@ same prompts: the forward passes are collective.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
+
+from titanmem.utils import autocast
 
 
 def pick_next_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -50,8 +51,6 @@ def generate(
             raise ValueError(f"prompt {index} is empty")
         by_length[len(prompt)].append(index)
     outputs: list[list[int]] = [[] for _ in prompts]
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
     for length in sorted(by_length):
         members = by_length[length]
         for start in range(0, len(members), batch_size):
@@ -59,7 +58,7 @@ def generate(
             tokens = torch.tensor([prompts[i] for i in batch], dtype=torch.long, device=device)
             finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
-                with autocast:
+                with autocast(device, autocast_dtype):
                     logits = model(tokens)[:, -1, :vocab_size].float()
                 next_tokens = pick_next_token(logits, temperature, top_p, generator)
                 next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)

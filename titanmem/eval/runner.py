@@ -8,7 +8,6 @@ the held-out prompts (`heldout`, averaged over them).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import logging
@@ -25,6 +24,8 @@ from titanmem.config.sections import JobConfig
 from titanmem.data.tokenizer import Tokenizer
 from titanmem.eval.decode import generate
 from titanmem.eval.facts import RELATIONS, Fact, is_exact_match, load_facts
+from titanmem.eval.telemetry import memory_layer_names
+from titanmem.utils import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Evaluator:
         for start in range(0, windows, batch):
             x = inputs[start : start + batch].to(self.device)
             y = labels[start : start + batch].to(self.device)
-            with self._autocast():
+            with autocast(self.device, self.autocast_dtype):
                 logits = model(x)
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             count += y.numel()
@@ -151,18 +152,11 @@ class Evaluator:
                         if k.endswith("/all")})
         return scalars
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _start_dump(self, model: torch.nn.Module) -> dict | None:
         values = getattr(model, "memory_values", None)
         if values is None:
             return None
-        from titanmem.models.memory import ProductKeyMemory
-
-        names = {id(m): f"layer{n.split('.')[1]}" for n, m in model.named_modules() if isinstance(m, ProductKeyMemory)}
+        names = memory_layer_names(model)
         dump: dict = {"indices": defaultdict(list), "weights": defaultdict(list), "previous": values.observer}
 
         def observe(layer, indices, weights):

@@ -21,6 +21,15 @@ import math
 import torch
 
 
+def memory_layer_names(model: torch.nn.Module) -> dict[int, str]:
+    """`layer<i>` for the memory layer in block i, keyed by the layer module's id (whatever AC or compile wrap
+    around the blocks: their names still start with `layers.<i>`)."""
+    from titanmem.models.memory import ProductKeyMemory
+
+    return {id(module): f"layer{name.split('.')[1]}" for name, module in model.named_modules()
+            if isinstance(module, ProductKeyMemory)}
+
+
 class _Counts:
     def __init__(self, n_values: int, device: torch.device):
         self.window = torch.zeros(n_values, dtype=torch.int64, device=device)
