@@ -288,6 +288,9 @@ def _check_data_path(config: JobConfig) -> None:
     data = config.data
     if data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
         raise ConfigError("data.facts_path", f"no such file: {data.facts_path} (needed by data.facts_fraction > 0)")
+    if config.eval.interval and not resolve_asset_path(config.eval.perplexity_path).is_file():
+        raise ConfigError("eval.perplexity_path", f"no such file: {config.eval.perplexity_path} (needed by "
+                          "eval.interval > 0); point it at held-out text, or set eval.interval = 0")
     if data.format == "hub" or local_data_files(data.path):
         return
     if data.format != "auto" or looks_local(data.path):
