@@ -63,6 +63,7 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         from torch.distributed.tensor import DTensor
 
         from titanmem.train import Trainer
+        from titanmem.utils import local_tensor
 
         def full(t):
             return t.full_tensor() if isinstance(t, DTensor) else t
@@ -83,7 +84,7 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         table = full(trainer.model.memory_values.weight.detach()).clone()
         # The share of the sub-keys this rank stores (they are sharded over dp_shard, which holds the mp groups).
         subkeys = next(p for n, p in trainer.model.named_parameters() if n.endswith("subkeys"))
-        stored = subkeys.to_local() if isinstance(subkeys, DTensor) else subkeys
+        stored = local_tensor(subkeys)
         if rank == 0:
             torch.save({"losses": losses, "grads": grads, "table": table, "value_grad_norms": value_norms,
                         "subkey_share": stored.numel() / subkeys.numel()}, os.path.join(folder, "result.pt"))

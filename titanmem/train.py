@@ -136,9 +136,7 @@ class Trainer:
             dp_rank=self.dp_rank,
         )
         self.telemetry = self._build_telemetry()
-        self.evaluator = None
-        if config.eval.interval:
-            self.evaluator = Evaluator(config, self.tokenizer, self.device, self.autocast_dtype, self.rank)
+        self.evaluator: Evaluator | None = None  # built at the first evaluation
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
         self._log_setup()
@@ -303,7 +301,8 @@ class Trainer:
             self.metrics.step_done(state.step, self.tokens_per_step // self.world_size, values)
             if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
                 self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
-            if self.evaluator is not None and (state.step % self.config.eval.interval == 0 or state.step == total):
+            interval = self.config.eval.interval
+            if interval and (state.step % interval == 0 or state.step == total):
                 self.evaluate()
             self.checkpointer.maybe_save(state.step)
         if self.rank == 0:

@@ -49,6 +49,13 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a sharded parameter, gradient or state); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The autocast context for `dtype` on `device`, or no autocast for None (plain fp32)."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
+from titanmem.utils import local_tensor
 
 
 class RowWiseValueOptimizer:
@@ -73,8 +74,7 @@ class RowWiseValueOptimizer:
         values.start_recording()
 
     def _local_table(self) -> torch.Tensor:
-        weight = self.values.weight
-        return weight.to_local() if isinstance(weight, DTensor) else weight
+        return local_tensor(self.values.weight)
 
     def _merge(self):
         """All contributions recorded since the last step, on every replica of this slice, as one [T_total, L] bag
@@ -146,8 +146,7 @@ class RowWiseValueOptimizer:
     def load_state_dict(self, state: dict) -> None:
         state = state[self.kind]
         for name in ("first", "second"):
-            saved = state[name]
-            getattr(self, name).copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
+            getattr(self, name).copy_(local_tensor(state[name]))
         self.steps = int(state["steps"])
 
 

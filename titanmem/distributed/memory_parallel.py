@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titanmem.models.lookup import Lookup
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
+from titanmem.utils import local_tensor
 
 
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -139,7 +140,7 @@ class DistributedLookup:
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.tp_mesh is not None:
             indices, weights = _gather_heads(indices, weights, self.tp_mesh)
-        local_table = table.to_local() if isinstance(table, DTensor) else table
+        local_table = local_tensor(table)
         if self.mp_group is not None:
             read = column_parallel_lookup(local_table, indices, weights, self.mp_group, self.local_lookup, self.values)
         else:
@@ -179,5 +180,5 @@ def average_over_replicas(param: torch.nn.Parameter, group) -> None:
     """Average the gradient of a table slice over the ranks that hold the same slice (when FSDP does not)."""
     if param.grad is None or group is None:
         return
-    local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+    local = local_tensor(param.grad)
     dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)

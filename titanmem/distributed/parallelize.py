@@ -127,24 +127,21 @@ def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
                 f"{prefix}.feed_forward.w3": ColwiseParallel(),
                 f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             })
-        elif is_tensor_parallel(ffn) and ffn.gate is None:
-            plan.update({
-                f"{prefix}.feed_forward.query": ColwiseParallel(),
-                f"{prefix}.feed_forward.w1": ColwiseParallel(),
-                f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            })
         else:
             # A gate multiplies W2's full output, and a plain PKM layer runs whole: the layer's output is then
             # replicated, and only this rank's sequence slice goes on.
+            whole_output = ffn.gate is not None or not is_tensor_parallel(ffn)
             if is_tensor_parallel(ffn):
                 plan.update({
                     f"{prefix}.feed_forward.query": ColwiseParallel(),
                     f"{prefix}.feed_forward.w1": ColwiseParallel(),
-                    f"{prefix}.feed_forward.w2": RowwiseParallel(),
+                    f"{prefix}.feed_forward.w2": RowwiseParallel(
+                        output_layouts=Replicate() if whole_output else Shard(1)),
                 })
-            plan[f"{prefix}.feed_forward"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+            if whole_output:
+                plan[f"{prefix}.feed_forward"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
     return plan
 
 

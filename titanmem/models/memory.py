@@ -16,10 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from titanmem.models.args import MemoryArgs
 from titanmem.models.lookup import get_lookup
+from titanmem.utils import local_tensor
 
 
 class MemoryValues(nn.Module):
@@ -126,7 +126,7 @@ class ProductKeyMemory(nn.Module):
         """Scores and value-row indices, each [T, heads, knn], for flat tokens: [T, dim]. Under tensor parallel the
         query projection and the sub-keys hold a slice of the heads, and so do the results."""
         query = self.query(tokens).unflatten(-1, (-1, self.args.k_dim))
-        subkeys = self.subkeys.to_local() if isinstance(self.subkeys, DTensor) else self.subkeys
+        subkeys = local_tensor(self.subkeys)
         return product_key_topk(query, subkeys.to(query.dtype), self.args.knn, self.args.qk_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
