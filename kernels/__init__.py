@@ -1,6 +1,7 @@
 """Triton kernels for the memory layer, importable as `titanmem.kernels`.
 
-Importing this package registers the `triton` memory lookup with `titanmem.models.lookup`.
+The memory layer finds them through the fixed lookup table of `titanmem.models.lookup`; importing this package
+registers nothing and imports nothing else of titanmem.
 """
 
 from titanmem.kernels.embedding_bag import (
@@ -10,9 +11,6 @@ from titanmem.kernels.embedding_bag import (
     weighted_bag_sparse_backward,
     weighted_bag_weight_grad,
 )
-from titanmem.models.lookup import register_lookup
-
-register_lookup("triton", weighted_bag)
 
 __all__ = [
     "row_segments",

@@ -188,7 +188,7 @@ def test_empty_documents_are_skipped_and_an_all_empty_shard_is_an_error(tmp_path
 
 
 def test_fact_statements_are_mixed_in_at_the_configured_share_and_resume_exactly(tmp_path, tokenizer):
-    from titanmem.eval.facts import RELATIONS, load_facts
+    from titanmem.data.facts import RELATIONS, load_facts
 
     facts = load_facts("assets/facts/facts.jsonl.gz")
     texts = random_documents(40, seed=3)

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from titanmem.eval.facts import RELATIONS, fact_statements, is_exact_match, is_unseen, load_facts, normalize
+from titanmem.data.facts import RELATIONS, fact_statements, is_unseen, load_facts
+from titanmem.eval.facts import is_exact_match, normalize
 
 FACTS_PATH = "assets/facts/facts.jsonl.gz"
 

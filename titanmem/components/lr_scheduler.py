@@ -11,14 +11,15 @@ from titanmem.config.sections import LRScheduler as SchedulerConfig
 
 
 class WarmupDecay:
-    """lr multiplier for the update with 0-based index `step` (the update of training step `step + 1`).
+    """lr multiplier for the update with 0-based index `step` (the update of training step `step + 1`), decaying over
+    `decay_steps` (as the run plan resolved `lr_scheduler.decay_steps`).
 
     Warmup rises linearly so that update `warmup - 1` is the first at the peak; the decay then reaches its floor
     exactly at the last update of the run (or of `decay_steps`)."""
 
-    def __init__(self, config: SchedulerConfig, total_steps: int):
+    def __init__(self, config: SchedulerConfig, decay_steps: int):
         self.warmup = config.warmup_steps
-        self.decay = config.decay_steps if config.decay_steps != -1 else max(total_steps - self.warmup, 1)
+        self.decay = decay_steps
         self.kind = config.decay_type
         self.floor = config.min_lr_factor
 
@@ -36,5 +37,5 @@ class WarmupDecay:
         return self.floor + (1.0 - self.floor) * shape
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, WarmupDecay(config, total_steps))
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, decay_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, WarmupDecay(config, decay_steps))

@@ -1,15 +1,34 @@
-"""AdamW over parameter groups: matrices and embeddings decay, norms and biases do not (by default), and the memory
-value table has a group of its own with its own lr and weight decay."""
+"""The optimizers of a run, as one Stateful container.
+
+AdamW trains everything autograd gives a gradient: matrices and embeddings decay, norms and biases do not (by
+default), and the memory value table, when AdamW trains it too, has a group of its own with its own lr and weight
+decay. When a row-wise value optimizer trains the table instead (`titanmem.components.value_optimizer`), the table
+leaves AdamW's groups. `Optimizers` owns both: zero_grad, the two clip norms (the table is clipped on its own), the
+averaging of the table's gradient over its replicas where FSDP does not do it, the step or its skip on a non-finite
+loss, and one state_dict for checkpoints.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
-from titanmem.components.value_optimizer import RowWiseValueOptimizer
+from titanmem.components.value_optimizer import RowWiseValueOptimizer, clip_coefficient
 from titanmem.config.sections import JobConfig
-from titanmem.config.sections import Memory as MemoryConfig
 from titanmem.config.sections import Optimizer as OptimizerConfig
+from titanmem.distributed.lookup import ReadRecorder
+from titanmem.distributed.parallel_dims import ParallelDims
+from titanmem.utils import local_tensor
+
+_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def is_norm_or_bias(name: str, param: nn.Parameter) -> bool:
@@ -23,35 +42,8 @@ def memory_value_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(values.parameters()) if values is not None else []
 
 
-VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
-
-
-def resolve_value_optimizer(memory: MemoryConfig, device_type: str) -> str:
-    """`auto`: the fused row-wise Adagrad on GPUs; dense AdamW on CPU, where Triton would only run interpreted."""
-    if memory.value_optimizer != "auto":
-        return memory.value_optimizer
-    from titanmem.models.lookup import available_lookups
-
-    return "adagrad" if device_type == "cuda" and "triton" in available_lookups() else "adamw"
-
-
-def resolve_value_slice_sharding(parallelism, kind: str) -> str:
-    """`auto`: a row-wise optimizer updates whole slices in place, so `replicate`; dense AdamW, `fsdp`."""
-    if parallelism.value_slice_sharding != "auto":
-        return parallelism.value_slice_sharding
-    return "fsdp" if kind == "adamw" else "replicate"
-
-
-def resolve_value_lr(memory: MemoryConfig, optimizer: OptimizerConfig, kind: str) -> float:
-    """The value table's peak lr: as set, or scaled from the dense lr for the chosen optimizer."""
-    if memory.value_lr != -1:
-        return memory.value_lr
-    return VALUE_LR_SCALE[kind] * optimizer.lr
-
-
-def build_param_groups(
-    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig | None = None, value_lr: float | None = None
-) -> list[dict]:
+def build_param_groups(model: nn.Module, config: OptimizerConfig, value_lr: float | None = None,
+                       value_weight_decay: float = 0.0) -> list[dict]:
     value_ids = {id(p) for p in memory_value_parameters(model)}
     decay, no_decay, values = [], [], []
     for name, param in model.named_parameters():
@@ -67,56 +59,121 @@ def build_param_groups(
     if no_decay:
         groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
     if values:
-        memory = memory or MemoryConfig()
-        lr = value_lr if value_lr is not None else resolve_value_lr(memory, config, "adamw")
-        groups.append({"name": "memory_values", "params": values, "lr": lr, "weight_decay": memory.value_weight_decay})
+        groups.append({"name": "memory_values", "params": values, "lr": value_lr if value_lr is not None else config.lr,
+                       "weight_decay": value_weight_decay})
     return groups
 
 
-def build_optimizer(
-    model: nn.Module, config: OptimizerConfig, memory: MemoryConfig, device: torch.device, value_lr: float | None = None
-) -> torch.optim.Optimizer:
-    implementation = config.implementation
-    if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
-    return torch.optim.AdamW(
-        build_param_groups(model, config, memory, value_lr),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        fused=implementation == "fused",
-        foreach=implementation == "foreach",
-    )
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm of `params` (fp32, over every rank's shards), clipped to `max_norm` unless it is 0."""
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    squares = []
+    # Gradients on different meshes (FSDP only, FSDP × TP) cannot share one foreach op: one group per mesh.
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            # Sharded gradients give a partial norm per rank; the full tensor reduces it over the mesh.
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm or math.inf, total, foreach=True)
+    return total
 
 
-def build_optimizers(
-    model: nn.Module,
-    config: JobConfig,
-    device: torch.device,
-    replica_group=None,
-    slice_group=None,
-    data_parallel_size: int = 1,
-) -> tuple[torch.optim.Optimizer, RowWiseValueOptimizer | None]:
-    """AdamW for everything autograd trains, plus the fused row-wise optimizer of the value table when
-    `[memory] value_optimizer` asks for one (the table then leaves AdamW's groups). On several processes the row-wise
-    optimizer gathers its records over `replica_group` (the ranks with the same slice of the table) and sums row norms
-    over `slice_group` (the ranks with the other columns)."""
-    value_optimizer = None
-    values = getattr(model, "memory_values", None)
-    memory = config.memory
-    kind = resolve_value_optimizer(memory, device.type)
-    value_lr = resolve_value_lr(memory, config.optimizer, kind)  # sgd without a value_lr fails the config checks
-    if values is not None and kind != "adamw":
-        value_optimizer = RowWiseValueOptimizer(
-            values,
-            kind,
-            lr=value_lr,
-            weight_decay=memory.value_weight_decay,
+class Optimizers:
+    """AdamW plus, when `value_optimizer` is row-wise, the fused optimizer of the value table (Stateful)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: JobConfig,
+        dims: ParallelDims,
+        *,
+        value_optimizer: str | None,
+        value_lr: float | None,
+        implementation: str,
+        replicate_value_slices: bool,
+        recorder: ReadRecorder | None,
+    ):
+        self.model = model
+        self.config = config
+        values = getattr(model, "memory_values", None)
+        self.values: RowWiseValueOptimizer | None = None
+        if values is not None and value_optimizer not in (None, "adamw"):
+            optimizer = config.optimizer
+            self.values = RowWiseValueOptimizer(
+                values, recorder, value_optimizer, lr=value_lr, weight_decay=config.memory.value_weight_decay,
+                betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps,
+                state_dtype=torch.bfloat16 if config.memory.value_state_dtype == "bf16" else torch.float32,
+                replica_group=dims.get_group("mp_replicas"), slice_group=dims.get_group("mp"),
+                data_parallel_size=dims.dp,
+            )
+        self.dense = torch.optim.AdamW(
+            build_param_groups(model, config.optimizer, value_lr, config.memory.value_weight_decay),
+            lr=config.optimizer.lr,
             betas=(config.optimizer.beta1, config.optimizer.beta2),
             eps=config.optimizer.eps,
-            state_dtype=torch.bfloat16 if memory.value_state_dtype == "bf16" else torch.float32,
-            replica_group=replica_group,
-            slice_group=slice_group,
-            data_parallel_size=data_parallel_size,
+            fused=implementation == "fused",
+            foreach=implementation == "foreach",
         )
-    return build_optimizer(model, config.optimizer, memory, device, value_lr), value_optimizer
+        value_ids = {id(p) for p in memory_value_parameters(model)}
+        # The table's gradient, when autograd makes one (dense AdamW); a row-wise optimizer trains it without one.
+        self.value_params = [p for p in model.parameters() if id(p) in value_ids and p.requires_grad]
+        self.dense_params = [p for p in model.parameters() if id(p) not in value_ids]
+        # A table slice that FSDP leaves whole on each rank gets its gradient averaged over the slice's copies here.
+        self.replica_group = dims.get_group("mp_replicas") if replicate_value_slices else None
+
+    def zero_grad(self) -> None:
+        self.dense.zero_grad(set_to_none=True)
+
+    def grad_norms(self) -> list[torch.Tensor]:
+        """The step's pre-clip gradient norms, [dense] or [dense, values], as device tensors (no host sync). The dense
+        gradients (and a table gradient of AdamW's) are clipped in place; a row-wise optimizer applies its clip in
+        `step`."""
+        if self.replica_group is not None:
+            for param in self.value_params:
+                if param.grad is not None:
+                    torch.distributed.all_reduce(local_tensor(param.grad), op=torch.distributed.ReduceOp.AVG,
+                                                 group=self.replica_group)
+        norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]
+        # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
+        if self.values is not None:
+            norms.append(self.values.grad_norm(self.config.training.deterministic).float())
+        elif self.value_params:
+            norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
+        return norms
+
+    def step(self, loss: float, norms: list[float]) -> bool:
+        """Apply the update, or drop it when the loss or a norm is not finite; returns whether it was applied."""
+        if not all(math.isfinite(v) for v in (loss, *norms)):
+            if self.values is not None:
+                self.values.discard()
+            self.zero_grad()
+            return False
+        self.dense.step()
+        if self.values is not None:
+            # The table follows the same schedule multiplier as every AdamW group (set by the lr scheduler).
+            group = self.dense.param_groups[0]
+            self.values.step(group["lr"] / group["initial_lr"],
+                             clip_coefficient(norms[1], self.config.memory.value_max_norm))
+        return True
+
+    def state_dict(self) -> dict:
+        # Only tensors (moments, step counts): the hyperparameters come from the config at every start.
+        dense = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
+        state = {"dense": {key: value for key, value in dense.items() if key.startswith("state.")}}
+        if self.values is not None:
+            state["values"] = self.values.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore moments and step counts; the hyperparameters stay those of the current config."""
+        current = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
+        current.update(state["dense"])
+        set_optimizer_state_dict(self.model, self.dense, current, options=_STATE_OPTIONS)
+        if self.values is not None:
+            self.values.load_state_dict(state.get("values", {}))

@@ -1,8 +1,8 @@
-"""Row-wise optimizers for the memory value table, fused into sparse updates (DESIGN.md §4).
+"""Row-wise optimizers for the memory value table, fused into sparse updates.
 
 With `[memory] value_optimizer` set to `sgd`, `adagrad` or `adam`, the table gets no dense gradient and no dense
-optimizer state. Each memory-layer call records its (indices, weights) and, during backward, the gradient of its
-read-out. At the optimizer step every recorded contribution of the step (all layers, all micro-batches) is merged,
+optimizer state. Each memory-layer read is recorded (`titanmem.distributed.lookup.ReadRecorder`): its (indices,
+weights) and, during backward, the gradient of its read-out. At the optimizer step every recorded contribution of the step (all layers, all micro-batches) is merged,
 and one fused pass per touched row applies the update in place (`titanmem.kernels.row_update`).
 
 State per optimizer: nothing for SGD, one fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
 from titanmem.utils import local_tensor
@@ -32,6 +33,7 @@ class RowWiseValueOptimizer:
     def __init__(
         self,
         values: MemoryValues,
+        recorder: ReadRecorder,
         kind: str,
         lr: float,
         weight_decay: float = 0.0,
@@ -47,6 +49,7 @@ class RowWiseValueOptimizer:
         if kind not in OPTIMIZERS:
             raise ValueError(f"unknown row-wise optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
         self.values = values
+        self.recorder = recorder
         self.kind = kind
         self.code = OPTIMIZERS[kind]
         self.base_lr = lr
@@ -71,7 +74,6 @@ class RowWiseValueOptimizer:
         self._prepared = None
         # The table is trained here, not by autograd: no layer may ask for its dense gradient.
         values.weight.requires_grad_(False)
-        values.start_recording()
 
     def _local_table(self) -> torch.Tensor:
         return local_tensor(self.values.weight)
@@ -79,7 +81,7 @@ class RowWiseValueOptimizer:
     def _merge(self):
         """All contributions recorded since the last step, on every replica of this slice, as one [T_total, L] bag
         over one gradient table (weights scaled to the global-batch mean)."""
-        contributions = self.values.take_recorded()
+        contributions = self.recorder.take()
         if not contributions:
             return None
         merged = [torch.cat([c[i] for c in contributions]) for i in range(3)]
@@ -126,7 +128,7 @@ class RowWiseValueOptimizer:
 
     def discard(self) -> None:
         """Drop this step's contributions (a skipped, non-finite step)."""
-        self.values.take_recorded()
+        self.recorder.take()
         self._prepared = None
 
     def state_dict(self) -> dict:
@@ -144,7 +146,9 @@ class RowWiseValueOptimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        state = state[self.kind]
+        state = state.get(self.kind)
+        if not state:  # saved by another kind of value optimizer: this one starts fresh
+            return
         for name in ("first", "second"):
             getattr(self, name).copy_(local_tensor(state[name]))
         self.steps = int(state["steps"])

@@ -1,6 +1,7 @@
 """Build a `JobConfig` from defaults, a TOML file and `--section.key value` overrides, in that order of precedence.
 
 Every check here runs before any model, tokenizer or process group exists, so a typo costs seconds, not a queue slot.
+This module imports nothing from the layers it configures; the run plan (`titanmem.plan`) checks the rest.
 """
 
 from __future__ import annotations
@@ -229,72 +230,13 @@ def resolve_asset_path(path: str) -> Path:
 
 
 def validate(config: JobConfig) -> None:
-    """Checks that span fields or touch the file system; all cheap, all before any expensive work."""
-    from titanmem.components.checkpoint import check_load_step
-    from titanmem.models.flavors import FLAVORS
-
+    """The checks a config can make on its own: each field's bounds, then each section's cross-field `check()`. Checks
+    that need a model shape, the world size or the file system belong to the run plan (`titanmem.plan`)."""
     check_bounds(config)
-    if config.model.flavor not in FLAVORS:
-        raise ConfigError("model.flavor", f"unknown flavor {config.model.flavor!r}" + _suggest(config.model.flavor, list(FLAVORS)))
-    check_parallelism(config, int(os.environ.get("WORLD_SIZE", "1")))
-    check_load_step(config.checkpoint, config.job.dump_folder)
     for section in section_classes():
         check = getattr(getattr(config, section), "check", None)
         if check is not None:
             check(config)
-    if config.tokenizer.path:
-        if not resolve_asset_path(config.tokenizer.path).is_file():
-            raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
-    elif not config.tokenizer.name:
-        raise ConfigError("tokenizer", "set tokenizer.path to a .tiktoken file or tokenizer.name to a named encoding")
-    _check_data_path(config)
-
-
-def check_parallelism(config: JobConfig, world_size: int):
-    """The plan against the world size and the model's shapes; returns the resolved ParallelDims."""
-    from titanmem.components.optimizer import resolve_value_optimizer
-    from titanmem.distributed.parallel_dims import ParallelDims
-    from titanmem.models.flavors import FLAVORS, memory_args_for
-
-    p = config.parallelism
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.mp, world_size)
-    args = FLAVORS[config.model.flavor]
-    memory = memory_args_for(config.model.flavor, config.memory) if config.memory.enabled else None
-    dims.check_model(args.n_heads, args.kv_heads, args.ffn_hidden_dim, memory)
-    if p.tp > 1 and config.training.seq_len % p.tp:
-        raise ConfigError(
-            "training.seq_len",
-            f"({config.training.seq_len}) must be divisible by parallelism.tp = {p.tp}: sequence parallel splits each "
-            "sequence over the tensor-parallel ranks",
-        )
-    if world_size > 1 and memory is not None:
-        import torch
-
-        on_gpu = config.training.device == "cuda" or (config.training.device == "auto" and torch.cuda.is_available())
-        kind = resolve_value_optimizer(config.memory, "cuda" if on_gpu else "cpu")
-        if kind != "adamw" and p.value_slice_sharding == "fsdp":
-            raise ConfigError(
-                "parallelism.value_slice_sharding",
-                f"'fsdp' row-shards the value table, but value_optimizer {kind!r} updates whole slices in place; use "
-                "'replicate' (or 'auto'), or memory.value_optimizer = 'adamw'",
-            )
-    return dims
-    return dims
-
-
-def _check_data_path(config: JobConfig) -> None:
-    from titanmem.data.files import local_data_files, looks_local
-
-    data = config.data
-    if data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
-        raise ConfigError("data.facts_path", f"no such file: {data.facts_path} (needed by data.facts_fraction > 0)")
-    if config.eval.interval and not resolve_asset_path(config.eval.perplexity_path).is_file():
-        raise ConfigError("eval.perplexity_path", f"no such file: {config.eval.perplexity_path} (needed by "
-                          "eval.interval > 0); point it at held-out text, or set eval.interval = 0")
-    if data.format == "hub" or local_data_files(data.path):
-        return
-    if data.format != "auto" or looks_local(data.path):
-        raise ConfigError("data.path", f"no local file matches {data.path}; fix the path, or set data.format = 'hub'")
 
 
 def build_config(argv: list[str] | None = None) -> tuple[JobConfig, CommandLine]:

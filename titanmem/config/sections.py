@@ -150,36 +150,6 @@ class Memory:
     value_max_norm: float = bounded(1.0, ge=0.0)
     """Clip the value table's gradient norm to this, separately from the other parameters; 0 disables clipping."""
 
-    def check(self, config: "JobConfig") -> None:
-        if not self.enabled:
-            return
-        from titanmem.models.flavors import FLAVORS, memory_args_for
-        from titanmem.models.lookup import available_lookups
-
-        args = FLAVORS[config.model.flavor]
-        resolved = memory_args_for(config.model.flavor, self)
-        if not all(0 <= layer < args.n_layers for layer in resolved.layers):
-            raise ConfigError(
-                "memory.layers", f"must lie in [0, {args.n_layers}) for flavor {config.model.flavor}, got {resolved.layers}"
-            )
-        if len(set(resolved.layers)) != len(resolved.layers):
-            raise ConfigError("memory.layers", f"lists a block twice: {resolved.layers}")
-        if resolved.k_dim % 2:
-            raise ConfigError("memory.k_dim", f"must be even (the query is split in two halves), got {resolved.k_dim}")
-        if resolved.knn > resolved.n_keys:
-            raise ConfigError("memory.knn", f"must be at most n_keys ({resolved.n_keys}), got {resolved.knn}")
-        if self.lookup != "auto" and self.lookup not in available_lookups():
-            raise ConfigError(
-                "memory.lookup", f"{self.lookup!r} is not available in this build; available: {available_lookups()}"
-            )
-        if self.value_optimizer == "sgd" and self.value_lr == -1:
-            raise ConfigError("memory.value_lr", "has no default for value_optimizer 'sgd'; set it explicitly")
-        if self.value_optimizer not in ("auto", "adamw") and "triton" not in available_lookups():
-            raise ConfigError(
-                "memory.value_optimizer",
-                f"{self.value_optimizer!r} runs fused Triton kernels, and Triton is not importable here; use 'adamw'",
-            )
-
 
 @dataclass
 class Training:
@@ -372,7 +342,12 @@ class Eval:
 
     dump_memory: bool = False
     """Also save the memory layers' selected rows and scores on the perplexity text, per layer, to
-    `<job.dump_folder>/eval/memory-step-<N>.pt`, for offline analysis."""
+    `memory-step-<N>.pt` in the results folder (see `results_folder`), for offline analysis."""
+
+    results_folder: str = ""
+    """Where `python -m titanmem.eval` appends results.jsonl (and memory dumps); empty prints the results only. It must
+    lie outside `job.dump_folder`: reading a run never writes into it. In training, results go to
+    `<job.dump_folder>/eval`."""
 
 
 @dataclass
@@ -381,7 +356,7 @@ class Generate:
     """Prompts for `python -m titanmem.generate`, e.g. --generate.prompts '["The capital of France is"]'."""
 
     checkpoint: str = ""
-    """A `step-N` checkpoint folder to load; empty takes the newest complete one in
+    """A `step-N` checkpoint folder to load; empty takes `checkpoint.load_step`'s, or else the newest complete one, in
     `<job.dump_folder>/<checkpoint.folder>`."""
 
     max_new_tokens: int = bounded(32, ge=1)

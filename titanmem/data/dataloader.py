@@ -9,9 +9,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import JobConfig
+from titanmem.data.facts import load_facts
+from titanmem.data.files import DataSource
 from titanmem.data.text import PackedTokenDataset, check_shardable, load_documents
 from titanmem.data.tokenizer import Tokenizer
-from titanmem.eval.facts import load_facts
 
 
 # torchdata calls a torch API that newer torch deprecated; the warning is noise for our users.
@@ -19,9 +20,10 @@ warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
 
 
 def build_dataloader(
-    config: JobConfig, tokenizer: Tokenizer, dp_rank: int, dp_world_size: int, device: torch.device
+    config: JobConfig, source: DataSource, tokenizer: Tokenizer, dp_rank: int, dp_world_size: int,
+    device: torch.device,
 ) -> StatefulDataLoader:
-    documents = load_documents(config.data)
+    documents = load_documents(config.data, source)
     check_shardable(documents, dp_world_size, config.data.num_workers)
     facts = None
     if config.data.facts_fraction > 0:

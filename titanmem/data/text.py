@@ -17,31 +17,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Data as DataConfig
-from titanmem.data.files import local_data_files, suffix_builder
+from titanmem.data.facts import Fact, fact_statements
+from titanmem.data.files import DataSource
 from titanmem.data.tokenizer import Tokenizer
-from titanmem.eval.facts import Fact, fact_statements
 
-def load_documents(config: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
-    """Open the configured corpus, local or hub, as a dataset of documents."""
-    files = [] if config.format == "hub" else local_data_files(config.path)
-    if not files:
-        if config.format not in ("auto", "hub"):
-            raise ConfigError("data.path", f"no local file matches {config.path}")
+
+def load_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
+    """Open the corpus that `source` (`resolve_data_source(config)`) names as a dataset of documents."""
+    if source.is_hub:
         return datasets.load_dataset(
             config.path, config.hub_config or None, split=config.split, streaming=config.streaming
         )
-    builder = config.format
-    if builder == "auto":
-        kinds = {suffix_builder(f) for f in files}
-        if len(kinds) != 1 or None in kinds:
-            raise ConfigError(
-                "data.format", f"cannot infer one format from {config.path} (found {sorted(map(str, kinds))}); set it"
-            )
-        builder = kinds.pop()
     # A text file is one document, not one document per line, so EOS separators fall between files.
-    extra = {"sample_by": "document"} if builder == "text" else {}
+    extra = {"sample_by": "document"} if source.builder == "text" else {}
     documents = datasets.load_dataset(
-        builder, data_files={config.split: files}, split=config.split, streaming=config.streaming, **extra
+        source.builder, data_files={config.split: list(source.files)}, split=config.split,
+        streaming=config.streaming, **extra
     )
     column_names = documents.column_names
     if column_names is not None and config.text_field not in column_names:

@@ -1,4 +1,4 @@
-"""Distributed training: the parallel plan (ParallelDims) and, as [parallel] lands, its application."""
+"""Distributed training: the parallel plan's degrees and meshes (ParallelDims) and their application to a model."""
 
 from titanmem.distributed.parallel_dims import ParallelDims
 

@@ -1,4 +1,4 @@
-"""Memory parallel, column-wise (DESIGN.md §3): each rank of an `mp` group holds all N value rows but only
+"""Memory parallel, column-wise (the paper's scheme): each rank of an `mp` group holds all N value rows but only
 v_dim / mp of their columns, and reads them for the whole group's tokens.
 
 Forward, on a group of M ranks with T tokens each:
@@ -20,8 +20,8 @@ be laid out over `mp` alone. (Splitting the lookup's columns over tp as well wou
 it is left for when the lookup, not the search, bounds the layer.)
 
 With a row-wise value optimizer the table gets no autograd gradient. The lookups here then record what they read
-(rows, weights and the read-out's gradient, for this rank's columns) with the table (`MemoryValues.add_record`); the
-optimizer gathers these records over the slice's replicas (`titanmem.components.value_optimizer`).
+(rows, weights and the read-out's gradient, for this rank's columns) in a `ReadRecorder`; the optimizer gathers
+these records over the slice's replicas (`titanmem.components.value_optimizer`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from titanmem.models.lookup import Lookup
-from titanmem.models.memory import MemoryValues, ProductKeyMemory
-from titanmem.utils import local_tensor
 
 
 def all_gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -63,7 +61,7 @@ def _sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
 
 class ColumnParallelLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values_slice, indices, weights, group, lookup: Lookup, recorder: MemoryValues | None):
+    def forward(ctx, values_slice, indices, weights, group, lookup: Lookup, recorder):
         size = dist.get_world_size(group)
         tokens = indices.shape[0]
         group_indices = all_gather_rows(indices, group)
@@ -85,7 +83,7 @@ class ColumnParallelLookup(torch.autograd.Function):
         outgoing = grad_out.reshape(tokens, size, -1).permute(1, 0, 2).reshape(size * tokens, -1)
         grad_local = _all_to_all(outgoing, ctx.group)  # [M·T, D/M]
         if ctx.recorder is not None:
-            ctx.recorder.add_record(group_indices, group_weights, grad_local)
+            ctx.recorder.add(group_indices, group_weights, grad_local)
         with torch.enable_grad():
             values_leaf = values_slice.detach().requires_grad_(ctx.needs_input_grad[0])
             weights_leaf = group_weights.detach().requires_grad_(True)
@@ -99,86 +97,15 @@ class ColumnParallelLookup(torch.autograd.Function):
 
 
 def column_parallel_lookup(values_slice: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, group,
-                           lookup: Lookup, recorder: MemoryValues | None = None) -> torch.Tensor:
+                           lookup: Lookup, recorder=None) -> torch.Tensor:
     """The weighted bag of `indices` over a table whose columns are split over `group`; [T, D] for this rank's T
     tokens. Every rank of the group must pass the same number of tokens. `recorder` (if recording) receives the
     group's reads with this rank's columns of their gradient."""
     return ColumnParallelLookup.apply(values_slice, indices, weights, group, lookup, recorder)
 
 
-def _gather_heads(indices: torch.Tensor, weights: torch.Tensor, tp_mesh) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every tp rank's heads side by side: [T, heads·knn]. The lookup after this runs the same on every tp rank, so
-    the weights' gradient is replicated too, and its backward keeps this rank's columns."""
-
-    def gather(tensor):
-        return DTensor.from_local(tensor, tp_mesh, [Shard(1)], run_check=False).redistribute(
-            tp_mesh, [Replicate()]).to_local()
-
-    return gather(indices), gather(weights)
-
-
-def _own_columns(read: torch.Tensor, tp_mesh) -> torch.Tensor:
-    """This tp rank's columns of a read-out that every tp rank computed alike (W1's and W2's slice of v_dim); the
-    backward gathers the column gradients back into the full read-out's."""
-    return DTensor.from_local(read, tp_mesh, [Replicate()], run_check=False).redistribute(
-        tp_mesh, [Shard(1)]).to_local()
-
-
-class DistributedLookup:
-    """A memory layer's lookup under the parallel plan: the bag of all heads (gathered over `tp_mesh` when the layer
-    is tensor parallel), over the table's local columns (exchanged over `mp_group` when the columns are split),
-    recorded for a row-wise value optimizer."""
-
-    records_reads = True  # ProductKeyMemory then leaves the recording to this lookup
-
-    def __init__(self, local_lookup: Lookup, values: MemoryValues, mp_group=None, tp_mesh=None):
-        self.local_lookup = local_lookup
-        self.values = values
-        self.mp_group = mp_group
-        self.tp_mesh = tp_mesh
-
-    def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.tp_mesh is not None:
-            indices, weights = _gather_heads(indices, weights, self.tp_mesh)
-        local_table = local_tensor(table)
-        if self.mp_group is not None:
-            read = column_parallel_lookup(local_table, indices, weights, self.mp_group, self.local_lookup, self.values)
-        else:
-            read = self.local_lookup(local_table, indices, weights)
-            self.values.record(indices, weights, read)
-        if self.tp_mesh is not None:
-            read = _own_columns(read, self.tp_mesh)
-        return read
-
-
-def apply_memory_parallel(model: torch.nn.Module, mp_mesh=None, tp_mesh=None) -> None:
-    """Route every memory layer's lookup through `DistributedLookup`. With `mp_mesh` (the 1-D `mp` dim), the value
-    table becomes a DTensor whose columns are split over it (Shard(1)), and so one global table for checkpoints;
-    it is replicated over the other mesh dims, or row-sharded over them by FSDP (`apply_fsdp`). With `tp_mesh`,
-    the tensor-parallel memory layers (see `apply_tp`) gather their heads over it. The model code is untouched: only
-    the table and the layers' `lookup` attribute change."""
-    from torch.distributed.tensor import distribute_tensor
-
-    values = model.memory_values
-    mp_group = None
-    if mp_mesh is not None:
-        sharded = distribute_tensor(values.weight.data, mp_mesh, [Shard(1)])
-        values.weight = torch.nn.Parameter(sharded, requires_grad=values.weight.requires_grad)
-        mp_group = mp_mesh.get_group()
-    for layer in model.modules():
-        if isinstance(layer, ProductKeyMemory):
-            layer_tp = tp_mesh if tp_mesh is not None and is_tensor_parallel(layer) else None
-            layer.lookup = DistributedLookup(layer.lookup, values, mp_group, layer_tp)
-
-
-def is_tensor_parallel(layer: ProductKeyMemory) -> bool:
-    """Memory+ layers (with W1) are split over tp; the others run whole on every tp rank."""
-    return layer.w1 is not None
-
-
-def average_over_replicas(param: torch.nn.Parameter, group) -> None:
-    """Average the gradient of a table slice over the ranks that hold the same slice (when FSDP does not)."""
-    if param.grad is None or group is None:
-        return
-    local = local_tensor(param.grad)
-    dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)
+def shard_value_columns(values: torch.nn.Module, mp_mesh) -> None:
+    """Make the value table a DTensor whose columns are split over `mp_mesh` (Shard(1)): one global table for
+    checkpoints, replicated over the other mesh dims or row-sharded over them by FSDP (`apply_fsdp`)."""
+    sharded = distribute_tensor(values.weight.data, mp_mesh, [Shard(1)])
+    values.weight = torch.nn.Parameter(sharded, requires_grad=values.weight.requires_grad)

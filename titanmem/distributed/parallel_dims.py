@@ -12,11 +12,19 @@ Dimensions, outermost first (the innermost share a node, so their collectives ru
 the existing ranks. Each group of `mp` consecutive `dp_shard` ranks splits the value table's columns (v_dim / mp each);
 every rank of the group looks up for the whole group's tokens on its own columns. So `mp` must divide `dp_shard`, and
 the world size is dp_replicate × dp_shard × tp.
+
+`build_mesh` builds the device mesh once; the rest of the code asks for a mesh or a process group by name
+(`get_mesh`, `get_group`) and never slices meshes itself:
+- `world`: the root mesh (dp_replicate, dp_shard_out, mp, tp);
+- `tp`, `mp`: the tensor- and memory-parallel groups;
+- `dp`: every data-parallel rank (dp_replicate × dp_shard), which reads its own data and averages the loss;
+- `fsdp`: where FSDP2 shards: dp_shard, or the 2-D (dp_replicate, dp_shard) of HSDP;
+- `mp_replicas`: the ranks that hold the same slice of the value table (every data-parallel rank when mp = 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from titanmem.config.errors import ConfigError
 
@@ -28,6 +36,8 @@ class ParallelDims:
     tp: int
     mp: int
     world_size: int
+    # Filled once by `build_mesh`; the degrees above never change.
+    _meshes: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, mp: int, world_size: int) -> "ParallelDims":
@@ -87,9 +97,61 @@ class ParallelDims:
         """Data-parallel ranks: each reads its own shard of the data."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def mp_enabled(self) -> bool:
+        return self.mp > 1
+
+    @property
+    def slice_copies(self) -> int:
+        """Ranks that hold the same slice of the value table (its column slice under mp, else the whole table)."""
+        return self.dp // self.mp
+
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Shape and names of the device mesh; dp_shard is split as (dp_shard_out, mp) so that a memory group is a
         run of consecutive ranks (inside one node when dp_shard fits in one)."""
         dims = [("dp_replicate", self.dp_replicate), ("dp_shard_out", self.dp_shard // self.mp), ("mp", self.mp),
                 ("tp", self.tp)]
         return tuple(size for _, size in dims), tuple(name for name, _ in dims)
+
+    def build_mesh(self, device_type: str) -> None:
+        """Build the device mesh and its named views, once; a single process has none."""
+        if self._meshes or not self.distributed:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape, names = self.mesh_shape()
+        world = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        # Flattened views are made once here: slicing a flattened dim back out of the root mesh is deprecated.
+        dp_shard = world[("dp_shard_out", "mp")]._flatten(mesh_dim_name="dp_shard")
+        dp = world[("dp_replicate", "dp_shard_out", "mp")]._flatten(mesh_dim_name="dp")
+        # HSDP needs a 2-D mesh (replicate, shard); sliced from the root mesh, so that FSDP can combine it with tp.
+        fsdp = world[("dp_replicate", "dp_shard")] if self.dp_replicate > 1 else dp_shard
+        meshes = {"world": world, "tp": world["tp"], "mp": world["mp"], "dp": dp, "fsdp": fsdp}
+        if self.slice_copies > 1:
+            meshes["mp_replicas"] = dp if self.mp == 1 else world[("dp_replicate", "dp_shard_out")]._flatten(
+                mesh_dim_name="mp_replicas")
+        self._meshes.update(meshes)
+
+    def get_mesh(self, name: str):
+        """The named mesh (see the module doc), or None on a single process or when the plan has no such group."""
+        if name not in ("world", "tp", "mp", "dp", "fsdp", "mp_replicas"):
+            raise KeyError(f"no mesh named {name!r}")
+        return self._meshes.get(name)
+
+    def get_group(self, name: str):
+        """The process group of a 1-D named mesh, or None when it has a single rank (nothing to exchange)."""
+        mesh = self.get_mesh(name)
+        return mesh.get_group() if mesh is not None and mesh.size() > 1 else None
+
+    def data_parallel_position(self) -> tuple[int, int]:
+        """This rank's index among the data-parallel ranks, and their number."""
+        mesh = self.get_mesh("dp")
+        return (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)

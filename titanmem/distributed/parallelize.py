@@ -1,30 +1,31 @@
-"""Apply the parallel plan to a plain model, from outside, in a fixed order.
+"""Apply the parallel plan to a plain model, from outside, in one fixed order (`parallelize_model`):
 
-Order (each step sees the result of the one before):
 1. tensor parallel over `tp` with sequence parallel (`apply_tp`, plan in `tensor_parallel_plan`);
-2. memory parallel (`apply_memory_parallel`): the value table's columns split over each mp group, and the memory
-   layers' lookups made to exchange over mp and to gather their heads over tp;
+2. memory parallel: the value table's columns split over each mp group (`shard_value_columns`), and every memory
+   layer's lookup routed through `DistributedLookup` (`apply_memory_lookups`), which gathers heads over tp,
+   exchanges over mp and records reads for a row-wise value optimizer (on one process too);
 3. activation checkpointing of blocks (`apply_activation_checkpointing`);
 4. torch.compile of each block (`apply_compile`);
 5. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
    root, which holds the embeddings and the output layer. The memory value table is row-sharded by FSDP or kept
    whole on each rank, per `[parallelism] value_slice_sharding` (see `apply_fsdp`).
 
-The mesh is built by `build_mesh` from `ParallelDims.mesh_shape`, with flattened views for data loading (`dp`) and for
-FSDP (`dp_shard`).
+Each step sees the result of the one before: TP and MP must replace parameters before AC and compile wrap the blocks,
+and FSDP must come last so that it shards the parameters the earlier steps left. All of it runs on the meta device;
+the build path then materialises each rank's shards and initialises them (`titanmem.distributed.initialize`).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from titanmem.config.sections import JobConfig
+from titanmem.distributed.lookup import ReadRecorder, apply_memory_lookups, is_tensor_parallel
+from titanmem.distributed.memory_parallel import shard_value_columns
 from titanmem.distributed.parallel_dims import ParallelDims
+from titanmem.models.memory import ProductKeyMemory
 
 try:  # torch >= 2.6 exports FSDP2 here
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -32,47 +33,23 @@ except ImportError:  # pragma: no cover - older torch
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun described in the environment: NCCL between GPUs, gloo between CPU ranks."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-
-
-@dataclass(frozen=True)
-class Meshes:
-    """The device mesh and the flattened views the trainer uses (kept here: slicing a flattened dim back out of
-    the root mesh is deprecated)."""
-
-    world: DeviceMesh
-    dp: DeviceMesh  # every data-parallel rank: (dp_replicate, dp_shard_out, mp) flattened; loss and data sharding
-    fsdp: DeviceMesh  # where FSDP2 shards: dp_shard, or (dp_replicate, dp_shard) for HSDP
-    # The ranks holding the same value-table slice: (dp_replicate, dp_shard_out) flattened, or `dp` when mp = 1;
-    # None when there is one.
-    replicas: DeviceMesh | None
-
-
-def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
-    shape, names = dims.mesh_shape()
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    dp_shard = mesh[("dp_shard_out", "mp")]._flatten(mesh_dim_name="dp_shard")
-    dp = mesh[("dp_replicate", "dp_shard_out", "mp")]._flatten(mesh_dim_name="dp")
-    fsdp = dp_shard
-    if dims.dp_replicate > 1:
-        # HSDP needs a 2-D mesh (replicate, shard); sliced from the root mesh, so that FSDP can combine it with tp.
-        fsdp = mesh[("dp_replicate", "dp_shard")]
-    replicas = None
-    if dims.dp // dims.mp > 1:
-        replicas = dp if dims.mp == 1 else mesh[("dp_replicate", "dp_shard_out")]._flatten(mesh_dim_name="mp_replicas")
-    return Meshes(world=mesh, dp=dp, fsdp=fsdp, replicas=replicas)
-
-
-def data_parallel_rank(meshes: Meshes | None) -> tuple[int, int]:
-    """This rank's position among the data-parallel ranks, and their number."""
-    if meshes is None:
-        return 0, 1
-    return meshes.dp.get_local_rank(), meshes.dp.size()
+def parallelize_model(model: torch.nn.Module, dims: ParallelDims, config: JobConfig, *, bf16: bool,
+                      shard_value_slices: bool, recorder: ReadRecorder | None) -> None:
+    """The whole plan, in the order of the module doc. `dims` must have built its mesh when it spans several ranks."""
+    tp_mesh = dims.get_mesh("tp") if dims.tp_enabled else None
+    if tp_mesh is not None:
+        apply_tp(model, tp_mesh)
+    if model.memory_values is not None:
+        mp_mesh = dims.get_mesh("mp") if dims.mp_enabled else None
+        if mp_mesh is not None:
+            shard_value_columns(model.memory_values, mp_mesh)
+        apply_memory_lookups(model, recorder, mp_mesh.get_group() if mp_mesh is not None else None, tp_mesh)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_layer_stride)
+    if config.compile.enable:
+        apply_compile(model, config.compile.backend)
+    if dims.distributed:
+        apply_fsdp(model, dims, bf16=bf16, shard_value_slices=shard_value_slices)
 
 
 def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
@@ -83,7 +60,7 @@ def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
     its column-parallel projections (attention's wq/wk/wv, the FFN's w1/w3, the memory's query and W1) take the full
     input and keep a slice of heads or hidden units; its row-parallel projection (wo, the FFN's w2, the memory's W2)
     reduce-scatters its partial sums back to sequence slices. The memory layer's sub-keys are split by heads like its
-    query; its lookup is made tensor parallel by `apply_memory_parallel`. Memory layers without W1 (plain PKM) run
+    query; its lookup is made tensor parallel by `apply_memory_lookups`. Memory layers without W1 (plain PKM) run
     whole on every tp rank. Embedding rows and the output layer's vocabulary are split too.
     """
     from torch.distributed.tensor import Replicate, Shard
@@ -94,9 +71,6 @@ def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
         RowwiseParallel,
         SequenceParallel,
     )
-
-    from titanmem.distributed.memory_parallel import is_tensor_parallel
-    from titanmem.models.memory import ProductKeyMemory
 
     def gather_sequence():
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
@@ -150,9 +124,6 @@ def apply_tp(model: torch.nn.Module, tp_mesh: DeviceMesh) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from titanmem.distributed.memory_parallel import is_tensor_parallel
-    from titanmem.models.memory import ProductKeyMemory
-
     parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
     for layer in model.modules():
         if isinstance(layer, ProductKeyMemory) and is_tensor_parallel(layer):
@@ -177,14 +148,14 @@ def apply_compile(model: torch.nn.Module, backend: str) -> None:
         model.layers[name] = torch.compile(block, backend=backend, fullgraph=False)
 
 
-def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool, shard_value_slices: bool) -> None:
+def apply_fsdp(model: torch.nn.Module, dims: ParallelDims, bf16: bool, shard_value_slices: bool) -> None:
     """Shard every block, then the root. Parameters are gathered in bf16 (on GPU) and gradients reduced in fp32.
 
     The memory value table: with `shard_value_slices`, FSDP shards it by rows. When mp splits its columns, that is a
     group of its own over the slice's replicas, gathered once per step (its reads are random rows: resharding it
     between layers would gather it again for each); otherwise it belongs to the root. Without, FSDP leaves it alone and
     each rank holds its whole slice (`value_slice_sharding = "replicate"`)."""
-    fsdp_mesh = meshes.fsdp
+    fsdp_mesh = dims.get_mesh("fsdp")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
@@ -194,12 +165,9 @@ def apply_fsdp(model: torch.nn.Module, meshes: Meshes, bf16: bool, shard_value_s
     ignored = None
     if values is not None:
         column_split = isinstance(values.weight, DTensor)
-        if shard_value_slices and column_split and meshes.replicas is not None:
-            fully_shard(values, mesh=meshes.replicas, mp_policy=policy, reshard_after_forward=False)
+        replicas = dims.get_mesh("mp_replicas")
+        if shard_value_slices and column_split and replicas is not None:
+            fully_shard(values, mesh=replicas, mp_policy=policy, reshard_after_forward=False)
         elif not shard_value_slices or column_split:
             ignored = {values.weight}
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, ignored_params=ignored)
-
-
-def local_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,38 +1,53 @@
-"""Evaluate a checkpoint: `python -m titanmem.eval --job.config_file FILE [--checkpoint.load_step N]`, under torchrun
-for a sharded model. Loads the newest complete checkpoint of the run (or `load_step`) as training would, then
-appends held-out perplexity and fact recall to `<job.dump_folder>/eval/results.jsonl` and prints them."""
+"""Evaluate a checkpoint: `python -m titanmem.eval --job.config_file FILE [--checkpoint.load_step N]
+[--eval.results_folder DIR]`, under torchrun for a sharded model.
+
+The model is built by the same path as training, on the plan this launch gives (any plan can read any checkpoint:
+DCP reshards by parameter name), and only its weights are read, from `load_step`'s checkpoint or the newest complete
+one. Reading a run never changes it: nothing in its folder is renamed, deleted or written. Held-out perplexity and
+fact recall are printed as JSON, and appended to `<eval.results_folder>/results.jsonl` when that is set.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from titanmem.config import ConfigError, build_config
+import torch.distributed as dist
+
+from titanmem.build import build_run
+from titanmem.components.checkpoint import checkpoint_to_read, load_model_weights
+from titanmem.config import ConfigError
+from titanmem.eval.runner import Evaluator
+from titanmem.plan import plan_from_command_line
 from titanmem.utils import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from titanmem.train import Trainer
-
+    started = plan_from_command_line(argv, "eval")
+    if isinstance(started, int):
+        return started
+    config, plan = started
+    path = checkpoint_to_read(config.checkpoint, config.job.dump_folder)
+    if path is None:
+        print(f"error: config error in checkpoint.folder: no complete checkpoint under "
+              f"{config.job.dump_folder}/{config.checkpoint.folder}", file=sys.stderr)
+        return 2
     try:
-        config, _ = build_config(argv)
-        if not config.checkpoint.enable:
-            raise ConfigError("checkpoint.enable", "is false: there is no checkpoint to evaluate; set it to true")
-        trainer = Trainer(config)
+        run = build_run(plan)
+        load_model_weights(run.model, path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if trainer.checkpointer.load() is None:
-            print(f"error: config error in checkpoint.folder: no complete checkpoint under {config.job.dump_folder}",
-                  file=sys.stderr)
-            return 2
-        results = trainer.evaluate()
-        if trainer.rank == 0:
+        evaluator = Evaluator(config, run.tokenizer, run.device, plan.autocast_dtype, run.rank,
+                              results_folder=config.eval.results_folder or None)
+        results = evaluator.run(run.model, int(path.name.removeprefix("step-")))
+        if run.rank == 0:
             print(json.dumps(results, indent=1))
     finally:
-        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

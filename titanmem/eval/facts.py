@@ -1,110 +1,11 @@
-"""Facts for the factual-recall evaluation (DESIGN.md §7): relations and their templates, the seen/unseen split, the
-statements mixed into training, the prompts asked at eval, and the exact-match scorer.
+"""The factual-recall scorer: exact match after folding case, accents and punctuation.
 
-A fact is (relation, subject, answer), e.g. ("capital", "Botswana", "Gaborone"). Training sees *seen* facts only, as
-statements from the relation's training templates ("The capital of Botswana is Gaborone."). Eval completes prompts
-greedily and scores exact match after normalisation, for:
-- the training phrasing: the first training template cut before the answer ("The capital of Botswana is");
-- held-out phrasings, never in training ("The capital city of Botswana is", "Q: What is the capital of Botswana?").
-Unseen facts are asked the same way: their recall is what guessing gives, the floor to read the seen numbers against.
+The facts themselves, their templates and their prompts are the corpus's (`titanmem.data.facts`).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
-import random
 import unicodedata
-from dataclasses import dataclass
-from pathlib import Path
-
-ANSWER = "{answer}"
-
-
-@dataclass(frozen=True)
-class Relation:
-    """Templates use {subject} and {answer}. Training templates end with the answer and a full stop, so that the
-    text before {answer} is a prompt; held-out prompts are complete prompts, answered right after them."""
-
-    name: str
-    train_templates: tuple[str, ...]
-    heldout_prompts: tuple[str, ...]
-
-    def statement(self, subject: str, answer: str, template: int) -> str:
-        return self.train_templates[template].format(subject=subject, answer=answer)
-
-    def training_prompt(self, subject: str) -> str:
-        return self.train_templates[0].split(ANSWER)[0].format(subject=subject).rstrip()
-
-    def heldout(self, subject: str) -> list[str]:
-        return [prompt.format(subject=subject) for prompt in self.heldout_prompts]
-
-
-RELATIONS: dict[str, Relation] = {
-    relation.name: relation
-    for relation in (
-        Relation(
-            "capital",
-            ("The capital of {subject} is {answer}.", "{subject} has its capital in {answer}.",
-             "The seat of government of {subject} is {answer}."),
-            ("The capital city of {subject} is", "Q: What is the capital of {subject}?\nA:"),
-        ),
-        Relation(
-            "subregion",
-            ("{subject} is a country in {answer}.", "The country of {subject} lies in {answer}.",
-             "On a map, {subject} is found in {answer}."),
-            ("{subject} is located in the region of", "Q: In which region of the world is {subject}?\nA:"),
-        ),
-        Relation(
-            "demonym",
-            ("A person from {subject} is called {answer}.", "The people of {subject} are known as {answer}.",
-             "The demonym of {subject} is {answer}."),
-            ("Someone born in {subject} is described as", "Q: What do you call a person from {subject}?\nA:"),
-        ),
-        Relation(
-            "city_country",
-            ("{subject} is a city in {answer}.", "The city of {subject} is located in {answer}.",
-             "{subject} lies in the country of {answer}."),
-            ("The country in which {subject} lies is", "Q: In which country is the city of {subject}?\nA:"),
-        ),
-        Relation(
-            "element_symbol",
-            ("The chemical symbol of {subject} is {answer}.", "{subject} has the symbol {answer}.",
-             "In chemistry, {subject} is written as {answer}."),
-            ("The symbol used for the element {subject} is", "Q: What is the chemical symbol of {subject}?\nA:"),
-        ),
-        Relation(
-            "atomic_number",
-            ("The atomic number of {subject} is {answer}.", "{subject} has atomic number {answer}.",
-             "{subject} is element number {answer}."),
-            ("The number of protons in an atom of {subject} is", "Q: What is the atomic number of {subject}?\nA:"),
-        ),
-        Relation(
-            "discovery_year",
-            ("{subject} was discovered in {answer}.", "The element {subject} was first identified in {answer}.",
-             "The discovery of {subject} dates from {answer}."),
-            ("The year in which {subject} was discovered is", "Q: In what year was {subject} discovered?\nA:"),
-        ),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Fact:
-    relation: str
-    subject: str
-    answer: str
-    seen: bool
-
-    def to_json(self) -> dict:
-        return {"relation": self.relation, "subject": self.subject, "answer": self.answer, "seen": self.seen}
-
-
-def is_unseen(relation: str, subject: str, unseen_fraction: float) -> bool:
-    """The split, a pure function of the fact's key: stable across builds, orders and subsets of the sources."""
-    digest = hashlib.sha256(f"{relation}\x00{subject}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < unseen_fraction * 2**64
 
 
 def normalize(text: str) -> str:
@@ -124,23 +25,3 @@ def is_exact_match(completion: str, answer: str) -> bool:
     "Gaborone"; "Gaboronesque" and "18" for "1" do not)."""
     got, wanted = normalize(completion), normalize(answer)
     return bool(wanted) and (got == wanted or got.startswith(wanted + " "))
-
-
-def load_facts(path: str | Path) -> list[Fact]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        facts = [Fact(**json.loads(line)) for line in handle if line.strip()]
-    unknown = sorted({f.relation for f in facts} - set(RELATIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown relations {unknown}; known: {sorted(RELATIONS)}")
-    return facts
-
-
-def fact_statements(facts: list[Fact], rng: random.Random, count: int) -> str:
-    """`count` training statements of random seen facts, each in a random training template, as one text."""
-    statements = []
-    for _ in range(count):
-        fact = facts[rng.randrange(len(facts))]
-        relation = RELATIONS[fact.relation]
-        statements.append(relation.statement(fact.subject, fact.answer, rng.randrange(len(relation.train_templates))))
-    return " ".join(statements)

@@ -1,7 +1,7 @@
-"""Evaluation of a model in training or from a checkpoint: held-out perplexity and factual recall (DESIGN.md §7).
+"""Evaluation of a model in training or from a checkpoint: held-out perplexity and factual recall.
 
-Results go to `<job.dump_folder>/eval/results.jsonl` (one JSON object per evaluation, with per-relation detail) and,
-in training, to TensorBoard under `eval/`. Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
+Results go to `results.jsonl` in the results folder (one JSON object per evaluation, with per-relation detail): in
+training `<job.dump_folder>/eval`, and TensorBoard under `eval/`; from a checkpoint, `eval.results_folder`, if set. Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
 the share of facts answered exactly by greedy completion of the first training template's prompt (`train`) and of
 the held-out prompts (`heldout`, averaged over them).
 """
@@ -23,7 +23,8 @@ from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import JobConfig
 from titanmem.data.tokenizer import Tokenizer
 from titanmem.eval.decode import generate
-from titanmem.eval.facts import RELATIONS, Fact, is_exact_match, load_facts
+from titanmem.data.facts import RELATIONS, Fact, load_facts
+from titanmem.eval.facts import is_exact_match
 from titanmem.eval.telemetry import memory_layer_names
 from titanmem.utils import autocast
 
@@ -60,13 +61,14 @@ def heldout_tokens(path: str, tokenizer: Tokenizer, count: int, text_field: str 
 
 class Evaluator:
     def __init__(self, config: JobConfig, tokenizer: Tokenizer, device: torch.device,
-                 autocast_dtype: torch.dtype | None, rank: int = 0):
+                 autocast_dtype: torch.dtype | None, rank: int = 0, results_folder: str | Path | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.rank = rank
-        self.folder = Path(config.job.dump_folder) / "eval"
+        # None: results are returned (and logged), never written.
+        self.folder = Path(results_folder) if results_folder else None
         self.tokens = heldout_tokens(config.eval.perplexity_path, tokenizer, config.eval.perplexity_tokens,
                                      config.data.text_field)
         facts_path = resolve_asset_path(config.data.facts_path)
@@ -138,9 +140,10 @@ class Evaluator:
         results = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens_scored": scored,
                    "facts_asked": len(self.facts), "recall": recall}
         if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / "results.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(results) + "\n")
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with open(self.folder / "results.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(results) + "\n")
             summary = " | ".join(f"{k.replace('/all', '')} {v:.1%}" for k, v in recall.items() if k.endswith("/all"))
             logger.info("eval step %d | loss %.4f | perplexity %.2f%s", step, loss, results["perplexity"],
                         f" | recall {summary}" if summary else "")
@@ -170,7 +173,7 @@ class Evaluator:
 
     def _save_dump(self, dump: dict, step: int) -> None:
         """Per layer: the selected rows [tokens, heads·knn] and their softmax weights (the normalised scores)."""
-        if self.rank != 0:
+        if self.rank != 0 or self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save({"indices": {k: torch.cat(v) for k, v in dump["indices"].items()},

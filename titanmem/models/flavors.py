@@ -1,5 +1,5 @@
-"""Named model shapes. Dense shapes follow the paper's base models (DESIGN.md §1); 720m and 1.3b are derived from the
-parameter counts the paper reports, 8b is Llama-3 8B.
+"""Named model shapes. Dense shapes follow the paper's base models (Berges et al. 2025); 720m and 1.3b are derived
+from the parameter counts the paper reports, 8b is Llama-3 8B.
 
 Each flavor also names where its memory layers go when `[memory] enabled = true`: three layers, centred and spread
 out (stride 8 in 24-ish-layer models, stride 4 in the 12-layer 134m), and the default table size.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from titanmem.config.sections import Memory as MemoryConfig
 from titanmem.models.args import MemoryArgs, ModelArgs
 
 FLAVORS: dict[str, ModelArgs] = {
@@ -35,22 +34,3 @@ MEMORY_PLACEMENT: dict[str, MemoryPlacement] = {
     "1.3b": MemoryPlacement((3, 11, 19), 1024),
     "8b": MemoryPlacement((7, 15, 23), 4096),
 }
-
-
-def memory_args_for(flavor: str, config: MemoryConfig, device_type: str = "cpu") -> MemoryArgs:
-    """The memory shape of a flavor with the `[memory]` section's settings applied over its defaults; an `auto`
-    lookup becomes the Triton kernels on CUDA and the torch reference elsewhere."""
-    dim = FLAVORS[flavor].dim
-    placement = MEMORY_PLACEMENT[flavor]
-    return MemoryArgs(
-        layers=tuple(config.layers) or placement.layers,
-        n_keys=config.n_keys if config.n_keys != -1 else placement.n_keys,
-        k_dim=config.k_dim if config.k_dim != -1 else dim // 2,
-        v_dim=config.v_dim if config.v_dim != -1 else dim,
-        heads=config.heads,
-        knn=config.knn,
-        swilu=config.swilu,
-        qk_norm=config.qk_norm,
-        gated=config.gated,
-        lookup=config.lookup if config.lookup != "auto" else ("triton" if device_type == "cuda" else "torch"),
-    )

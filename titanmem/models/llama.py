@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanmem.models.args import ModelArgs
+from titanmem.models.init import ParamInit, prefixed
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
+
+# Attention and FFN input projections: torchtitan's truncated normal (bounds ±2, absolute).
+_PROJECTION = ParamInit.trunc_normal(0.02, -2.0, 2.0)
+_NORM = ParamInit.constant(1.0)
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -56,10 +61,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
-    def init_weights(self, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std)
+    def param_inits(self, out_std: float) -> dict[str, ParamInit]:
+        return {"wq.weight": _PROJECTION, "wk.weight": _PROJECTION, "wv.weight": _PROJECTION,
+                "wo.weight": ParamInit.trunc_normal(out_std, -2.0, 2.0)}
 
 
 class FeedForward(nn.Module):
@@ -74,15 +78,15 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
-        for linear in (self.w2, self.w3):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=out_std)
+    def param_inits(self, out_std: float) -> dict[str, ParamInit]:
+        output = ParamInit.trunc_normal(out_std, -2.0, 2.0)
+        return {"w1.weight": _PROJECTION, "w2.weight": output, "w3.weight": output}
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block. `feed_forward` is any module mapping [B, S, dim] to [B, S, dim] with an
-    `init_weights(out_std)` method: a SwiGLU FFN, or a memory layer in the blocks that hold one."""
+    """Pre-norm residual block. `feed_forward` is any module mapping [B, S, dim] to [B, S, dim] with a
+    `param_inits(out_std)` method (its parameters' distributions): a SwiGLU FFN, or a memory layer in the blocks that
+    hold one."""
 
     def __init__(self, layer_id: int, args: ModelArgs, feed_forward: nn.Module):
         super().__init__()
@@ -98,11 +102,10 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(self.out_init_std)
-        self.feed_forward.init_weights(self.out_init_std)
+    def param_inits(self) -> dict[str, ParamInit]:
+        return {"attention_norm.weight": _NORM, "ffn_norm.weight": _NORM,
+                **prefixed("attention", self.attention.param_inits(self.out_init_std)),
+                **prefixed("feed_forward", self.feed_forward.param_inits(self.out_init_std))}
 
 
 class Transformer(nn.Module):
@@ -129,18 +132,21 @@ class Transformer(nn.Module):
             return ProductKeyMemory(self.args.dim, memory, self.memory_values)
         return FeedForward(self.args.dim, self.args.ffn_hidden_dim)
 
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer in place, e.g. after `to_empty` from the meta device."""
-        with torch.no_grad():
-            self.rope.copy_(rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device))
-            nn.init.normal_(self.tok_embeddings.weight)
-            if self.memory_values is not None:
-                self.memory_values.init_weights()
-            for block in self.layers.values():
-                block.init_weights()
-            self.norm.reset_parameters()
-            final_std = self.args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=final_std, a=-3 * final_std, b=3 * final_std)
+    def param_inits(self) -> dict[str, ParamInit]:
+        """Every parameter's distribution, by name (`titanmem.models.init` draws them, whatever the plan)."""
+        final_std = self.args.dim**-0.5
+        specs = {"tok_embeddings.weight": ParamInit.normal(1.0), "norm.weight": _NORM,
+                 "output.weight": ParamInit.trunc_normal(final_std, -3 * final_std, 3 * final_std)}
+        if self.memory_values is not None:
+            specs.update(prefixed("memory_values", self.memory_values.param_inits()))
+        for name, block in self.layers.items():
+            specs.update(prefixed(f"layers.{name}", block.param_inits()))
+        return specs
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the buffers, e.g. after `to_empty` from the meta device."""
+        self.rope.copy_(rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.args.max_seq_len:

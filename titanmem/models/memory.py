@@ -18,24 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanmem.models.args import MemoryArgs
+from titanmem.models.init import ParamInit
 from titanmem.models.lookup import get_lookup
 from titanmem.utils import local_tensor
 
 
 class MemoryValues(nn.Module):
-    """The value table shared by every memory layer of one model: n_keys² rows of v_dim.
-
-    When a row-wise optimizer trains the table (instead of autograd and a dense optimizer), the table records each
-    read: its rows, weights and, once backward reaches it, the gradient of the read-out. The optimizer takes these
-    records at its step.
-    """
+    """The value table shared by every memory layer of one model: n_keys² rows of v_dim."""
 
     def __init__(self, n_values: int, v_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_values, v_dim))
-        self.recording = False
-        self._recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # Called by each memory layer with (layer, indices, weights) of its read, when set (telemetry).
+        # Called by each memory layer with (layer, indices, weights) of its read, when set (telemetry, eval dumps).
         self.observer = None
 
     def forward(self) -> torch.Tensor:
@@ -43,27 +37,8 @@ class MemoryValues(nn.Module):
         row-sharded table here)."""
         return self.weight
 
-    def init_weights(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
-
-    def start_recording(self) -> None:
-        self.recording = True
-
-    def record(self, indices: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> None:
-        """Keep (indices, weights) of one read and, when backward passes through it, the read-out's gradient."""
-        if not (self.recording and read.requires_grad):
-            return
-        weights = weights.detach()
-        read.register_hook(lambda grad: self._recorded.append((indices, weights, grad)))
-
-    def add_record(self, indices: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> None:
-        """Keep a read whose gradient is already known (distributed lookups call this from their backward)."""
-        if self.recording:
-            self._recorded.append((indices, weights.detach(), grad))
-
-    def take_recorded(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        recorded, self._recorded = self._recorded, []
-        return recorded
+    def param_inits(self) -> dict[str, ParamInit]:
+        return {"weight": ParamInit.normal(self.weight.shape[1] ** -0.5)}
 
 
 def product_key_topk(
@@ -111,16 +86,17 @@ class ProductKeyMemory(nn.Module):
         self.__dict__["values"] = values
         self.lookup = get_lookup(args.lookup)
 
-    def init_weights(self, out_std: float | None = None) -> None:
+    def param_inits(self, out_std: float | None = None) -> dict[str, ParamInit]:
         """The paper's recipe (its own scales, not the block's depth-scaled std), with every bias zeroed."""
-        nn.init.uniform_(self.subkeys, -1 / math.sqrt(self.args.k_dim), 1 / math.sqrt(self.args.k_dim))
-        nn.init.xavier_uniform_(self.query.weight)
-        for linear in (self.w1, self.w2, self.gate):
-            if linear is not None:
-                nn.init.normal_(linear.weight, mean=0.0, std=self.dim**-0.5)
-        for linear in (self.query, self.w1, self.w2, self.gate):
-            if linear is not None:
-                nn.init.zeros_(linear.bias)
+        bound = 1 / math.sqrt(self.args.k_dim)
+        specs = {"subkeys": ParamInit.uniform(-bound, bound),
+                 "query.weight": ParamInit.xavier_uniform(self.dim, self.args.heads * self.args.k_dim),
+                 "query.bias": ParamInit.constant(0.0)}
+        for name in ("w1", "w2", "gate"):
+            if getattr(self, name) is not None:
+                specs[f"{name}.weight"] = ParamInit.normal(self.dim**-0.5)
+                specs[f"{name}.bias"] = ParamInit.constant(0.0)
+        return specs
 
     def search(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and value-row indices, each [T, heads, knn], for flat tokens: [T, dim]. Under tensor parallel the
@@ -135,9 +111,9 @@ class ProductKeyMemory(nn.Module):
         indices, weights = indices.flatten(1), weights.flatten(1)  # one bag of heads × knn rows per token
         if self.values.observer is not None:
             self.values.observer(self, indices, weights)
+        # The parallel plan may route this through a wrapper that exchanges over ranks and records the read for a
+        # row-wise value optimizer (titanmem.distributed.lookup); the model itself only reads.
         read = self.lookup(self.values(), indices, weights)
-        if not getattr(self.lookup, "records_reads", False):  # distributed lookups record what they read themselves
-            self.values.record(indices, weights, read)
         # Back to [B, S, width]: the projections then see the sequence dim, which sequence parallel splits.
         read = read.view(*x.shape[:-1], -1).to(x.dtype)
         if self.w1 is not None:

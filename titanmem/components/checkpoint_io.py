@@ -1,0 +1,96 @@
+"""Reading and writing DCP checkpoints so that a folder received from elsewhere cannot run code.
+
+DCP keeps its index (`.metadata`) as a pickle and stores every non-tensor value as a pickle too, which it unpickles
+with no restriction on load. titanmem checkpoints hold tensors only (plain data goes in as JSON records,
+`titanmem.components.records`), so:
+- the index is read with an unpickler that builds DCP's own metadata classes and nothing else;
+- a checkpoint entry stored as a pickled object is refused instead of unpickled.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+                 "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint folder holds something other than tensors and DCP's index."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"the checkpoint index refers to {module}.{name}, which is not checkpoint "
+                                    "metadata; refusing to load it")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with an index that can only build metadata."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path} is not a DCP index (it holds a {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorsOnlyPlanner(DefaultLoadPlanner):
+    """Loads tensors; an entry that the checkpoint stores as a pickled object is refused, never unpickled."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise UnsafeCheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is a pickled object; titanmem "
+                                    "checkpoints hold tensors only")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    return SafeReader(str(path)).read_metadata()
+
+
+def saved_shapes(path: str | Path) -> dict[str, torch.Size | None]:
+    """Every entry of a checkpoint: its global shape, or None for a (refused) pickled object."""
+    return {key: getattr(entry, "size", None) for key, entry in read_metadata(path).state_dict_metadata.items()}
+
+
+def load_tensors(state: dict, path: str | Path) -> None:
+    """Load `state` (nested dicts of tensors, DTensors included) in place from the checkpoint at `path`."""
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+
+
+def flatten(state: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as DCP names their leaves: keys joined by dots."""
+    flat = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,321 @@
+"""The run plan: every choice a run makes, resolved once from (config, purpose, world size, device), and checked.
+
+`resolve_plan` turns each `auto` and -1 of the config into its value on this machine (the parallel degrees, the
+model's shape with its memory settings and lookup kernel, the value optimizer and its lr, the value-table layout, the
+precision, the AdamW kernel, the batch and schedule lengths, the data source) and runs every pre-flight check on the
+result. Nothing is built: a bad setting fails here in seconds, with the field named, before a tokenizer, a process
+group or a model exists. Everything downstream (the build path, the trainer, eval, generate) reads the plan and never
+resolves a setting again. `--print_config` shows what was resolved (`RunPlan.resolved`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps
+from titanmem.config.errors import ConfigError
+from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
+from titanmem.config.sections import JobConfig
+from titanmem.data.files import DataSource, resolve_data_source
+from titanmem.distributed.parallel_dims import ParallelDims
+from titanmem.models.args import MemoryArgs, ModelArgs
+from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
+from titanmem.models.lookup import available_lookups
+
+Purpose = Literal["train", "eval", "generate", "export"]
+
+# The value table's peak lr as a multiple of the dense lr, when `memory.value_lr = -1`: the paper's 1e-3 over 1e-4
+# for AdamW and lazy Adam, and 50× for row-wise Adagrad (matched to AdamW in our 134m check, docs/benchmarks.md).
+VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
+# `model.vocab_size = -1` rounds the tokenizer's size up to this, which keeps the output GEMM tensor-core aligned.
+VOCAB_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: JobConfig
+    """The configuration as given; the plan never changes it."""
+    purpose: Purpose
+    world_size: int
+    device_type: str
+    """`cuda` or `cpu`; each process takes the GPU of its LOCAL_RANK."""
+    parallel: ParallelDims
+    model_args: ModelArgs
+    """The model's shape: vocabulary, context and memory (with its lookup kernel) resolved."""
+    autocast_dtype: torch.dtype | None
+    """bf16 autocast, or None for plain fp32."""
+    value_optimizer: str | None
+    """What trains the value table (`adamw` or a row-wise kind); None without memory layers."""
+    value_lr: float | None
+    value_slice_sharding: str | None
+    """`replicate` or `fsdp` (how the ranks that hold the same slice of the table keep it); None without memory."""
+    optimizer_implementation: str
+    """AdamW's kernel: fused, foreach or for-loop."""
+    global_batch_size: int
+    accumulation_steps: int
+    lr_decay_steps: int
+    data_source: DataSource | None
+    """The training data (train only)."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.config.training.seq_len
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
+    def resolved(self) -> dict[str, object]:
+        """What each `auto` and -1 of the config became, by `section.key`."""
+        c, m, p = self.config, self.model_args, self.parallel
+        values: dict[str, object] = {
+            "training.device": self.device_type,
+            "training.mixed_precision": "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32",
+            "training.global_batch_size": self.global_batch_size,
+            "parallelism.dp_shard": p.dp_shard,
+            "model.vocab_size": m.vocab_size,
+            "optimizer.implementation": self.optimizer_implementation,
+            "lr_scheduler.decay_steps": self.lr_decay_steps,
+        }
+        if self.data_source is not None:
+            values["data.format"] = self.data_source.builder
+        if m.memory is not None:
+            values.update({
+                "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys, "memory.k_dim": m.memory.k_dim,
+                "memory.v_dim": m.memory.v_dim, "memory.lookup": m.memory.lookup,
+                "memory.value_optimizer": self.value_optimizer, "memory.value_lr": self.value_lr,
+                "parallelism.value_slice_sharding": self.value_slice_sharding,
+            })
+        return {key: value for key, value in values.items() if _as_set(c, key) != value}
+
+
+def _as_set(config: JobConfig, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def world_size_from_env() -> int:
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world_size = int(text)
+    except ValueError:
+        world_size = 0
+    if world_size < 1:
+        raise ConfigError("WORLD_SIZE", f"the environment's WORLD_SIZE must be a positive integer, got {text!r}; "
+                          "launch with torchrun (or run_train.sh), which sets it")
+    return world_size
+
+
+def resolve_device_type(choice: str) -> str:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("training.device", "is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    return "cuda"
+
+
+def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | None:
+    """The flavor's memory placement with the `[memory]` section's settings over it, checked."""
+    memory = config.memory
+    if not memory.enabled:
+        return None
+    flavor = config.model.flavor
+    args, placement = FLAVORS[flavor], MEMORY_PLACEMENT[flavor]
+    lookup = memory.lookup if memory.lookup != "auto" else ("triton" if device_type == "cuda" else "torch")
+    resolved = MemoryArgs(
+        layers=tuple(memory.layers) or placement.layers,
+        n_keys=memory.n_keys if memory.n_keys != -1 else placement.n_keys,
+        k_dim=memory.k_dim if memory.k_dim != -1 else args.dim // 2,
+        v_dim=memory.v_dim if memory.v_dim != -1 else args.dim,
+        heads=memory.heads, knn=memory.knn, swilu=memory.swilu, qk_norm=memory.qk_norm, gated=memory.gated,
+        lookup=lookup,
+    )
+    if not all(0 <= layer < args.n_layers for layer in resolved.layers):
+        raise ConfigError("memory.layers", f"must lie in [0, {args.n_layers}) for flavor {flavor}, got "
+                          f"{list(resolved.layers)}")
+    if len(set(resolved.layers)) != len(resolved.layers):
+        raise ConfigError("memory.layers", f"lists a block twice: {list(resolved.layers)}")
+    if resolved.k_dim % 2:
+        raise ConfigError("memory.k_dim", f"must be even (the query is split in two halves), got {resolved.k_dim}")
+    if resolved.knn > resolved.n_keys:
+        raise ConfigError("memory.knn", f"must be at most n_keys ({resolved.n_keys}), got {resolved.knn}")
+    if memory.lookup != "auto" and memory.lookup not in available_lookups():
+        raise ConfigError("memory.lookup", f"{memory.lookup!r} is not available in this build; available: "
+                          f"{available_lookups()}")
+    return resolved
+
+
+def resolve_value_optimizer(config: JobConfig, device_type: str) -> tuple[str, float]:
+    """The value table's optimizer (`auto`: fused row-wise Adagrad on GPUs; dense AdamW on CPU, where Triton would
+    only run interpreted) and its peak lr (-1: scaled from the dense lr)."""
+    memory = config.memory
+    triton = "triton" in available_lookups()
+    kind = memory.value_optimizer
+    if kind == "auto":
+        kind = "adagrad" if device_type == "cuda" and triton else "adamw"
+    if kind != "adamw" and not triton:
+        raise ConfigError("memory.value_optimizer", f"{kind!r} runs fused Triton kernels, and Triton is not "
+                          "importable here; use 'adamw'")
+    if memory.value_lr != -1:
+        return kind, memory.value_lr
+    if kind not in VALUE_LR_SCALE:
+        raise ConfigError("memory.value_lr", f"has no default for value_optimizer {kind!r}; set it explicitly")
+    return kind, VALUE_LR_SCALE[kind] * config.optimizer.lr
+
+
+def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | None, value_optimizer: str | None
+                     ) -> tuple[ParallelDims, str | None]:
+    """The parallel degrees, checked against the world size and the model's shapes, and the value-table layout
+    (`auto`: a row-wise optimizer updates whole slices in place, so `replicate`; dense AdamW, `fsdp`)."""
+    p = config.parallelism
+    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.mp, world_size)
+    args = FLAVORS[config.model.flavor]
+    dims.check_model(args.n_heads, args.kv_heads, args.ffn_hidden_dim, memory)
+    if dims.tp_enabled and config.training.seq_len % dims.tp:
+        raise ConfigError("training.seq_len", f"({config.training.seq_len}) must be divisible by parallelism.tp = "
+                          f"{dims.tp}: sequence parallel splits each sequence over the tensor-parallel ranks")
+    if memory is None:
+        return dims, None
+    sharding = p.value_slice_sharding
+    if sharding == "auto":
+        sharding = "fsdp" if value_optimizer == "adamw" else "replicate"
+    if dims.distributed and value_optimizer != "adamw" and sharding == "fsdp":
+        raise ConfigError(
+            "parallelism.value_slice_sharding",
+            f"'fsdp' row-shards the value table, but value_optimizer {value_optimizer!r} updates whole slices in "
+            "place; use 'replicate' (or 'auto'), or memory.value_optimizer = 'adamw'",
+        )
+    return dims, sharding
+
+
+def _check_checkpoint_to_read(config: JobConfig, purpose: Purpose) -> None:
+    checkpoint = config.checkpoint
+    if purpose == "generate" and config.generate.checkpoint:
+        if not (Path(config.generate.checkpoint) / ".metadata").is_file():
+            raise ConfigError("generate.checkpoint", f"{config.generate.checkpoint} is not a complete checkpoint "
+                              "folder (no .metadata file)")
+        return
+    reads = purpose != "train" or checkpoint.enable
+    if reads and checkpoint.load_step != -1:
+        folder = checkpoint_folder(checkpoint, config.job.dump_folder)
+        steps = complete_checkpoint_steps(folder)
+        if checkpoint.load_step not in steps:
+            raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{checkpoint.load_step} in "
+                              f"{folder}; complete steps: {steps or 'none'}")
+
+
+def _check_files(config: JobConfig, purpose: Purpose) -> None:
+    data = config.data
+    if purpose == "train" and data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
+        raise ConfigError("data.facts_path", f"no such file: {data.facts_path} (needed by data.facts_fraction > 0)")
+    evaluates = purpose == "eval" or (purpose == "train" and config.eval.interval)
+    if evaluates and not resolve_asset_path(config.eval.perplexity_path).is_file():
+        raise ConfigError("eval.perplexity_path", f"no such file: {config.eval.perplexity_path}; point it at held-out "
+                          "text" + (", or set eval.interval = 0" if purpose == "train" else ""))
+    if purpose == "eval":
+        results = config.eval.results_folder
+        if config.eval.dump_memory and not results:
+            raise ConfigError("eval.dump_memory", "needs eval.results_folder, a folder outside the run to write to")
+        dump = Path(config.job.dump_folder).resolve()
+        if results and (Path(results).resolve() == dump or dump in Path(results).resolve().parents):
+            raise ConfigError("eval.results_folder", f"{results} lies inside the run's folder {config.job.dump_folder}, "
+                              "which reading a run never writes to; choose a folder outside it")
+    if config.tokenizer.path:
+        if not resolve_asset_path(config.tokenizer.path).is_file():
+            raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
+    elif not config.tokenizer.name:
+        raise ConfigError("tokenizer", "set tokenizer.path to a .tiktoken file or tokenizer.name to a named encoding")
+
+
+def _tokenizer_vocab_size(config: JobConfig) -> int:
+    from titanmem.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(config.tokenizer).vocab_size
+
+
+def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int | None = None,
+                 device_type: str | None = None, tokenizer_vocab_size: int | None = None) -> RunPlan:
+    """Resolve and check everything; raises ConfigError naming the field. `world_size` defaults to the
+    environment's WORLD_SIZE, `device_type` to `training.device` on this machine, and the tokenizer's size is read
+    from its file unless given."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    flavor = config.model.flavor
+    if flavor not in FLAVORS:
+        close = difflib.get_close_matches(flavor, list(FLAVORS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid flavors: {', '.join(FLAVORS)}"
+        raise ConfigError("model.flavor", f"unknown flavor {flavor!r}{hint}")
+    device_type = device_type or resolve_device_type(config.training.device)
+    memory = resolve_memory_args(config, device_type)
+    value_optimizer, value_lr = resolve_value_optimizer(config, device_type) if memory else (None, None)
+    dims, sharding = resolve_parallel(config, world_size, memory, value_optimizer)
+
+    training = config.training
+    unit = training.local_batch_size * dims.dp
+    global_batch = training.global_batch_size if training.global_batch_size != -1 else unit
+    if global_batch % unit:
+        raise ConfigError("training.global_batch_size", f"({global_batch}) must be a multiple of local_batch_size × "
+                          f"data-parallel degree = {training.local_batch_size} × {dims.dp} = {unit}")
+    schedule = config.lr_scheduler
+    decay_steps = schedule.decay_steps if schedule.decay_steps != -1 else max(training.steps - schedule.warmup_steps, 1)
+    implementation = config.optimizer.implementation
+    if implementation == "auto":
+        implementation = "fused" if device_type == "cuda" else "foreach"
+    precision = training.mixed_precision
+    autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device_type == "cuda") else None
+
+    _check_checkpoint_to_read(config, purpose)
+    _check_files(config, purpose)
+    data_source = resolve_data_source(config.data) if purpose == "train" else None
+
+    vocab = tokenizer_vocab_size if tokenizer_vocab_size is not None else _tokenizer_vocab_size(config)
+    if config.model.vocab_size == -1:
+        vocab_size = -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif config.model.vocab_size < vocab:
+        raise ConfigError("model.vocab_size", f"must be at least the tokenizer's size {vocab}, got "
+                          f"{config.model.vocab_size}")
+    else:
+        vocab_size = config.model.vocab_size
+    model_args = dataclasses.replace(FLAVORS[flavor], vocab_size=vocab_size, memory=memory,
+                                     max_seq_len=max(FLAVORS[flavor].max_seq_len, training.seq_len))
+    return RunPlan(
+        config=config, purpose=purpose, world_size=world_size, device_type=device_type, parallel=dims,
+        model_args=model_args, autocast_dtype=autocast_dtype, value_optimizer=value_optimizer, value_lr=value_lr,
+        value_slice_sharding=sharding, optimizer_implementation=implementation, global_batch_size=global_batch,
+        accumulation_steps=global_batch // unit, lr_decay_steps=decay_steps, data_source=data_source,
+    )
+
+
+def format_resolved(plan: RunPlan) -> str:
+    """The resolved settings as TOML comments, to follow the printed config."""
+    lines = [f"# Resolved on this machine (world size {plan.world_size}, {plan.device_type}):"]
+    for key, value in plan.resolved().items():
+        lines.append(f"#   {key} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_from_command_line(argv: list[str] | None, purpose: Purpose) -> tuple[JobConfig, RunPlan] | int:
+    """The shared start of every entry point: the config and its plan, or the exit code after `--help`,
+    `--print_config` (the config as TOML, then what `auto` resolved to here) or a config error (one line, code 2)."""
+    try:
+        config, command_line = build_config(argv)
+        if command_line.help:
+            print(format_help())
+            return 0
+        plan = resolve_plan(config, purpose)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if command_line.print_config:
+        print(format_config(config) + format_resolved(plan))
+        return 0
+    return config, plan
