@@ -13,6 +13,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_command_line(argv: list[str], purpose: str = "train"):
+    """Parse `argv` and resolve its run plan, as every entry point does before building anything."""
+    from titanmem.config import build_config
+    from titanmem.plan import resolve_plan
+
+    config, _ = build_config(argv)
+    return resolve_plan(config, purpose)
+
+
 def make_config(dump_folder, **sections) -> JobConfig:
     """A small CPU run on the bundled corpus; `sections` maps a section name to field overrides."""
     config = JobConfig()
@@ -49,17 +58,25 @@ def run_as_rank(rank: int, world: int, port: int, body) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        # Processes that used collectives can abort at interpreter exit; leave at once (DESIGN.md §10).
+        # Processes that used gloo collectives sometimes abort at interpreter exit ("terminate called without an
+        # active exception"); leaving at once avoids it.
         os._exit(code)
 
 
+def full_weights(model) -> dict:
+    """The model's full (unsharded) weights by name, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
 def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections: dict, batches_path: str) -> None:
-    """One rank: train on its slice of each global batch from the same starting weights; rank 0 saves the losses
-    and every step's full (unsharded) gradients."""
+    """One rank: train on its slice of each global batch, from the plan's own initialisation; rank 0 saves the
+    initial full weights, the losses and every step's full (unsharded) gradients."""
 
     def body():
         import torch
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.tensor import DTensor
 
         from titanmem.train import Trainer
@@ -70,7 +87,7 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
 
         trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
         data = torch.load(batches_path)
-        set_model_state_dict(trainer.model, data["weights"], options=StateDictOptions(full_state_dict=True))
+        initial = full_weights(trainer.model)
         losses, grads, value_norms = [], [], []
         for batch in data["batches"]:
             # Data-parallel peers split the batch; tensor-parallel peers share their slice.
@@ -86,8 +103,9 @@ def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections
         subkeys = next(p for n, p in trainer.model.named_parameters() if n.endswith("subkeys"))
         stored = local_tensor(subkeys)
         if rank == 0:
-            torch.save({"losses": losses, "grads": grads, "table": table, "value_grad_norms": value_norms,
-                        "subkey_share": stored.numel() / subkeys.numel()}, os.path.join(folder, "result.pt"))
+            torch.save({"initial": initial, "losses": losses, "grads": grads, "table": table,
+                        "value_grad_norms": value_norms, "subkey_share": stored.numel() / subkeys.numel()},
+                       os.path.join(folder, "result.pt"))
         trainer.close()
 
     run_as_rank(rank, world, port, body)

@@ -6,6 +6,7 @@ import pytest
 from titanmem import train
 from titanmem.config import ConfigError, build_config, format_config, format_help
 from titanmem.config.manager import field_docs, section_classes
+from helpers import check_command_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,7 +95,7 @@ def test_print_config_is_valid_toml_that_reproduces_the_config(tmp_path):
 )
 def test_command_line_errors_name_the_field(argv, field, words):
     with pytest.raises(ConfigError) as info:
-        build_config(argv)
+        check_command_line(argv)
     assert info.value.field == field
     assert words in str(info.value)
 
@@ -115,7 +116,7 @@ def test_command_line_errors_name_the_field(argv, field, words):
 )
 def test_toml_errors_name_the_field(tmp_path, toml, field, words):
     with pytest.raises(ConfigError) as info:
-        build_config(["--job.config_file", write_toml(tmp_path, toml)])
+        check_command_line(["--job.config_file", write_toml(tmp_path, toml)])
     assert info.value.field == field
     assert words in str(info.value)
 
@@ -127,7 +128,7 @@ def test_toml_int_is_accepted_for_a_float_field(tmp_path):
 
 def test_missing_load_step_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
-        build_config(["--job.dump_folder", str(tmp_path), "--checkpoint.load_step", "5"])
+        check_command_line(["--job.dump_folder", str(tmp_path), "--checkpoint.load_step", "5"])
     assert info.value.field == "checkpoint.load_step"
 
 
@@ -135,8 +136,10 @@ def test_config_errors_stop_main_before_any_model_is_built(monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a model was built despite a config error")
 
-    monkeypatch.setattr(train, "build_model", must_not_run)
-    monkeypatch.setattr(train, "build_tokenizer", must_not_run)
+    import titanmem.build
+
+    monkeypatch.setattr(titanmem.build, "build_model", must_not_run)
+    monkeypatch.setattr(titanmem.build, "build_tokenizer", must_not_run)
     assert train.main(["--training.stepz", "3"]) == 2
     assert "did you mean 'training.steps'" in capsys.readouterr().err
 
@@ -145,8 +148,14 @@ def test_main_help_and_print_config_do_not_train(monkeypatch, capsys):
     monkeypatch.setattr(train, "Trainer", lambda *a, **k: pytest.fail("Trainer built for --help/--print_config"))
     assert train.main(["--help"]) == 0
     assert "--training.steps" in capsys.readouterr().out
-    assert train.main(["--print_config", "--training.steps", "9"]) == 0
-    assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 9
+    assert train.main(["--print_config", "--training.steps", "90", "--memory.enabled"]) == 0
+    printed = capsys.readouterr().out
+    assert tomllib.loads(printed)["training"]["steps"] == 90
+    # What `auto` and -1 resolved to on this machine follows, as comments.
+    resolved = printed[printed.index("# Resolved on this machine"):]
+    for line in ("parallelism.dp_shard = 1", "model.vocab_size = 4160", "memory.n_keys = 64", "memory.lookup = 'torch'",
+                 "memory.value_optimizer = 'adamw'", "memory.value_lr = 0.003", "lr_scheduler.decay_steps = 70"):
+        assert line in resolved, line
 
 
 def test_shipped_train_configs_parse_and_build_on_meta():
@@ -154,18 +163,19 @@ def test_shipped_train_configs_parse_and_build_on_meta():
 
     import torch
 
-    from titanmem.models import build_model_args
     from titanmem.models.accounting import count_parameters
     from titanmem.models.llama import Transformer
+    from titanmem.plan import resolve_plan
 
     configs = sorted((Path(__file__).parents[1] / "train_configs").glob("*.toml"))
     assert len(configs) >= 11, "expected the debug pair and the paper's dense/Memory+ configs"
     for path in configs:
         assert path.read_text().startswith("# "), f"{path.name} lacks its one-line comment"
         config, _ = build_config(["--job.config_file", str(path)])
-        args = build_model_args(config, tokenizer_vocab_size=4097)
+        # As on the GPU the presets are written for, on one process.
+        plan = resolve_plan(config, world_size=1, device_type="cuda", tokenizer_vocab_size=4097)
         with torch.device("meta"):
-            counts = count_parameters(Transformer(args))
+            counts = count_parameters(Transformer(plan.model_args))
         assert (counts["memory_values"] > 0) == ("memory" in path.stem or path.stem == "debug_model"), path.name
 
 

@@ -9,7 +9,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from titanmem.config import ConfigError
 from titanmem.config.sections import Data as DataConfig
 from titanmem.config.sections import Tokenizer as TokenizerConfig
-from titanmem.data import PackedTokenDataset, build_tokenizer, load_documents
+from titanmem.data import PackedTokenDataset, build_tokenizer
+from titanmem.data.files import resolve_data_source
+from titanmem.data.text import load_documents as load_source
+
+
+def load_documents(config: DataConfig):
+    """The corpus of `config`, its source resolved as the run plan resolves it."""
+    return load_source(config, resolve_data_source(config))
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""FSDP2/HSDP data parallelism and tensor parallelism on gloo CPU ranks give the same losses and gradients as one
-process."""
+"""FSDP2/HSDP data parallelism, tensor and memory parallelism on gloo CPU ranks give the same initial weights (bit
+for bit), losses and gradients as one process, each plan starting from its own initialisation."""
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import free_port, data_parallel_worker
+from helpers import data_parallel_worker, free_port, full_weights
 from titanmem.train import Trainer
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
@@ -17,7 +17,7 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 def single_process_reference(small_config, sections, batches_path):
     trainer = Trainer(small_config(**sections))
     data = torch.load(batches_path)
-    trainer.model.load_state_dict(data["weights"])
+    initial = full_weights(trainer.model)
     losses, grads, value_norms = [], [], []
     for batch in data["batches"]:
         metrics = trainer.train_step(iter([{"input": batch[:, :-1], "labels": batch[:, 1:]}]))
@@ -26,32 +26,34 @@ def single_process_reference(small_config, sections, batches_path):
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
     table = trainer.model.memory_values.weight.detach().clone()
     trainer.close()
-    return losses, grads, table, value_norms
+    return initial, losses, grads, table, value_norms
 
 
 def run_both(tmp_path, small_config, world, plan, memory):
-    """The same 3 steps of the debug Memory+ model on one process and under `plan`: (reference, result)."""
+    """The same 3 steps of the debug Memory+ model on one process and under `plan`, each from its own
+    initialisation with the same seed: (reference, result). The initial full weights must be equal bit for bit."""
     sections = dict(
         training={"steps": STEPS, "seq_len": SEQ, "local_batch_size": GLOBAL_BATCH},
         memory=dict(memory, enabled=True),
         optimizer={"lr": 1e-3},
     )
-    torch.manual_seed(0)
-    reference_model = Trainer(small_config(**sections))
-    weights = {k: v.clone() for k, v in reference_model.model.state_dict().items()}
-    reference_model.close()
-    batches = [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1)) for _ in range(STEPS)]
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1), generator=generator) for _ in range(STEPS)]
     batches_path = str(tmp_path / "batches.pt")
-    torch.save({"weights": weights, "batches": batches}, batches_path)
+    torch.save({"batches": batches}, batches_path)
 
-    reference = single_process_reference(small_config, sections, batches_path)
+    initial, *reference = single_process_reference(small_config, sections, batches_path)
 
     dp = world // plan.get("tp", 1)
     ranked = dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // dp),
                   parallelism=plan)
     mp.start_processes(data_parallel_worker, args=(world, free_port(), str(tmp_path), ranked, batches_path),
                        nprocs=world, join=True, start_method="spawn")
-    return reference, torch.load(tmp_path / "result.pt")
+    result = torch.load(tmp_path / "result.pt")
+    assert result["initial"].keys() == initial.keys()
+    for name, tensor in initial.items():
+        assert torch.equal(result["initial"][name], tensor), f"{name}: initial weights differ from one process's"
+    return reference, result
 
 
 @pytest.mark.parametrize(

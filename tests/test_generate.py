@@ -76,15 +76,17 @@ def test_greedy_generation_from_a_checkpoint_is_deterministic(trained_run, capsy
 def test_eval_of_a_checkpoint_writes_perplexity_and_recall(trained_run):
     from titanmem.eval.__main__ import main
 
+    results_folder = trained_run.parent / f"{trained_run.name}-eval"
     code = main(argv(trained_run, "--checkpoint.enable", "--eval.facts_limit", "30", "--eval.perplexity_tokens",
-                     "256", "--eval.max_new_tokens", "4", "--eval.dump_memory"))
+                     "256", "--eval.max_new_tokens", "4", "--eval.dump_memory", "--eval.results_folder",
+                     str(results_folder)))
     assert code == 0
-    lines = (trained_run / "eval" / "results.jsonl").read_text().splitlines()
+    lines = (results_folder / "results.jsonl").read_text().splitlines()
     results = json.loads(lines[-1])
     assert results["step"] == 3 and results["tokens_scored"] == 256 and results["facts_asked"] == 30
     assert 1 < results["perplexity"] < 1e5
     assert {"seen/train/all", "seen/heldout/all"} <= set(results["recall"])
     assert all(0 <= v <= 1 for v in results["recall"].values())
-    dump = torch.load(trained_run / "eval" / "memory-step-3.pt")
+    dump = torch.load(results_folder / "memory-step-3.pt")
     assert set(dump["indices"]) == {"layer1", "layer3", "layer5"}
     assert dump["indices"]["layer1"].shape == (256, 4 * 32)

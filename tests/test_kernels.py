@@ -171,7 +171,7 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
 def test_triton_lookup_in_the_memory_layer_matches_the_torch_lookup():
     import dataclasses
 
-    from titanmem.models import build_model
+    from titanmem.build import build_model
     from titanmem.models.args import MemoryArgs, ModelArgs
 
     memory = MemoryArgs(layers=(0, 1), n_keys=6, k_dim=8, v_dim=24, heads=2, knn=3)

@@ -5,12 +5,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from titanmem.config import ConfigError, build_config
-from titanmem.models import FLAVORS, ModelArgs, build_model
+from helpers import check_command_line
+from titanmem.config import ConfigError
+from titanmem.build import build_model
+from titanmem.models import FLAVORS, ModelArgs
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.models.args import MemoryArgs
 from titanmem.models.flavors import MEMORY_PLACEMENT
 from titanmem.models.llama import Transformer
+from titanmem.models.init import init_weights
 from titanmem.models.memory import MemoryValues, ProductKeyMemory, product_key_topk
 
 CPU = torch.device("cpu")
@@ -55,8 +58,8 @@ def test_gradcheck_in_float64_through_query_subkeys_values_w1_w2():
     dim = 6
     values = MemoryValues(25, 6).double()
     layer = ProductKeyMemory(dim, tiny_memory_args(), values).double()
-    values.init_weights()
-    layer.init_weights()
+    init_weights(values, seed=0)
+    init_weights(layer, seed=0)
     # Non-zero biases so their gradients are exercised too.
     for linear in (layer.query, layer.w1, layer.w2):
         torch.nn.init.normal_(linear.bias, std=0.1)
@@ -142,13 +145,12 @@ def test_two_models_in_one_process_share_nothing():
 
 
 def test_value_table_name_is_stable_across_dcp_save_and_load(tmp_path):
-    torch.manual_seed(1)
-    model = build_model(memory_model_args(), CPU)
+    model = build_model(memory_model_args(), CPU, seed=1)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path))
     saved_keys = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata.keys()
     assert "model.memory_values.weight" in saved_keys
-    torch.manual_seed(2)
-    fresh = build_model(memory_model_args(), CPU)
+    fresh = build_model(memory_model_args(), CPU, seed=2)
+    assert not torch.equal(fresh.memory_values.weight, model.memory_values.weight)
     state = fresh.state_dict()
     dcp.load({"model": state}, checkpoint_id=str(tmp_path))
     fresh.load_state_dict(state)
@@ -185,7 +187,7 @@ def test_variants_shapes_and_causality(gated, swilu, v_dim):
     assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-8
 
 
-# Totals the paper reports (Llama-2 32k vocabulary); DESIGN.md §1.
+# Totals the paper reports (Llama-2 32k vocabulary; Berges et al. 2025).
 @pytest.mark.parametrize(
     "flavor, n_keys, vocab, expected_total",
     [("134m", 1024, 32000, 937e6), ("1.3b", 1024, 32000, 3.377e9), ("1.3b", 8192, 32000, 138.7e9)],
@@ -248,17 +250,17 @@ def test_flops_exclude_the_table_and_add_the_lookup_cost():
 )
 def test_memory_config_errors_name_the_field(argv, field, words):
     with pytest.raises(ConfigError) as info:
-        build_config(["--memory.enabled", *argv])
+        check_command_line(["--memory.enabled", *argv])
     assert info.value.field == field
     assert words in str(info.value)
 
 
 def test_triton_choices_are_config_errors_where_triton_is_missing(monkeypatch):
-    import titanmem.models.lookup as lookup
+    import titanmem.plan
 
-    monkeypatch.setattr(lookup, "available_lookups", lambda: ["torch"])
+    monkeypatch.setattr(titanmem.plan, "available_lookups", lambda: ["torch"])
     for argv, field in ((["--memory.lookup", "triton"], "memory.lookup"),
                         (["--memory.value_optimizer", "adagrad"], "memory.value_optimizer")):
         with pytest.raises(ConfigError) as info:
-            build_config(["--memory.enabled", *argv])
+            check_command_line(["--memory.enabled", *argv])
         assert info.value.field == field and "not" in str(info.value)

@@ -7,7 +7,7 @@ from titanmem.train import Trainer
 
 
 def value_group(trainer):
-    (group,) = [g for g in trainer.optimizer.param_groups if g["name"] == "memory_values"]
+    (group,) = [g for g in trainer.optimizers.dense.param_groups if g["name"] == "memory_values"]
     return group
 
 
@@ -21,8 +21,8 @@ def test_value_group_has_its_own_lr_and_decay_and_follows_the_schedule(small_con
     group = value_group(trainer)
     assert group["params"] == [trainer.model.memory_values.weight]
     assert group["weight_decay"] == 0.05
-    dense = [g for g in trainer.optimizer.param_groups if g["name"] == "decay"][0]
-    assert all(p is not trainer.model.memory_values.weight for g in trainer.optimizer.param_groups
+    dense = [g for g in trainer.optimizers.dense.param_groups if g["name"] == "decay"][0]
+    assert all(p is not trainer.model.memory_values.weight for g in trainer.optimizers.dense.param_groups
                if g["name"] != "memory_values" for p in g["params"])
     batches = iter(trainer.dataloader)
     for step in range(5):
@@ -57,15 +57,17 @@ def test_row_wise_value_optimizers_train_only_the_touched_rows(small_config, kin
     trainer = Trainer(config)
     table = trainer.model.memory_values.weight
     assert not table.requires_grad
-    assert all(p is not table for g in trainer.optimizer.param_groups for p in g["params"])
+    assert all(p is not table for g in trainer.optimizers.dense.param_groups for p in g["params"])
     before = table.detach().clone()
-    losses = trainer.train()
+    # Six steps on one batch: the loss must fall (on fresh batches of 32 tokens, six steps are noise).
+    batch = next(iter(trainer.dataloader))
+    losses = [trainer.train_step(iter([batch]))["loss"] for _ in range(6)]
     trainer.close()
     assert table.grad is None, "a dense gradient of the table was formed"
     moved = (table != before).any(dim=1)
     assert 0 < int(moved.sum()) <= table.shape[0]
-    assert all(loss == loss for loss in losses.values())  # finite
-    assert losses[6] < losses[1]
+    assert all(loss == loss for loss in losses)  # finite
+    assert losses[-1] < losses[0]
 
 
 def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config):
@@ -98,24 +100,28 @@ def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config)
 
 
 def test_auto_value_optimizer_and_lr_follow_the_device_and_the_dense_lr():
-    from titanmem.components.optimizer import resolve_value_lr, resolve_value_optimizer
     from titanmem.config import build_config
+    from titanmem.plan import resolve_plan
 
     config, _ = build_config(["--memory.enabled", "--optimizer.lr", "2e-4"])
-    assert resolve_value_optimizer(config.memory, "cpu") == "adamw"
-    assert resolve_value_optimizer(config.memory, "cuda") == "adagrad"
-    assert resolve_value_lr(config.memory, config.optimizer, "adamw") == pytest.approx(2e-3)
-    assert resolve_value_lr(config.memory, config.optimizer, "adagrad") == pytest.approx(1e-2)
+    cpu, cuda = resolve_plan(config, device_type="cpu"), resolve_plan(config, device_type="cuda")
+    assert (cpu.value_optimizer, cuda.value_optimizer) == ("adamw", "adagrad")
+    assert cpu.value_lr == pytest.approx(2e-3)
+    assert cuda.value_lr == pytest.approx(1e-2)
+    # The lookup and precision follow the device too.
+    assert (cpu.model_args.memory.lookup, cuda.model_args.memory.lookup) == ("torch", "triton")
+    assert (cpu.autocast_dtype, cuda.autocast_dtype) == (None, torch.bfloat16)
     config, _ = build_config(["--memory.enabled", "--memory.value_optimizer", "adam", "--memory.value_lr", "5e-3"])
-    assert resolve_value_optimizer(config.memory, "cuda") == "adam"
-    assert resolve_value_lr(config.memory, config.optimizer, "adam") == 5e-3
+    plan = resolve_plan(config, device_type="cuda")
+    assert (plan.value_optimizer, plan.value_lr) == ("adam", 5e-3)
 
 
 def test_sgd_needs_an_explicit_value_lr():
-    from titanmem.config import ConfigError, build_config
+    from helpers import check_command_line
+    from titanmem.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
-        build_config(["--memory.enabled", "--memory.value_optimizer", "sgd"])
+        check_command_line(["--memory.enabled", "--memory.value_optimizer", "sgd"])
     assert info.value.field == "memory.value_lr"
 
 
@@ -127,5 +133,5 @@ def test_switching_the_value_optimizer_on_resume_starts_its_state_fresh(small_co
     trainer = Trainer(small_config(memory={**TINY_MEMORY, "value_optimizer": "adagrad"}, **sections))
     losses = trainer.train()
     assert sorted(losses) == [3]
-    assert any("value_optimizer state for adagrad" in r.getMessage() for r in caplog.records)
-    assert trainer.value_optimizer.steps == 1
+    assert any("optimizer.values state for adagrad" in r.getMessage() for r in caplog.records)
+    assert trainer.optimizers.values.steps == 1

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from titanmem.models import FLAVORS, ModelArgs, build_model
+from titanmem.build import build_model
+from titanmem.models import FLAVORS, ModelArgs
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.models.llama import apply_rope, rope_cache
 
@@ -41,8 +42,7 @@ def test_causal_changing_token_t_leaves_earlier_logits_unchanged(n_kv_heads):
 
 def test_meta_build_is_deterministic_under_a_seed_and_differs_across_seeds():
     def weights(seed):
-        torch.manual_seed(seed)
-        return build_model(tiny_args(), CPU).state_dict()
+        return build_model(tiny_args(), CPU, seed=seed).state_dict()
 
     a, b, c = weights(5), weights(5), weights(6)
     for name in a:
@@ -82,9 +82,10 @@ def test_feed_forward_slot_is_swappable():
         def forward(self, x):
             return 2 * x
 
-        def init_weights(self, out_std):
-            pass
+        def param_inits(self, out_std):
+            return {}
 
+    from titanmem.models.init import init_weights
     from titanmem.models.llama import Transformer
 
     class Variant(Transformer):
@@ -95,7 +96,7 @@ def test_feed_forward_slot_is_swappable():
     with torch.device("meta"):
         model = Variant(tiny_args())
     model.to_empty(device=CPU)
-    model.init_weights()
+    init_weights(model, seed=0)
     assert isinstance(model.layers["1"].feed_forward, Doubler)
     assert model(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)
 

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
+from helpers import check_command_line
 from titanmem.config import ConfigError, build_config
-from titanmem.config.manager import check_parallelism
 from titanmem.distributed import ParallelDims
+from titanmem.plan import resolve_plan
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,9 +46,18 @@ def test_invalid_plans_fail_with_the_field_named(world, argv, field, words, monk
     # As torchrun would launch it: the world size comes from the environment, and the check runs in build_config.
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError) as info:
-        build_config(argv)
+        check_command_line(argv)
     assert info.value.field == field
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("world", ["four", "0", ""])
+def test_a_bad_world_size_is_one_clear_line(world, monkeypatch, capsys):
+    from titanmem.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: config error in WORLD_SIZE: ")
 
 
 def test_valid_plans_resolve_and_lay_out_the_mesh():
@@ -56,10 +66,12 @@ def test_valid_plans_resolve_and_lay_out_the_mesh():
     assert dims.mesh_shape() == ((2, 1, 2, 2), ("dp_replicate", "dp_shard_out", "mp", "tp"))
     config, _ = build_config(["--memory.enabled"])
     config.parallelism.mp = 2
-    assert check_parallelism(config, 2).mp == 2
+    plan = resolve_plan(config, world_size=2)
+    assert plan.parallel.mp == 2 and plan.value_slice_sharding == "fsdp"
     # A row-wise value optimizer keeps whole slices on each rank; `auto` picks that layout for it.
     config.memory.value_optimizer = "adagrad"
-    assert check_parallelism(config, 2).mp == 2
+    plan = resolve_plan(config, world_size=2)
+    assert plan.parallel.mp == 2 and plan.value_slice_sharding == "replicate"
 
 
 def test_every_package_folder_is_installed():

@@ -150,14 +150,14 @@ def test_metrics_line_has_the_promised_fields(small_config, caplog):
 
 def test_lr_schedule_shapes():
     # 14 updates (indices 0..13): 4 of warmup ending at the peak, then 10 of decay ending exactly at the floor.
-    linear = WarmupDecay(LRScheduler(warmup_steps=4, decay_type="linear", min_lr_factor=0.1), total_steps=14)
+    linear = WarmupDecay(LRScheduler(warmup_steps=4, decay_type="linear", min_lr_factor=0.1), decay_steps=10)
     assert [linear(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert linear(4) == pytest.approx(0.1 + 0.9 * 0.9)
     assert linear(8) == pytest.approx(0.55)
     assert linear(13) == pytest.approx(0.1) and linear(100) == pytest.approx(0.1)
-    cosine = WarmupDecay(LRScheduler(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0, decay_steps=10), 50)
+    cosine = WarmupDecay(LRScheduler(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0, decay_steps=10), 10)
     assert cosine(4) == pytest.approx(0.5) and cosine(9) == pytest.approx(0.0)
-    constant = WarmupDecay(LRScheduler(warmup_steps=2, decay_type="constant"), 10)
+    constant = WarmupDecay(LRScheduler(warmup_steps=2, decay_type="constant"), 8)
     assert constant(1) == 1.0 and constant(7) == 1.0
 
 
@@ -178,12 +178,14 @@ def test_relaunch_with_more_steps_and_a_new_lr_follows_the_new_config(small_conf
     )
     trainer = Trainer(longer)
     assert trainer.checkpointer.load() == 6
-    schedule = WarmupDecay(longer.lr_scheduler, total_steps=12)
-    decay = [g for g in trainer.optimizer.param_groups if g["name"] == "decay"][0]
+    # 12 steps, 4 of warmup: the plan lays the decay over the other 8.
+    assert trainer.plan.lr_decay_steps == 8
+    schedule = WarmupDecay(longer.lr_scheduler, decay_steps=8)
+    decay = [g for g in trainer.optimizers.dense.param_groups if g["name"] == "decay"][0]
     assert decay["lr"] == pytest.approx(1e-3 * schedule(6))
     assert decay["weight_decay"] == 0.05
     # The restored moments are the saved ones, not fresh zeros.
-    state = trainer.optimizer.state[trainer.model.output.weight]
+    state = trainer.optimizers.dense.state[trainer.model.output.weight]
     assert int(state["step"]) == 6 and state["exp_avg"].abs().sum() > 0
     trainer.close()
 
@@ -216,9 +218,10 @@ def test_load_step_sets_newer_checkpoints_aside_and_crash_debris_is_cleaned(smal
 
 
 def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, tmp_path):
+    import titanmem.build
     from titanmem import train as train_module
 
-    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("model built before data checks"))
+    monkeypatch.setattr(titanmem.build, "build_model", lambda *a, **k: pytest.fail("model built before data checks"))
     path = tmp_path / "d.jsonl"
     path.write_text('{"body": "text"}\n')
     with pytest.raises(train_module.ConfigError) as info:

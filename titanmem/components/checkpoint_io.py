@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from titanmem.config.errors import ConfigError
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -34,8 +36,11 @@ _METADATA_CLASSES = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(ConfigError):
     """A checkpoint folder holds something other than tensors and DCP's index."""
+
+    def __init__(self, problem: str):
+        super().__init__("checkpoint.folder", problem)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -81,6 +86,12 @@ def saved_shapes(path: str | Path) -> dict[str, torch.Size | None]:
 
 def load_tensors(state: dict, path: str | Path) -> None:
     """Load `state` (nested dicts of tensors, DTensors included) in place from the checkpoint at `path`."""
+    # Checked here first, so that the refusal reaches the user as it is rather than wrapped by DCP.
+    entries = read_metadata(path).state_dict_metadata
+    for key in flatten(state):
+        if key in entries and not isinstance(entries[key], TensorStorageMetadata):
+            raise UnsafeCheckpointError(f"checkpoint entry {key} in {path} is a pickled object; titanmem checkpoints "
+                                        "hold tensors only")
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
 
 
