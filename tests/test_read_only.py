@@ -78,6 +78,18 @@ def test_eval_refuses_to_write_its_results_into_the_run(run_folder, capsys):
     assert snapshot(run_folder) == before
 
 
+def test_reading_with_another_model_config_is_one_clear_line(run_folder, capsys):
+    from titanmem.eval.__main__ import main as eval_main
+    from titanmem.generate import main as generate_main
+
+    dense = [a for a in argv(run_folder) if a != "--memory.enabled"]
+    assert generate_main([*dense, "--generate.prompts", '["x"]']) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: config error in checkpoint.folder: ") and "shape" in error and "\n" not in error
+    assert eval_main([*argv(run_folder), "--memory.n_keys", "32"]) == 2
+    assert "memory_values.weight of shape [4096, 256], but this run's is [1024, 256]" in capsys.readouterr().err
+
+
 class _Planted:
     """Unpickling this writes a file: the proof that a checkpoint ran code."""
 

@@ -157,29 +157,22 @@ class CheckpointManager:
         return step
 
     def _match_saved(self, state: dict, saved: dict, path: Path) -> None:
-        """Fit the load template to the checkpoint: optional entries it lacks are dropped (they start fresh), records
-        take their saved length; a missing required entry is an error."""
-        missing = []
+        """Fit the load template to the checkpoint: optional entries it lacks are dropped (they start fresh), and
+        records take their saved length. (`load_tensors` then refuses any other difference.)"""
         fresh: set[str] = set()
         for key in flatten(state):
-            if key in saved:
-                continue
             prefix = next((p for p in self.optional if key == p or key.startswith(p + ".")), None)
-            if prefix is None:
-                missing.append(key)
+            if key in saved or prefix is None:
                 continue
             what = key[len(prefix) + 1 :].split(".", 1)[0]
             fresh.add(f"{prefix} state for {what}" if what else prefix)
             _pop(state, key)
-        if missing:
-            raise ConfigError("checkpoint.folder", f"{path} lacks {len(missing)} entries this run needs (first: "
-                              f"{missing[0]}); it was saved by another model or is damaged")
         for what in sorted(fresh):
             logger.warning("%s has no %s; it starts fresh", path, what)
         for key, value in flatten(state).items():
-            shape = saved[key]
+            shape = saved.get(key)
             if shape is None:
-                continue  # a pickled entry: the loader refuses it
+                continue  # missing, or a pickled entry: the loader refuses both
             if value.dtype == torch.uint8 and value.ndim == 1 and tuple(shape) != tuple(value.shape):
                 _set(state, key, torch.empty(tuple(shape), dtype=torch.uint8))
 

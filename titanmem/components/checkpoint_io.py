@@ -85,13 +85,26 @@ def saved_shapes(path: str | Path) -> dict[str, torch.Size | None]:
 
 
 def load_tensors(state: dict, path: str | Path) -> None:
-    """Load `state` (nested dicts of tensors, DTensors included) in place from the checkpoint at `path`."""
-    # Checked here first, so that the refusal reaches the user as it is rather than wrapped by DCP.
+    """Load `state` (nested dicts of tensors, DTensors included) in place from the checkpoint at `path`. Every entry
+    must be in the checkpoint with the same global shape."""
+    # Checked here first, so that a mismatch reaches the user as one line rather than wrapped by DCP.
     entries = read_metadata(path).state_dict_metadata
-    for key in flatten(state):
-        if key in entries and not isinstance(entries[key], TensorStorageMetadata):
+    missing = []
+    for key, value in flatten(state).items():
+        entry = entries.get(key)
+        if entry is None:
+            missing.append(key)
+        elif not isinstance(entry, TensorStorageMetadata):
             raise UnsafeCheckpointError(f"checkpoint entry {key} in {path} is a pickled object; titanmem checkpoints "
                                         "hold tensors only")
+        elif tuple(entry.size) != tuple(value.shape):
+            raise ConfigError("checkpoint.folder", f"{path} holds {key} of shape {list(entry.size)}, but this run's "
+                              f"is {list(value.shape)}: the model settings differ from the run that saved it; pass "
+                              "that run's config (its config.toml)")
+    if missing:
+        raise ConfigError("checkpoint.folder", f"{path} lacks {len(missing)} entries this run needs (first: "
+                          f"{missing[0]}): it was saved by another model, or is incomplete; pass the config of the run "
+                          "that saved it (its config.toml)")
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
 
 
