@@ -41,6 +41,23 @@ def make_config(dump_folder, **sections) -> JobConfig:
     return config
 
 
+def train_tiny_run(folder, **sections) -> None:
+    """Train the debug Memory+ model for 3 steps of 2 × 32 tokens in this process, saving checkpoints into `folder`
+    (per `sections`, e.g. checkpoint={"enable": True, "interval": 3})."""
+    from titanmem.train import Trainer
+
+    trainer = Trainer(make_config(folder, training={"steps": 3, "seq_len": 32, "local_batch_size": 2},
+                                  memory={"enabled": True}, **sections))
+    trainer.train()
+    trainer.close()
+
+
+def reader_argv(folder, *extra) -> list[str]:
+    """The command line of a reader (eval, generate) of a `train_tiny_run` folder."""
+    return ["--job.dump_folder", str(folder), "--memory.enabled", "--training.device", "cpu", "--training.seq_len",
+            "32", "--checkpoint.enable", *extra]
+
+
 def run_as_rank(rank: int, world: int, port: int, body) -> None:
     """Run `body()` as rank `rank` of a gloo group on this host, then leave the process at once."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from helpers import reader_argv as argv, train_tiny_run
 from titanmem.eval.decode import generate, pick_next_token
 
 
@@ -36,22 +37,9 @@ def test_generate_batches_prompts_of_any_length_and_stops_at_eos():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from helpers import make_config
-    from titanmem.train import Trainer
-
     folder = tmp_path_factory.mktemp("tiny")
-    config = make_config(folder, training={"steps": 3, "seq_len": 32, "local_batch_size": 2},
-                         memory={"enabled": True}, checkpoint={"enable": True, "interval": 3},
-                         data={"facts_fraction": 0.2})
-    trainer = Trainer(config)
-    trainer.train()
-    trainer.close()
+    train_tiny_run(folder, checkpoint={"enable": True, "interval": 3}, data={"facts_fraction": 0.2})
     return folder
-
-
-def argv(folder, *extra):
-    return ["--job.dump_folder", str(folder), "--memory.enabled", "--training.device", "cpu", "--training.seq_len",
-            "32", *extra]
 
 
 def test_greedy_generation_from_a_checkpoint_is_deterministic(trained_run, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from helpers import make_config
+from helpers import reader_argv as argv, train_tiny_run
 
 
 def snapshot(folder) -> dict[str, str]:
@@ -26,21 +26,10 @@ def snapshot(folder) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    from titanmem.train import Trainer
-
     folder = tmp_path_factory.mktemp("run")
-    config = make_config(folder, training={"steps": 3, "seq_len": 32, "local_batch_size": 2}, memory={"enabled": True},
-                         checkpoint={"enable": True, "interval": 1, "keep_latest_k": 0},
-                         metrics={"enable_tensorboard": True})
-    trainer = Trainer(config)
-    trainer.train()
-    trainer.close()
+    train_tiny_run(folder, checkpoint={"enable": True, "interval": 1, "keep_latest_k": 0},
+                   metrics={"enable_tensorboard": True})
     return folder
-
-
-def argv(folder, *extra):
-    return ["--job.dump_folder", str(folder), "--memory.enabled", "--training.device", "cpu", "--training.seq_len",
-            "32", "--checkpoint.enable", *extra]
 
 
 def test_eval_and_generate_leave_the_run_untouched_and_training_resumes_from_the_newest(run_folder, capsys):
@@ -76,6 +65,17 @@ def test_eval_refuses_to_write_its_results_into_the_run(run_folder, capsys):
     assert eval_main(argv(run_folder, "--eval.dump_memory")) == 2
     assert "eval.dump_memory" in capsys.readouterr().err
     assert snapshot(run_folder) == before
+
+
+def test_reading_a_run_without_a_checkpoint_is_one_clear_line(tmp_path, capsys):
+    from titanmem.eval.__main__ import main as eval_main
+    from titanmem.generate import main as generate_main
+
+    assert eval_main(argv(tmp_path)) == 2
+    assert "config error in checkpoint.folder: no complete checkpoint" in capsys.readouterr().err
+    assert generate_main(argv(tmp_path, "--generate.prompts", '["x"]')) == 2
+    assert "config error in generate.checkpoint: no complete checkpoint" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reading_with_another_model_config_is_one_clear_line(run_folder, capsys):

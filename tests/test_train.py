@@ -177,7 +177,7 @@ def test_relaunch_with_more_steps_and_a_new_lr_follows_the_new_config(small_conf
         training={"steps": 12}, optimizer={"lr": 1e-3, "weight_decay": 0.05}, checkpoint={"enable": True, "interval": 6}
     )
     trainer = Trainer(longer)
-    assert trainer.checkpointer.load() == 6
+    assert trainer.checkpointer.load(trainer.plan.checkpoint_to_load) == 6
     # 12 steps, 4 of warmup: the plan lays the decay over the other 8.
     assert trainer.plan.lr_decay_steps == 8
     schedule = WarmupDecay(longer.lr_scheduler, decay_steps=8)

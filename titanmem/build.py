@@ -88,6 +88,16 @@ def build_model(args: ModelArgs, device: torch.device, seed: int = 0, paralleliz
     return model
 
 
+def build_planned_model(plan: RunPlan, device: torch.device, recorder: ReadRecorder | None = None) -> Transformer:
+    """The plan's model on this rank: parallelized as the plan says, materialised on `device` and initialised."""
+
+    def parallelize(model: Transformer) -> None:
+        parallelize_model(model, plan.parallel, plan.config, bf16=plan.autocast_dtype == torch.bfloat16,
+                          shard_value_slices=plan.value_slice_sharding == "fsdp", recorder=recorder)
+
+    return build_model(plan.model_args, device, plan.config.training.seed, parallelize)
+
+
 def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
     """Everything a run needs before its loop, built from `plan` for `purpose` (default: the plan's)."""
     purpose = purpose or plan.purpose
@@ -101,11 +111,6 @@ def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
         dataloader = build_dataloader(config, plan.data_source, tokenizer, dp_rank, dp_size, device)
         if plan.value_optimizer not in (None, "adamw"):
             recorder = ReadRecorder()
-
-    def parallelize(model: Transformer) -> None:
-        parallelize_model(model, plan.parallel, config, bf16=plan.autocast_dtype == torch.bfloat16,
-                          shard_value_slices=plan.value_slice_sharding == "fsdp", recorder=recorder)
-
-    model = build_model(plan.model_args, device, config.training.seed, parallelize)
+    model = build_planned_model(plan, device, recorder)
     return Run(plan=plan, device=device, rank=rank, tokenizer=tokenizer, model=model, dataloader=dataloader,
                recorder=recorder)

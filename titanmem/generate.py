@@ -13,7 +13,7 @@ import sys
 import torch
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import checkpoint_to_read, load_model_weights
+from titanmem.components.checkpoint import load_model_weights
 from titanmem.config import ConfigError, JobConfig
 from titanmem.eval.decode import generate
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
@@ -23,17 +23,11 @@ from titanmem.utils import setup_logging
 def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
     """The continuations of `[generate] prompts`, in order."""
     options = config.generate
-    if not options.prompts:
-        raise ConfigError("generate.prompts", "is empty; pass e.g. --generate.prompts '[\"The capital of France is\"]'")
     plan = plan or resolve_plan(config, "generate")
     if plan.world_size != 1:
         raise ConfigError("WORLD_SIZE", f"generation runs on one process, got {plan.world_size}; run it without torchrun")
-    path = checkpoint_to_read(config.checkpoint, config.job.dump_folder, options.checkpoint)
-    if path is None:
-        raise ConfigError("generate.checkpoint",
-                          f"no complete checkpoint in {config.job.dump_folder}/{config.checkpoint.folder}; set it")
     built = build_run(plan)
-    load_model_weights(built.model, path, field="generate.checkpoint")
+    load_model_weights(built.model, plan.checkpoint_to_load, field="generate.checkpoint")
     built.model.eval()
     generator = torch.Generator(device=built.device).manual_seed(options.seed)
     tokenizer = built.tokenizer

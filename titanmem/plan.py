@@ -30,7 +30,9 @@ from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
 from titanmem.models.lookup import available_lookups
 
-Purpose = Literal["train", "eval", "generate", "export"]
+# train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
+# built to be inspected (tools/check_init.py), with neither data nor checkpoint.
+Purpose = Literal["train", "eval", "generate", "export", "dry_run"]
 
 # The value table's peak lr as a multiple of the dense lr, when `memory.value_lr = -1`: the paper's 1e-3 over 1e-4
 # for AdamW and lazy Adam, and 50× for row-wise Adagrad (matched to AdamW in our 134m check, docs/benchmarks.md).
@@ -64,6 +66,9 @@ class RunPlan:
     lr_decay_steps: int
     data_source: DataSource | None
     """The training data (train only)."""
+    checkpoint_to_load: Path | None
+    """The complete checkpoint this run resumes from (train) or reads (eval, generate, export); None for a fresh
+    start."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -89,6 +94,8 @@ class RunPlan:
         }
         if self.data_source is not None:
             values["data.format"] = self.data_source.builder
+        if self.checkpoint_to_load is not None:
+            values["checkpoint.load_step"] = int(self.checkpoint_to_load.name.removeprefix("step-"))
         if m.memory is not None:
             values.update({
                 "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys, "memory.k_dim": m.memory.k_dim,
@@ -198,20 +205,31 @@ def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | No
     return dims, sharding
 
 
-def _check_checkpoint_to_read(config: JobConfig, purpose: Purpose) -> None:
+def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
+    """The checkpoint to start from: `generate.checkpoint` (generate), else `checkpoint.load_step`'s, else the newest
+    complete one in the run's folder; None when training starts fresh. Readers of a run need one."""
     checkpoint = config.checkpoint
     if purpose == "generate" and config.generate.checkpoint:
         if not (Path(config.generate.checkpoint) / ".metadata").is_file():
             raise ConfigError("generate.checkpoint", f"{config.generate.checkpoint} is not a complete checkpoint "
                               "folder (no .metadata file)")
-        return
-    reads = purpose != "train" or checkpoint.enable
-    if reads and checkpoint.load_step != -1:
-        folder = checkpoint_folder(checkpoint, config.job.dump_folder)
-        steps = complete_checkpoint_steps(folder)
+        return Path(config.generate.checkpoint)
+    if purpose == "dry_run" or (purpose == "train" and not checkpoint.enable):
+        return None
+    folder = checkpoint_folder(checkpoint, config.job.dump_folder)
+    steps = complete_checkpoint_steps(folder)
+    if checkpoint.load_step != -1:
         if checkpoint.load_step not in steps:
             raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{checkpoint.load_step} in "
                               f"{folder}; complete steps: {steps or 'none'}")
+        return folder / f"step-{checkpoint.load_step}"
+    if steps:
+        return folder / f"step-{steps[-1]}"
+    if purpose != "train":
+        field = "generate.checkpoint" if purpose == "generate" else "checkpoint.folder"
+        raise ConfigError(field, f"no complete checkpoint in {folder} to read; train first, or point "
+                          f"job.dump_folder (or {field}) at one")
+    return None
 
 
 def _check_files(config: JobConfig, purpose: Purpose) -> None:
@@ -222,6 +240,9 @@ def _check_files(config: JobConfig, purpose: Purpose) -> None:
     if evaluates and not resolve_asset_path(config.eval.perplexity_path).is_file():
         raise ConfigError("eval.perplexity_path", f"no such file: {config.eval.perplexity_path}; point it at held-out "
                           "text" + (", or set eval.interval = 0" if purpose == "train" else ""))
+    if purpose == "generate" and not config.generate.prompts:
+        raise ConfigError("generate.prompts",
+                          "is empty; pass e.g. --generate.prompts '[\"The capital of France is\"]'")
     if purpose == "eval":
         results = config.eval.results_folder
         if config.eval.dump_memory and not results:
@@ -273,8 +294,8 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     precision = training.mixed_precision
     autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device_type == "cuda") else None
 
-    _check_checkpoint_to_read(config, purpose)
     _check_files(config, purpose)
+    checkpoint_to_load = resolve_checkpoint(config, purpose)
     data_source = resolve_data_source(config.data) if purpose == "train" else None
 
     vocab = tokenizer_vocab_size if tokenizer_vocab_size is not None else _tokenizer_vocab_size(config)
@@ -292,6 +313,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
         model_args=model_args, autocast_dtype=autocast_dtype, value_optimizer=value_optimizer, value_lr=value_lr,
         value_slice_sharding=sharding, optimizer_implementation=implementation, global_batch_size=global_batch,
         accumulation_steps=global_batch // unit, lr_decay_steps=decay_steps, data_source=data_source,
+        checkpoint_to_load=checkpoint_to_load,
     )
 
 

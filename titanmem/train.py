@@ -178,7 +178,7 @@ class Trainer:
     def train(self) -> dict[int, float]:
         state = self.train_state
         total = self.config.training.steps
-        resumed = self.checkpointer.load()
+        resumed = self.checkpointer.load(self.plan.checkpoint_to_load)
         if self.rank == 0:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
         batches = iter(self.dataloader)

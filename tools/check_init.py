@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from titanmem.build import build_model, setup_process
+from titanmem.build import build_planned_model, setup_process
 from titanmem.config import build_config
 from titanmem.plan import resolve_plan
 
@@ -31,16 +31,12 @@ def main() -> int:
     parser.add_argument("--time", action="store_true", help="only time the initialisation")
     args, overrides = parser.parse_known_args()
     config, _ = build_config(overrides)
-    plan = resolve_plan(config, "export")
+    plan = resolve_plan(config, "dry_run")
     device = setup_process(plan)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    from titanmem.distributed.parallelize import parallelize_model
-
-    model = build_model(plan.model_args, device, config.training.seed, lambda m: parallelize_model(
-        m, plan.parallel, config, bf16=plan.autocast_dtype == torch.bfloat16,
-        shard_value_slices=plan.value_slice_sharding == "fsdp", recorder=None))
+    model = build_planned_model(plan, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

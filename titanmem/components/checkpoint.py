@@ -63,17 +63,6 @@ def checkpoint_folder(config: CheckpointConfig, dump_folder: str) -> Path:
     return Path(dump_folder) / config.folder
 
 
-def checkpoint_to_read(config: CheckpointConfig, dump_folder: str, explicit: str = "") -> Path | None:
-    """The checkpoint a reader of the run (eval, generate) loads: `explicit` if given, else `load_step`'s, else the
-    newest complete one; None when there is none."""
-    if explicit:
-        return Path(explicit)
-    steps = complete_checkpoint_steps(checkpoint_folder(config, dump_folder))
-    if config.load_step != -1:
-        steps = [s for s in steps if s == config.load_step]
-    return checkpoint_folder(config, dump_folder) / f"step-{steps[-1]}" if steps else None
-
-
 def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder") -> None:
     """Only the model's weights from a checkpoint folder, resharded to `model`'s plan; reads, never writes."""
     if not (Path(path) / ".metadata").is_file():
@@ -133,24 +122,19 @@ class CheckpointManager:
         if step % self.config.interval == 0 or step == self.total_steps:
             self.save(step)
 
-    def load(self) -> int | None:
-        """Restore the newest complete checkpoint (or `load_step`); returns its step, or None for a fresh start."""
-        if not self.config.enable:
+    def load(self, path: Path | None) -> int | None:
+        """Restore every state from the complete checkpoint at `path` (the run plan's choice); returns its step, or
+        None for a fresh start."""
+        if path is None:
             return None
-        steps = complete_checkpoint_steps(self.folder)
-        if self.config.load_step != -1:
-            steps = [s for s in steps if s == self.config.load_step]
-        if not steps:
-            return None
-        step = steps[-1]
-        path = self.folder / f"step-{step}"
+        step = int(path.name.removeprefix("step-"))
         state = self._state_dict()
         self._match_saved(state, saved_shapes(path), path)
         load_tensors(state, path)
         for name, stateful in self.states.items():
             if name in state:
                 stateful.load_state_dict(state[name])
-        if self.config.load_step != -1 and self.rank == 0:
+        if self.rank == 0:
             self._set_aside_newer_than(step)
         self.last_saved_step = step
         logger.info("resumed from %s", path)
@@ -177,9 +161,9 @@ class CheckpointManager:
                 _set(state, key, torch.empty(tuple(shape), dtype=torch.uint8))
 
     def _set_aside_newer_than(self, step: int) -> None:
-        """Resuming training from an older `load_step` starts a new timeline: the newer checkpoints are renamed out of
-        the way (kept, not deleted), so that a plain relaunch later continues this timeline and not the abandoned
-        one."""
+        """Resuming training from an older checkpoint (`load_step`) starts a new timeline: the newer checkpoints are
+        renamed out of the way (kept, not deleted), so that a plain relaunch later continues this timeline and not the
+        abandoned one."""
         for newer in [s for s in complete_checkpoint_steps(self.folder) if s > step]:
             source = self.folder / f"step-{newer}"
             target = self.folder / f"step-{newer}.abandoned-at-{step}"

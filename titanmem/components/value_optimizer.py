@@ -2,8 +2,9 @@
 
 With `[memory] value_optimizer` set to `sgd`, `adagrad` or `adam`, the table gets no dense gradient and no dense
 optimizer state. Each memory-layer read is recorded (`titanmem.distributed.lookup.ReadRecorder`): its (indices,
-weights) and, during backward, the gradient of its read-out. At the optimizer step every recorded contribution of the step (all layers, all micro-batches) is merged,
-and one fused pass per touched row applies the update in place (`titanmem.kernels.row_update`).
+weights) and, during backward, the gradient of its read-out. At the optimizer step every recorded contribution of the
+step (all layers, all micro-batches) is merged, and one fused pass per touched row applies the update in place
+(`titanmem.kernels.row_update`).
 
 State per optimizer: nothing for SGD, one fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy
 Adam (fp32 or bf16). The state is saved in checkpoints with the rest of the training state.

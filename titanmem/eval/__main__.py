@@ -15,7 +15,7 @@ import sys
 import torch.distributed as dist
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import checkpoint_to_read, load_model_weights
+from titanmem.components.checkpoint import load_model_weights
 from titanmem.config import ConfigError
 from titanmem.eval.runner import Evaluator
 from titanmem.plan import plan_from_command_line
@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(started, int):
         return started
     config, plan = started
-    path = checkpoint_to_read(config.checkpoint, config.job.dump_folder)
-    if path is None:
-        print(f"error: config error in checkpoint.folder: no complete checkpoint under "
-              f"{config.job.dump_folder}/{config.checkpoint.folder}", file=sys.stderr)
-        return 2
+    path = plan.checkpoint_to_load
     try:
         run = build_run(plan)
         load_model_weights(run.model, path)
