@@ -44,10 +44,6 @@ class Run:
     recorder: ReadRecorder | None = None
     """Training with a row-wise value optimizer only: the reads it trains from."""
 
-    @property
-    def dims(self):
-        return self.plan.parallel
-
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed every generator; in deterministic mode also restrict torch to deterministic kernels."""

@@ -12,7 +12,6 @@ how many are bit-identical, the largest difference, and the seconds the build to
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from titanmem.models.args import MemoryArgs, ModelArgs
+from titanmem.models.args import ModelArgs
 
 FLAVORS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=256, n_layers=6, n_heads=8, ffn_hidden_dim=768),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -105,14 +105,13 @@ def whole_parameter(name: str, param: nn.Parameter) -> tuple[str, torch.Tensor, 
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, seed: int, locate: Locate = whole_parameter,
-                 parameters: Iterable[tuple[str, nn.Parameter]] | None = None) -> None:
+def init_weights(module: nn.Module, seed: int, locate: Locate = whole_parameter) -> None:
     """Fill every parameter of `module` from `module.param_inits()`, then recompute its buffers (`init_buffers`).
 
     `locate` says which block of each full parameter this process holds; the default is all of it (a plain model on
     one device). Parallel plans pass their own (`titanmem.distributed.initialize`)."""
     specs: dict[str, ParamInit] = module.param_inits()
-    for name, param in parameters if parameters is not None else module.named_parameters():
+    for name, param in module.named_parameters():
         declared, target, index = locate(name, param)
         if declared not in specs:
             raise KeyError(f"parameter {declared} declares no initialisation in {type(module).__name__}.param_inits()")
