@@ -190,16 +190,19 @@ def test_relaunch_with_more_steps_and_a_new_lr_follows_the_new_config(small_conf
     trainer.close()
 
 
-def test_resuming_with_other_loader_workers_is_a_clear_error(small_config):
+@pytest.mark.parametrize("on_reshard", ["continue", "restart"])
+def test_resuming_with_other_loader_workers_deals_the_stream_out_again(small_config, caplog, on_reshard):
+    """Loader workers are shards of the stream: another count continues the global position (tests/test_data_position.py
+    counts the documents), or restarts the data order when asked to."""
     run(small_config(training={"steps": 2}, checkpoint={"enable": True, "interval": 2}))
-    from titanmem import train as train_module
-
-    config = small_config(training={"steps": 4}, data={"num_workers": 1}, checkpoint={"enable": True, "interval": 2})
-    trainer = Trainer(config)
-    with pytest.raises(train_module.ConfigError) as info:
-        trainer.train()
-    assert info.value.field == "data.num_workers" and "--data.num_workers 0" in str(info.value)
-    trainer.close()
+    caplog.set_level("INFO")
+    config = small_config(training={"steps": 4}, data={"num_workers": 2, "on_reshard": on_reshard},
+                          checkpoint={"enable": True, "interval": 2})
+    losses, _ = run(config)
+    assert sorted(losses) == [3, 4]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    words = "continues on 2 (no document skipped" if on_reshard == "continue" else "starts the data order afresh"
+    assert words in messages
 
 
 def test_load_step_sets_newer_checkpoints_aside_and_crash_debris_is_cleaned(small_config):

@@ -14,7 +14,7 @@ ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
     "models": frozenset({"utils", "kernels"}),
     "data": frozenset({"config", "utils"}),
     "distributed": frozenset({"config", "models", "utils"}),
-    "components": frozenset({"config", "models", "distributed", "kernels", "utils"}),
+    "components": frozenset({"config", "models", "data", "distributed", "kernels", "utils"}),
     "eval": frozenset({"config", "models", "data", "utils"}),
     "plan": frozenset({"config", "models", "data", "distributed", "components", "utils"}),
     "build": frozenset({"plan", "config", "models", "data", "distributed", "utils"}),

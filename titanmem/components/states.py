@@ -8,6 +8,7 @@ keeps a single copy of a plain tensor that every rank saves under one name.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, fields
 
@@ -17,7 +18,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from titanmem.components.records import decode_record, encode_record
-from titanmem.config.errors import ConfigError
+from titanmem.data.position import reshard, shard_states
+
+logger = logging.getLogger(__name__)
 
 
 class ModelState:
@@ -66,26 +69,47 @@ class TrainState:
 
 
 class DataLoaderState:
-    """This data-parallel rank's position in its shard of the stream."""
+    """The position in the training stream: this data-parallel rank's loader state, exact for a resume on the same
+    data-parallel degree and loader workers, and every shard's position (`position`), which a resume on another
+    number of shards deals out again (`titanmem.data.position`) unless `on_reshard` is `restart`."""
 
-    def __init__(self, loader, dp_rank: int):
+    def __init__(self, loader, dp_rank: int, dp_group=None, on_reshard: str = "continue"):
         self.loader = loader
+        self.dp_rank = dp_rank
+        self.dp_group = dp_group
+        self.on_reshard = on_reshard
         self.key = f"dp_rank_{dp_rank}"
 
+    def _num_shards(self) -> int:
+        ranks = torch.distributed.get_world_size(self.dp_group) if self.dp_group is not None else 1
+        return ranks * max(self.loader.num_workers, 1)
+
     def state_dict(self) -> dict:
-        return {self.key: encode_record({"num_workers": self.loader.num_workers, "state": self.loader.state_dict()})}
+        own = self.loader.state_dict()
+        shards = shard_states(own, self.loader.num_workers)
+        if self.dp_group is not None:
+            gathered: list = [None] * torch.distributed.get_world_size(self.dp_group)
+            torch.distributed.all_gather_object(gathered, shards, group=self.dp_group)
+            shards = [state for rank_shards in gathered for state in rank_shards]
+        return {"position": encode_record({"shards": shards}),
+                self.key: encode_record({"num_workers": self.loader.num_workers, "state": own})}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.key not in state:
+        own = decode_record(state[self.key]) if self.key in state else None
+        saved = decode_record(state["position"])["shards"] if "position" in state else None
+        if own is not None and own["num_workers"] == self.loader.num_workers and len(saved or []) == self._num_shards():
+            self.loader.load_state_dict(own["state"])
             return
-        saved = decode_record(state[self.key])
-        if saved["num_workers"] != self.loader.num_workers:
-            raise ConfigError(
-                "data.num_workers",
-                f"the checkpoint was saved with {saved['num_workers']} loader workers, whose stream positions cannot "
-                f"be mapped onto {self.loader.num_workers}; resume with --data.num_workers {saved['num_workers']}",
-            )
-        self.loader.load_state_dict(saved["state"])
+        if saved is None:
+            return  # nothing saved: the stream starts afresh (the checkpoint manager warned)
+        if self.on_reshard == "restart":
+            logger.warning("the checkpoint's data was read by %d shards and this run has %d; data.on_reshard = "
+                           "'restart' starts the data order afresh", len(saved), self._num_shards())
+            return
+        self.loader.dataset.continue_from(reshard(saved, self._num_shards()))
+        if self.dp_rank == 0:
+            logger.info("the data stream of %d shards continues on %d (no document skipped or repeated)",
+                        len(saved), self._num_shards())
 
 
 class RNGState:

@@ -82,6 +82,13 @@ class Data:
     num_workers: int = bounded(0, ge=0)
     """Data-loader worker processes that tokenize in the background. 0 tokenizes in the training process."""
 
+    on_reshard: Literal["continue", "restart"] = "continue"
+    """When a resume changes the number of shards that read the data (data-parallel ranks × loader workers):
+    `continue` deals the saved position out to the new shards, so that the global stream goes on with no document
+    skipped or repeated (the saved shards' unfinished windows included); `restart` starts the data order afresh, so
+    documents repeat. A streamed dataset (`streaming`) cannot continue on another shard count and asks for
+    `restart`."""
+
     facts_path: str = "assets/facts/facts.jsonl.gz"
     """Facts to mix into training as statements (JSON lines of relation, subject, answer, seen; the bundled file is
     built by tools/build_assets.py). Only the `seen` facts are stated; the factual-recall eval asks about all of them.

@@ -2,7 +2,8 @@
 resumable position in the stream.
 
 Each data-parallel rank (and each loader worker inside it) reads its own disjoint shard of the documents. The
-position is kept as (epoch, next document, leftover tokens), so a checkpoint resumes mid-epoch on the exact token.
+position is kept as (epoch, next document, leftover tokens), so a checkpoint resumes mid-epoch on the exact token,
+and can be dealt out again to another number of shards (`titanmem.data.position`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Data as DataConfig
 from titanmem.data.facts import Fact, fact_statements
 from titanmem.data.files import DataSource
+from titanmem.data.position import ShardState, is_consumed
 from titanmem.data.tokenizer import Tokenizer
 
 
@@ -91,14 +93,30 @@ class PackedTokenDataset(IterableDataset):
         self._epoch = 0
         self._next_document = 0
         self._buffer: list[int] = []
+        # Documents an earlier shard count already read (see titanmem.data.position), until this shard passes them.
+        self._consumed: list[dict] = []
         self._shard: datasets.Dataset | datasets.IterableDataset | None = None
+        self._shard_id, self._num_shards = 0, 1
         self._pending_stream_state: dict | None = None
+        # Positions of every shard after a change of the shard count, taken by each shard when it starts.
+        self._resharded: list[ShardState] | None = None
+
+    def continue_from(self, states: list[ShardState]) -> None:
+        """Start each shard at its position in `states` (one per shard of this run: `position.reshard`)."""
+        if isinstance(self.documents, datasets.IterableDataset):
+            raise ConfigError("data.on_reshard", "a streamed dataset cannot continue its order on another number of "
+                              "shards; set data.on_reshard = 'restart' to start the data order afresh")
+        self._resharded = states
 
     def _shard_for_this_worker(self):
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         num_shards = self.dp_world_size * workers
         shard_id = self.dp_rank * workers + worker_id
+        self._shard_id, self._num_shards = shard_id, num_shards
+        if self._resharded is not None:
+            self.load_state_dict(self._resharded[shard_id])
+            self._resharded = None
         if isinstance(self.documents, datasets.IterableDataset):
             # Split by rank only: inside a loader worker, `datasets` itself hands each worker its own file shards.
             return split_dataset_by_node(self.documents, rank=self.dp_rank, world_size=self.dp_world_size)
@@ -119,14 +137,16 @@ class PackedTokenDataset(IterableDataset):
             return
         for index in range(self._next_document, len(shard)):
             self._next_document = index + 1
+            # Round-robin dealing: this shard's index-th document is the corpus's document index · S + shard.
+            if self._consumed and is_consumed(self._consumed, index * self._num_shards + self._shard_id, self._epoch):
+                self._skipped_in_epoch = True
+                continue
             yield shard[index][self.text_field]
 
     def _fact_tokens(self, document_tokens: int) -> list[int]:
         """The fact statements that follow the current document: about facts_fraction / (1 - facts_fraction) of its
         length. They depend only on (seed, epoch, shard, document index), so a resumed stream repeats them."""
-        worker = get_worker_info()
-        shard = self.dp_rank * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
-        rng = random.Random(f"facts:{self.seed}:{self._epoch}:{shard}:{self._next_document}")
+        rng = random.Random(f"facts:{self.seed}:{self._epoch}:{self._shard_id}:{self._next_document}")
         wanted = document_tokens * self.facts_fraction / (1 - self.facts_fraction)
         tokens: list[int] = []
         while len(tokens) < wanted:
@@ -139,6 +159,7 @@ class PackedTokenDataset(IterableDataset):
         window = self.seq_len + 1
         while True:
             epoch_has_text = bool(self._buffer)
+            self._skipped_in_epoch = False
             for text in self._texts():
                 if not text:
                     continue  # an empty or null document would only add a lone separator
@@ -154,13 +175,17 @@ class PackedTokenDataset(IterableDataset):
                     # Trim before yielding: the state seen while suspended must be the state *after* this window.
                     self._buffer = self._buffer[self.seq_len :]
                     yield {"input": tokens[:-1], "labels": tokens[1:]}
-            if not epoch_has_text:
+            if not epoch_has_text and not self._skipped_in_epoch:
                 raise ConfigError("data.path", f"the shard of data-parallel rank {self.dp_rank} holds no text")
             self._epoch += 1
             self._next_document = 0
+            # A table's documents lie in its epochs only: once past them, this shard needs it no more.
+            self._consumed = [t for t in self._consumed if max(t["epochs"]) >= self._epoch]
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self._epoch, "next_document": self._next_document, "buffer": list(self._buffer)}
+        if self._consumed:
+            state["consumed"] = self._consumed
         if isinstance(self._shard, datasets.IterableDataset):
             state["stream"] = self._shard.state_dict()
         return state
@@ -169,5 +194,6 @@ class PackedTokenDataset(IterableDataset):
         self._epoch = state["epoch"]
         self._next_document = state["next_document"]
         self._buffer = list(state["buffer"])
+        self._consumed = list(state.get("consumed", []))
         self._pending_stream_state = state.get("stream")
 
