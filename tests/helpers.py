@@ -166,3 +166,57 @@ def column_parallel_worker(rank: int, world: int, port: int, folder: str) -> Non
                    os.path.join(folder, f"rank{rank}.pt"))
 
     run_as_rank(rank, world, port, body)
+
+
+def full_training_state(trainer) -> dict:
+    """The model's full weights and the optimizers' full states (dense AdamW moments and step counts, and the
+    row-wise value optimizer's tables), by name, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+    dense = get_optimizer_state_dict(trainer.model, trainer.optimizers.dense, options=options)
+    state = {f"model.{name}": tensor for name, tensor in full_weights(trainer.model).items()}
+    state.update({f"optimizer.{key}": value.detach().clone() for key, value in dense.items()
+                  if key.startswith("state.")})
+    values = trainer.optimizers.values
+    if values is not None:
+        for name in ("first", "second"):
+            table = values._as_table(getattr(values, name))
+            state[f"values.{name}"] = (table.full_tensor() if isinstance(table, DTensor) else table).clone()
+        state["values.steps"] = values.steps
+    return state
+
+
+def resume_worker(rank: int, world: int, port: int, folder: str, sections: dict, batches_path: str,
+                  phase: str) -> None:
+    """One rank of a save on one plan (`phase` "save": 2 steps, save, then the 3rd step) or of its load on another
+    ("load": restore, then the 3rd step); rank 0 writes the full state and the 3rd step's loss to `<phase>.pt`."""
+
+    def body():
+        import torch
+
+        from titanmem.train import Trainer
+
+        trainer = Trainer(make_config(folder, **sections))
+        batches = torch.load(batches_path)["batches"]
+
+        def step(batch):
+            share = batch.shape[0] // trainer.dp_world_size
+            mine = batch[trainer.dp_rank * share : (trainer.dp_rank + 1) * share]
+            trainer.train_state.step += 1
+            return trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))["loss"]
+
+        if phase == "save":
+            for batch in batches[:2]:
+                step(batch)
+            trainer.checkpointer.save(trainer.train_state.step)
+        else:
+            assert trainer.checkpointer.load(trainer.plan.checkpoint_to_load) == 2
+        state = full_training_state(trainer)
+        loss = step(batches[2])
+        if rank == 0:
+            torch.save({"state": state, "loss": loss}, os.path.join(folder, f"{phase}.pt"))
+        trainer.close()
+
+    run_as_rank(rank, world, port, body)
