@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from titanmem.build import build_run
 from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder
+from titanmem.components.faults import crash_point
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers
@@ -182,6 +183,8 @@ class Trainer:
         resumed = self.checkpointer.load(self.plan.checkpoint_to_load)
         if self.rank == 0:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
+        if resumed is not None:
+            crash_point("resumed", resumed)
         batches = iter(self.dataloader)
         self.model.train()
         # Throughput windows start here, after checkpoint loading and loader start-up.
@@ -189,6 +192,7 @@ class Trainer:
         while state.step < total:
             state.step += 1
             values = self.train_step(batches)
+            crash_point("step", state.step)
             state.tokens_seen += self.plan.tokens_per_step
             self.loss_history[state.step] = values["loss"]
             values["nonfinite_skips"] = state.nonfinite_skips
@@ -200,6 +204,8 @@ class Trainer:
             if interval and (state.step % interval == 0 or state.step == total):
                 self.evaluate()
             self.checkpointer.maybe_save(state.step)
+        # The last save may still be writing in the background: the run is done once it is complete.
+        self.checkpointer.wait()
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
         return self.loss_history
@@ -214,6 +220,7 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.metrics.close()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

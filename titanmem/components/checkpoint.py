@@ -2,7 +2,9 @@
 
 A save writes into `step-N.partial`, and only after every rank has finished is it renamed to `step-N`; a rename is
 atomic, so a crash at any moment leaves either the old set of checkpoints or the old set plus one complete new one.
-Resume picks the newest `step-N` that holds DCP's `.metadata` file.
+Resume picks the newest `step-N` that holds DCP's `.metadata` file. With `async_mode`, training goes on while a
+background thread writes the save; the rename waits for the write, and the next save and the end of training wait
+for both.
 
 `CheckpointManager` takes a mapping of named Stateful objects (model, optimizers, lr schedule, data loader, RNG,
 counters) and knows nothing else about them: adding state to a checkpoint is adding one entry. Every entry must be a
@@ -19,7 +21,9 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -29,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
+from titanmem.components.faults import crash_point
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
 
@@ -72,9 +77,9 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "c
     set_model_state_dict(model, state["model"])
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 class CheckpointManager:
@@ -87,6 +92,23 @@ class CheckpointManager:
         self.rank = rank
         self.optional = tuple(optional)
         self.last_saved_step = -1
+        self._pending: tuple[int, Future] | None = None  # a background save: its step and its write
+        self._stager = None
+        self._process_group = None
+        if config.async_mode != "disabled":
+            self._start_async()
+
+    def _start_async(self) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if dist.is_available() and dist.is_initialized():
+            # The background thread's collectives get a group of their own (gloo: DCP's writes go through the CPU),
+            # so that they never interleave with the training step's.
+            self._process_group = dist.new_group(backend="gloo")
+        if self.config.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
+            # Kept from save to save, so that its pinned buffers are allocated once.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=True))
 
     def _state_dict(self) -> dict:
         state = {name: stateful.state_dict() for name, stateful in self.states.items()}
@@ -97,24 +119,62 @@ class CheckpointManager:
         return state
 
     def save(self, step: int) -> Path:
-        final = self.folder / f"step-{step}"
+        """Write the checkpoint of `step` (in the background with `async_mode`); returns its final folder."""
+        start = time.perf_counter()
+        self.wait()
         partial = self.folder / f"step-{step}.partial"
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        dcp.save(self._state_dict(), checkpoint_id=str(partial))
-        _barrier()
+        self.last_saved_step = step
+        if self.config.async_mode == "disabled":
+            dcp.save(self._state_dict(), checkpoint_id=str(partial))
+            _barrier()
+            crash_point("save:written", step)
+            self._complete(step)
+            logger.info("saved checkpoint step-%d; training waited %.2f s", step, time.perf_counter() - start)
+        else:
+            write = dcp.async_save(self._state_dict(), checkpoint_id=str(partial), process_group=self._process_group,
+                                   async_stager=self._stager)
+            self._pending = (step, write)
+            crash_point("save:background", step)
+            logger.info("checkpoint step-%d copied for writing in the background; training waited %.2f s", step,
+                        time.perf_counter() - start)
+        return self.folder / f"step-{step}"
+
+    def wait(self) -> None:
+        """Let a background save finish, and make it a complete checkpoint."""
+        if self._pending is None:
+            return
+        step, write = self._pending
+        self._pending = None
+        start = time.perf_counter()
+        write.result()
+        # Every rank's write is done once every rank's future is: DCP's last step gathers them all.
+        _barrier(self._process_group)
+        self._complete(step)
+        logger.info("saved checkpoint step-%d in the background; training waited %.2f s for its end", step,
+                    time.perf_counter() - start)
+
+    def _complete(self, step: int) -> None:
+        """Rank 0 renames the finished `step-N.partial` to `step-N` and drops what is beyond keep_latest_k."""
+        final, partial = self.folder / f"step-{step}", self.folder / f"step-{step}.partial"
         if self.rank == 0:
             if final.exists():
                 self._remove(final)
             os.replace(partial, final)
             self._fsync_folder()
+            crash_point("save:renamed", step)
             self._purge_old()
-        _barrier()
-        self.last_saved_step = step
-        logger.info("saved checkpoint %s", final)
-        return final
+        _barrier(self._process_group)
+
+    def close(self) -> None:
+        """Finish a background save and release the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def maybe_save(self, step: int) -> None:
         if not self.config.enable or step == self.last_saved_step:

@@ -263,6 +263,14 @@ class Checkpoint:
     load_step: int = bounded(-1, ge=0, allow=(-1,))
     """Resume from this step's checkpoint instead of the newest; -1 means the newest complete one."""
 
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
+    """`disabled`: training waits while a checkpoint is written. `async`: training waits only while the state is
+    copied to CPU memory, and goes on while a background thread writes it; the next save, and the end of training,
+    wait for the write to finish. `async_with_pinned_mem`: as `async`, copying into pinned CPU buffers that are kept
+    from save to save (faster GPU-to-CPU copies, at the cost of host memory the size of this rank's state; on CPU
+    runs the same as `async`). A checkpoint becomes complete only once written: a crash during a background write
+    leaves the previous one the newest complete checkpoint."""
+
 
 @dataclass
 class Metrics:

@@ -1,0 +1,160 @@
+"""Kill training at chosen or random points and check that a relaunch recovers exactly.
+
+    python tools/crash_test.py                                  # 20 random crash points
+    python tools/crash_test.py --random 50 --seed 3
+    python tools/crash_test.py --points step:3 save:written:4 save:background:6:async [--steps 8 --interval 2]
+    python tools/crash_test.py ... -- --memory.enabled           # after --, overrides for every launch
+
+Each crash is `point:step[:sync|async]` (points: titanmem/components/faults.py). For each, a fresh run is launched
+with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
+finishes. The check, in deterministic mode on CPU:
+- the relaunch resumes from the checkpoint that must be the newest complete one at that crash (a save killed before
+  its rename is not complete; an async save is complete only once the next save or the end has waited for it);
+- every loss the relaunch logs equals the uninterrupted run's bit for bit (TensorBoard's float32 values).
+Prints one markdown row per crash and exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from titanmem.components.faults import POINTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(folder: Path, name: str, steps: int, interval: int, mode: str, extra: list[str],
+           crash: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TITANMEM_CRASH_AT", None)
+    if crash:
+        env["TITANMEM_CRASH_AT"] = crash
+    command = [sys.executable, "-m", "titanmem.train", "--job.dump_folder", str(folder), "--training.steps",
+               str(steps), "--training.deterministic", "--training.device", "cpu", "--checkpoint.interval",
+               str(interval), "--checkpoint.keep_latest_k", "0", "--checkpoint.async_mode", mode,
+               "--metrics.log_freq", "1", "--metrics.save_tb_folder", name, *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(folder: Path, name: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[int, float] = {}
+    for run in sorted((folder / name).iterdir()):
+        events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        events.Reload()
+        if "loss" in events.Tags()["scalars"]:
+            found.update({event.step: event.value for event in events.Scalars("loss")})
+    return found
+
+
+def expected_resume(point: str, step: int, interval: int, mode: str) -> int:
+    """The newest complete checkpoint when the process dies at (point, step)."""
+    if point in ("save:renamed", "resumed"):
+        return step
+    if point in ("save:written", "save:background"):
+        return step - interval  # this save never completed; the one before it did (its end was waited for)
+    last_save = (step - 1) // interval * interval  # `step`: killed after the step, before its own save
+    # An async save completes when the next save (or the end) waits for it: the last one is still in flight.
+    return last_save - interval if mode == "async" and last_save > 0 else last_save
+
+
+def parse(crash: str) -> tuple[str, int, str]:
+    """`point:step[:sync|async]` -> (point, step, mode); a bare save point gets the only mode it exists in."""
+    parts = crash.split(":")
+    take = 2 if parts[0] == "save" else 1
+    point, rest = ":".join(parts[:take]), parts[take:]
+    if point not in POINTS or not rest or not rest[0].isdigit() or rest[1:] not in ([], ["sync"], ["async"]):
+        raise SystemExit(f"error: bad crash {crash!r}; expected point:step[:sync|async] with point one of {POINTS}")
+    mode = rest[1] if len(rest) > 1 else ("async" if point == "save:background" else "sync")
+    if (point, mode) in (("save:written", "async"), ("save:background", "sync")):
+        raise SystemExit(f"error: {point} happens in {'sync' if mode == 'async' else 'async'} saves only")
+    return point, int(rest[0]), mode
+
+
+def run_crash(work: Path, crash: str, steps: int, interval: int, extra: list[str], reference: dict[int, float]):
+    point, step, mode = parse(crash)
+    dcp_mode = "async" if mode == "async" else "disabled"
+    folder = work / crash.replace(":", "_")
+    if point == "resumed":  # a run that reached the checkpoint first, then a relaunch killed as it resumes
+        first = launch(folder, "tb0", step, interval, dcp_mode, extra)
+        if first.returncode != 0:
+            return crash, mode, "first run failed", first.stderr[-2000:]
+    killed = launch(folder, "tb1", steps, interval, dcp_mode, extra, crash=f"{point}:{step}")
+    if killed.returncode != -9:
+        return crash, mode, f"not killed (exit {killed.returncode})", killed.stderr[-2000:]
+    relaunch = launch(folder, "tb2", steps, interval, dcp_mode, extra)
+    if relaunch.returncode != 0:
+        return crash, mode, f"relaunch failed (exit {relaunch.returncode})", relaunch.stderr[-2000:]
+    want = expected_resume(point, step, interval, mode)
+    said = re.search(r"resumed at step (\d+)|starting at step 0", relaunch.stderr)
+    resumed = int(said.group(1)) if said and said.group(1) else 0
+    got = losses(folder, "tb2")
+    expected_steps = list(range(resumed + 1, steps + 1))
+    problems = []
+    if resumed != want:
+        problems.append(f"resumed at {resumed}, expected {want}")
+    if sorted(got) != expected_steps:
+        problems.append(f"logged steps {sorted(got)}")
+    unequal = [s for s in expected_steps if got.get(s) != reference[s]]
+    if unequal:
+        problems.append(f"losses differ at steps {unequal}")
+    return crash, mode, f"resumed at {resumed}, {len(expected_steps)} losses bit-identical" if not problems else \
+        "; ".join(problems), ""
+
+
+def random_crashes(count: int, steps: int, interval: int, rng: random.Random) -> list[str]:
+    saves = sorted({s for s in range(interval, steps + 1, interval)} | {steps})
+    crashes = []
+    for _ in range(count):
+        point = rng.choice(POINTS)
+        mode = rng.choice(("sync", "async"))
+        if point == "save:written":
+            mode = "sync"
+        if point == "save:background":
+            mode = "async"
+        step = rng.choice(saves[:-1] if point.startswith("save") or point == "resumed" else range(2, steps))
+        crashes.append(f"{point}:{step}:{mode}")
+    return crashes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", nargs="*", help="crashes as point:step[:sync|async]")
+    parser.add_argument("--random", type=int, default=20, help="random crashes when --points is not given")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--interval", type=int, default=2)
+    parser.add_argument("--work", help="folder for the runs (default: a temporary one)")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    crashes = args.points or random_crashes(args.random, args.steps, args.interval, random.Random(args.seed))
+    work = Path(args.work or tempfile.mkdtemp(prefix="titanmem-crash-"))
+    straight = launch(work / "uninterrupted", "tb", args.steps, args.interval, "disabled", extra)
+    if straight.returncode != 0:
+        print(straight.stderr[-3000:], file=sys.stderr)
+        return 1
+    reference = losses(work / "uninterrupted", "tb")
+    print("| crash (point:step) | save mode | result |")
+    print("| --- | --- | --- |")
+    failed = 0
+    for crash in crashes:
+        name, mode, result, log = run_crash(work, crash, args.steps, args.interval, extra, reference)
+        ok = "bit-identical" in result
+        failed += not ok
+        print(f"| {name} | {mode} | {result} |", flush=True)
+        if not ok and log:
+            print(log, file=sys.stderr)
+    print(f"\n{len(crashes) - failed} of {len(crashes)} crashes recovered exactly (work folder {work})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
