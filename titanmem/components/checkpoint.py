@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
 from titanmem.components.faults import crash_point
+from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
 
@@ -99,16 +100,12 @@ class CheckpointManager:
             self._start_async()
 
     def _start_async(self) -> None:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
         if dist.is_available() and dist.is_initialized():
             # The background thread's collectives get a group of their own (gloo: DCP's writes go through the CPU),
             # so that they never interleave with the training step's.
             self._process_group = dist.new_group(backend="gloo")
-        if self.config.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
-            # Kept from save to save, so that its pinned buffers are allocated once.
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=True))
+        # Kept from save to save, so that pinned buffers are allocated once.
+        self._stager = CpuStager(pinned=self.config.async_mode == "async_with_pinned_mem")
 
     def _state_dict(self) -> dict:
         state = {name: stateful.state_dict() for name, stateful in self.states.items()}
