@@ -98,7 +98,8 @@ class RunPlan:
             values["checkpoint.load_step"] = int(self.checkpoint_to_load.name.removeprefix("step-"))
         if m.memory is not None:
             values.update({
-                "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys, "memory.k_dim": m.memory.k_dim,
+                "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys,
+                "memory.k_dim": m.memory.k_dim,
                 "memory.v_dim": m.memory.v_dim, "memory.lookup": m.memory.lookup,
                 "memory.value_optimizer": self.value_optimizer, "memory.value_lr": self.value_lr,
                 "parallelism.value_slice_sharding": self.value_slice_sharding,
@@ -249,8 +250,8 @@ def _check_files(config: JobConfig, purpose: Purpose) -> None:
             raise ConfigError("eval.dump_memory", "needs eval.results_folder, a folder outside the run to write to")
         dump = Path(config.job.dump_folder).resolve()
         if results and (Path(results).resolve() == dump or dump in Path(results).resolve().parents):
-            raise ConfigError("eval.results_folder", f"{results} lies inside the run's folder {config.job.dump_folder}, "
-                              "which reading a run never writes to; choose a folder outside it")
+            raise ConfigError("eval.results_folder", f"{results} lies inside the run's folder "
+                              f"{config.job.dump_folder}, which reading a run never writes to; choose one outside it")
     if config.tokenizer.path:
         if not resolve_asset_path(config.tokenizer.path).is_file():
             raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")

@@ -1,7 +1,8 @@
 """Evaluation of a model in training or from a checkpoint: held-out perplexity and factual recall.
 
 Results go to `results.jsonl` in the results folder (one JSON object per evaluation, with per-relation detail): in
-training `<job.dump_folder>/eval`, and TensorBoard under `eval/`; from a checkpoint, `eval.results_folder`, if set. Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
+training `<job.dump_folder>/eval`, and TensorBoard under `eval/`; from a checkpoint, `eval.results_folder`, if set.
+Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
 the share of facts answered exactly by greedy completion of the first training template's prompt (`train`) and of
 the held-out prompts (`heldout`, averaged over them).
 """
