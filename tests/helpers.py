@@ -220,3 +220,18 @@ def resume_worker(rank: int, world: int, port: int, folder: str, sections: dict,
         trainer.close()
 
     run_as_rank(rank, world, port, body)
+
+
+def resave_worker(rank: int, world: int, port: int, folder: str, sections: dict) -> None:
+    """One rank of a run that starts from `checkpoint.initial_load_path` (its whole state) and saves it again at
+    once, under this run's plan."""
+
+    def body():
+        from titanmem.train import Trainer
+
+        trainer = Trainer(make_config(folder, **sections))
+        trainer._initial_load(trainer.plan.initial_load)
+        trainer.checkpointer.save(trainer.train_state.step)
+        trainer.close()
+
+    run_as_rank(rank, world, port, body)

@@ -24,9 +24,6 @@ def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
     """The continuations of `[generate] prompts`, in order."""
     options = config.generate
     plan = plan or resolve_plan(config, "generate")
-    if plan.world_size != 1:
-        raise ConfigError("WORLD_SIZE",
-                          f"generation runs on one process, got {plan.world_size}; run it without torchrun")
     built = build_run(plan)
     load_model_weights(built.model, plan.checkpoint_to_load, field="generate.checkpoint")
     built.model.eval()

@@ -37,6 +37,7 @@ MODULE_LAYERS: dict[str, str] = {
     "titanmem.build": "build",
     "titanmem.train": "entry",
     "titanmem.generate": "entry",
+    "titanmem.export": "entry",
     "titanmem.eval.__main__": "entry",
 }
 

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps
+from titanmem.components.export import is_export
 from titanmem.config.errors import ConfigError
 from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
 from titanmem.config.sections import JobConfig
@@ -67,8 +68,10 @@ class RunPlan:
     data_source: DataSource | None
     """The training data (train only)."""
     checkpoint_to_load: Path | None
-    """The complete checkpoint this run resumes from (train) or reads (eval, generate, export); None for a fresh
-    start."""
+    """The complete checkpoint this run resumes from (train) or reads (eval, generate, export: a `step-N` folder or
+    an exported one); None for a fresh start."""
+    initial_load: Path | None
+    """Training only: `checkpoint.initial_load_path`, when the run has no checkpoint of its own to resume from."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -94,7 +97,7 @@ class RunPlan:
         }
         if self.data_source is not None:
             values["data.format"] = self.data_source.builder
-        if self.checkpoint_to_load is not None:
+        if self.checkpoint_to_load is not None and self.checkpoint_to_load.name.startswith("step-"):
             values["checkpoint.load_step"] = int(self.checkpoint_to_load.name.removeprefix("step-"))
         if m.memory is not None:
             values.update({
@@ -211,10 +214,9 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     complete one in the run's folder; None when training starts fresh. Readers of a run need one."""
     checkpoint = config.checkpoint
     if purpose == "generate" and config.generate.checkpoint:
-        if not (Path(config.generate.checkpoint) / ".metadata").is_file():
-            raise ConfigError("generate.checkpoint", f"{config.generate.checkpoint} is not a complete checkpoint "
-                              "folder (no .metadata file)")
-        return Path(config.generate.checkpoint)
+        return _readable(config.generate.checkpoint, "generate.checkpoint")
+    if purpose in ("eval", "generate", "export") and checkpoint.initial_load_path:
+        return _readable(checkpoint.initial_load_path, "checkpoint.initial_load_path")
     if purpose == "dry_run" or (purpose == "train" and not checkpoint.enable):
         return None
     folder = checkpoint_folder(checkpoint, config.job.dump_folder)
@@ -233,7 +235,20 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     return None
 
 
-def _check_files(config: JobConfig, purpose: Purpose) -> None:
+def _readable(path: str, field: str) -> Path:
+    """A folder that weights can be read from: a complete `step-N` checkpoint or an exported folder."""
+    if not ((Path(path) / ".metadata").is_file() or is_export(path)):
+        raise ConfigError(field, f"{path} is neither a complete checkpoint (no .metadata file) nor an exported folder "
+                          "(no model.safetensors.index.json)")
+    return Path(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    resolved, outer = Path(path).resolve(), Path(folder).resolve()
+    return resolved == outer or outer in resolved.parents
+
+
+def _check_files(config: JobConfig, purpose: Purpose, world_size: int) -> None:
     data = config.data
     if purpose == "train" and data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
         raise ConfigError("data.facts_path", f"no such file: {data.facts_path} (needed by data.facts_fraction > 0)")
@@ -244,12 +259,22 @@ def _check_files(config: JobConfig, purpose: Purpose) -> None:
     if purpose == "generate" and not config.generate.prompts:
         raise ConfigError("generate.prompts",
                           "is empty; pass e.g. --generate.prompts '[\"The capital of France is\"]'")
+    if purpose in ("generate", "export") and world_size != 1:
+        raise ConfigError("WORLD_SIZE", f"{purpose} runs on one process, got {world_size}; run it without torchrun")
+    if purpose == "export":
+        folder = config.export.folder
+        if not folder:
+            raise ConfigError("export.folder", "is empty; name a new or empty folder to export to")
+        if _inside(folder, config.job.dump_folder):
+            raise ConfigError("export.folder", f"{folder} lies inside the run's folder {config.job.dump_folder}, "
+                              "which reading a run never writes to; choose one outside it")
+        if Path(folder).exists() and (not Path(folder).is_dir() or any(Path(folder).iterdir())):
+            raise ConfigError("export.folder", f"{folder} exists and is not an empty folder; choose a new one")
     if purpose == "eval":
         results = config.eval.results_folder
         if config.eval.dump_memory and not results:
             raise ConfigError("eval.dump_memory", "needs eval.results_folder, a folder outside the run to write to")
-        dump = Path(config.job.dump_folder).resolve()
-        if results and (Path(results).resolve() == dump or dump in Path(results).resolve().parents):
+        if results and _inside(results, config.job.dump_folder):
             raise ConfigError("eval.results_folder", f"{results} lies inside the run's folder "
                               f"{config.job.dump_folder}, which reading a run never writes to; choose one outside it")
     if config.tokenizer.path:
@@ -295,8 +320,14 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     precision = training.mixed_precision
     autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device_type == "cuda") else None
 
-    _check_files(config, purpose)
+    _check_files(config, purpose, world_size)
     checkpoint_to_load = resolve_checkpoint(config, purpose)
+    initial_load = None
+    if purpose == "train" and checkpoint_to_load is None and config.checkpoint.initial_load_path:
+        initial_load = _readable(config.checkpoint.initial_load_path, "checkpoint.initial_load_path")
+        if is_export(initial_load) and not config.checkpoint.initial_load_model_only:
+            raise ConfigError("checkpoint.initial_load_model_only", f"{initial_load} is an exported folder, which "
+                              "holds weights only; set it to true, or point initial_load_path at a step-N folder")
     data_source = resolve_data_source(config.data) if purpose == "train" else None
 
     vocab = tokenizer_vocab_size if tokenizer_vocab_size is not None else _tokenizer_vocab_size(config)
@@ -314,7 +345,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
         model_args=model_args, autocast_dtype=autocast_dtype, value_optimizer=value_optimizer, value_lr=value_lr,
         value_slice_sharding=sharding, optimizer_implementation=implementation, global_batch_size=global_batch,
         accumulation_steps=global_batch // unit, lr_decay_steps=decay_steps, data_source=data_source,
-        checkpoint_to_load=checkpoint_to_load,
+        checkpoint_to_load=checkpoint_to_load, initial_load=initial_load,
     )
 
 

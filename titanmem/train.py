@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder
+from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder, load_model_weights
 from titanmem.components.faults import crash_point
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
@@ -185,6 +185,8 @@ class Trainer:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
         if resumed is not None:
             crash_point("resumed", resumed)
+        elif self.plan.initial_load is not None:
+            self._initial_load(self.plan.initial_load)
         batches = iter(self.dataloader)
         self.model.train()
         # Throughput windows start here, after checkpoint loading and loader start-up.
@@ -209,6 +211,17 @@ class Trainer:
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
         return self.loss_history
+
+    def _initial_load(self, path) -> None:
+        """A new run's start from another run's checkpoint or an exported model (`checkpoint.initial_load_path`)."""
+        if self.config.checkpoint.initial_load_model_only:
+            load_model_weights(self.model, path, field="checkpoint.initial_load_path")
+            what = "model weights"
+        else:
+            self.checkpointer.load(path)
+            what = f"whole training state (step {self.train_state.step})"
+        if self.rank == 0:
+            logger.info("started from %s of %s", what, path)
 
     def evaluate(self) -> dict:
         """Held-out perplexity and fact recall of the current model (titanmem/eval/runner.py)."""

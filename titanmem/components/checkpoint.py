@@ -17,6 +17,7 @@ Reading a run without training it (eval, generate) uses `load_model_weights`, wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
+from titanmem.components.export import is_export, load_export
 from titanmem.components.faults import crash_point
 from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
@@ -70,12 +72,23 @@ def checkpoint_folder(config: CheckpointConfig, dump_folder: str) -> Path:
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder") -> None:
-    """Only the model's weights from a checkpoint folder, resharded to `model`'s plan; reads, never writes."""
+    """Only the model's weights from a checkpoint folder or an exported one, resharded to `model`'s plan; reads,
+    never writes."""
+    if is_export(path):
+        load_export(model, path)
+        return
     if not (Path(path) / ".metadata").is_file():
         raise ConfigError(field, f"{path} is not a complete checkpoint (no .metadata file)")
     state = {"model": get_model_state_dict(model)}
     load_tensors(state, path)
     set_model_state_dict(model, state["model"])
+
+
+def saved_step(path: str | Path) -> int:
+    """The training step a `step-N` folder or an exported one holds (-1 when an export does not say)."""
+    if is_export(path):
+        return int(json.loads((Path(path) / "config.json").read_text()).get("step", -1))
+    return int(Path(path).name.removeprefix("step-"))
 
 
 def _barrier(group=None) -> None:

@@ -263,6 +263,15 @@ class Checkpoint:
     load_step: int = bounded(-1, ge=0, allow=(-1,))
     """Resume from this step's checkpoint instead of the newest; -1 means the newest complete one."""
 
+    initial_load_path: str = ""
+    """A checkpoint to start from when this run's own folder holds none: an exported folder (`python -m
+    titanmem.export`: safetensors, weights only) or another run's `step-N` folder. eval and generate read it instead
+    of the run's own checkpoints."""
+
+    initial_load_model_only: bool = True
+    """With a `step-N` folder as `initial_load_path`: load the model's weights only (a new run: fresh optimizer, lr
+    schedule, data order and counters). false restores that checkpoint's whole training state, as a resume would."""
+
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
     """`disabled`: training waits while a checkpoint is written. `async`: training waits only while the state is
     copied to CPU memory, and goes on while a background thread writes it; the next save, and the end of training,
@@ -388,6 +397,19 @@ class Generate:
 
 
 @dataclass
+class Export:
+    folder: str = ""
+    """Where `python -m titanmem.export` writes the model: safetensors files, their index, `config.json` and the
+    tokenizer. It must be empty or new, and lie outside `job.dump_folder` (reading a run never writes into it)."""
+
+    max_shard_gb: float = bounded(5.0, gt=0.0)
+    """Largest safetensors file, in GB (10⁹ bytes); a single tensor larger than this gets a file of its own."""
+
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the exported weights (training keeps fp32 parameters)."""
+
+
+@dataclass
 class JobConfig:
     """The whole run's configuration: one attribute per TOML section."""
 
@@ -406,3 +428,4 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     eval: Eval = field(default_factory=Eval)
     generate: Generate = field(default_factory=Generate)
+    export: Export = field(default_factory=Export)

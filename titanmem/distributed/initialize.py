@@ -25,7 +25,7 @@ def model_name(name: str) -> str:
     return name
 
 
-def _local_block(name: str, param: nn.Parameter) -> tuple[str, torch.Tensor, tuple[slice, ...]]:
+def local_block(name: str, param: nn.Parameter) -> tuple[str, torch.Tensor, tuple[slice, ...]]:
     """This rank's stored block of `param`: the tensor to fill and where it lies in the full parameter."""
     if not isinstance(param.data, DTensor):
         return model_name(name), param.data, tuple(slice(0, size) for size in param.shape)
@@ -40,4 +40,4 @@ def _local_block(name: str, param: nn.Parameter) -> tuple[str, torch.Tensor, tup
 
 def init_model_weights(model: nn.Module, seed: int) -> None:
     """Fill every parameter's stored block and recompute the buffers (after `to_empty` from the meta device)."""
-    init_weights(model, seed, locate=_local_block)
+    init_weights(model, seed, locate=local_block)

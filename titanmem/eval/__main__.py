@@ -15,7 +15,7 @@ import sys
 import torch.distributed as dist
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import load_model_weights
+from titanmem.components.checkpoint import load_model_weights, saved_step
 from titanmem.config import ConfigError
 from titanmem.eval.runner import Evaluator
 from titanmem.plan import plan_from_command_line
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluator = Evaluator(config, run.tokenizer, run.device, plan.autocast_dtype, run.rank,
                               results_folder=config.eval.results_folder or None)
-        results = evaluator.run(run.model, int(path.name.removeprefix("step-")))
+        results = evaluator.run(run.model, saved_step(path))
         if run.rank == 0:
             print(json.dumps(results, indent=1))
     finally:

@@ -1,0 +1,94 @@
+"""Export a checkpoint to safetensors and start from it again: the same bytes from any plan, the same logits after
+the import, and eval and generate read the exported folder."""
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helpers import free_port, make_config, reader_argv, resave_worker, train_tiny_run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from titanmem.export import main
+
+    root = tmp_path_factory.mktemp("export")
+    train_tiny_run(root / "run", checkpoint={"enable": True, "interval": 3})
+    assert main(reader_argv(root / "run", "--export.folder", str(root / "out"), "--export.max_shard_gb",
+                            "0.01")) == 0
+    return root
+
+
+def test_the_folder_holds_sharded_weights_their_index_config_and_tokenizer(exported):
+    out = exported / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files)  # 10 MB shards of a 30 MB model
+    assert all((out / f).stat().st_size <= 0.01e9 or sum(v == f for v in index["weight_map"].values()) == 1
+               for f in files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 3 and config["model"]["memory"]["n_keys"] == 64 and config["dtype"] == "float32"
+    assert (out / "tokenizer" / "titanmem4k.tiktoken").is_file()
+    assert "memory_values.weight" in index["weight_map"]
+
+
+def test_a_checkpoint_of_another_plan_exports_the_same_bytes(exported):
+    from titanmem.export import main
+
+    sections = dict(training={"steps": 3, "seq_len": 32, "local_batch_size": 1}, memory={"enabled": True},
+                    checkpoint={"enable": True, "initial_load_path": str(exported / "run" / "checkpoint" / "step-3"),
+                                "initial_load_model_only": False},
+                    parallelism={"dp_shard": 2, "mp": 2})
+    mp.start_processes(resave_worker, args=(2, free_port(), str(exported / "resaved"), sections), nprocs=2,
+                       join=True, start_method="spawn")
+    assert main(reader_argv(exported / "resaved", "--export.folder", str(exported / "out2"), "--export.max_shard_gb",
+                            "0.01")) == 0
+    first = sorted(p.name for p in (exported / "out").rglob("*") if p.is_file())
+    assert first == sorted(p.name for p in (exported / "out2").rglob("*") if p.is_file())
+    for name in first:
+        path = next((exported / "out").rglob(name))
+        assert path.read_bytes() == next((exported / "out2").rglob(name)).read_bytes(), name
+
+
+def test_an_imported_export_gives_the_same_logits_and_generation(exported, capsys):
+    from titanmem.build import build_run
+    from titanmem.components.checkpoint import load_model_weights
+    from titanmem.config import build_config
+    from titanmem.generate import main as generate_main
+    from titanmem.plan import resolve_plan
+    from titanmem.eval.__main__ import main as eval_main
+    from titanmem.train import Trainer
+
+    tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    config, _ = build_config(reader_argv(exported / "run"))
+    original = build_run(resolve_plan(config, "eval")).model
+    load_model_weights(original, exported / "run" / "checkpoint" / "step-3")
+    # A new run that starts from the exported folder.
+    trainer = Trainer(make_config(exported / "imported", training={"steps": 1, "seq_len": 32},
+                                  memory={"enabled": True},
+                                  checkpoint={"enable": True, "initial_load_path": str(exported / "out")}))
+    trainer._initial_load(trainer.plan.initial_load)
+    with torch.no_grad():
+        assert torch.equal(trainer.model(tokens), original(tokens))
+    trainer.close()
+
+    prompt = ["--generate.prompts", '["The capital of France is"]', "--generate.max_new_tokens", "5"]
+    assert generate_main(reader_argv(exported / "run", *prompt)) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert generate_main(reader_argv(exported / "run", *prompt, "--generate.checkpoint", str(exported / "out"))) == 0
+    assert capsys.readouterr().out == from_checkpoint
+    assert eval_main(reader_argv(exported / "run", "--checkpoint.initial_load_path", str(exported / "out"),
+                                 "--eval.facts_limit", "4", "--eval.perplexity_tokens", "64")) == 0
+
+
+def test_export_refuses_a_folder_inside_the_run_or_not_empty(exported, capsys):
+    from titanmem.export import main
+
+    before = sorted(p.name for p in (exported / "run").rglob("*"))
+    assert main(reader_argv(exported / "run", "--export.folder", str(exported / "run" / "out"))) == 2
+    assert "export.folder" in capsys.readouterr().err
+    assert main(reader_argv(exported / "run", "--export.folder", str(exported / "out"))) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (exported / "run").rglob("*")) == before
