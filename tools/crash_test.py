@@ -79,10 +79,9 @@ def parse(crash: str) -> tuple[str, int, str]:
     return point, int(rest[0]), mode
 
 
-def run_crash(work: Path, crash: str, steps: int, interval: int, extra: list[str], reference: dict[int, float]):
+def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[str], reference: dict[int, float]):
     point, step, mode = parse(crash)
     dcp_mode = "async" if mode == "async" else "disabled"
-    folder = work / crash.replace(":", "_")
     if point == "resumed":  # a run that reached the checkpoint first, then a relaunch killed as it resumes
         first = launch(folder, "tb0", step, interval, dcp_mode, extra)
         if first.returncode != 0:
@@ -145,8 +144,9 @@ def main() -> int:
     print("| crash (point:step) | save mode | result |")
     print("| --- | --- | --- |")
     failed = 0
-    for crash in crashes:
-        name, mode, result, log = run_crash(work, crash, args.steps, args.interval, extra, reference)
+    for number, crash in enumerate(crashes):
+        folder = work / f"{number:02d}-{crash.replace(':', '_')}"  # a random draw may repeat a crash
+        name, mode, result, log = run_crash(folder, crash, args.steps, args.interval, extra, reference)
         ok = "bit-identical" in result
         failed += not ok
         print(f"| {name} | {mode} | {result} |", flush=True)
