@@ -54,7 +54,6 @@ def test_a_checkpoint_of_another_plan_exports_the_same_bytes(exported):
 
 def test_an_imported_export_gives_the_same_logits_and_generation(exported, capsys):
     from titanmem.build import build_run
-    from titanmem.components.checkpoint import load_model_weights
     from titanmem.config import build_config
     from titanmem.generate import main as generate_main
     from titanmem.plan import resolve_plan
@@ -63,8 +62,7 @@ def test_an_imported_export_gives_the_same_logits_and_generation(exported, capsy
 
     tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
     config, _ = build_config(reader_argv(exported / "run"))
-    original = build_run(resolve_plan(config, "eval")).model
-    load_model_weights(original, exported / "run" / "checkpoint" / "step-3")
+    original = build_run(resolve_plan(config, "eval")).model  # the run's newest checkpoint: step-3
     # A new run that starts from the exported folder.
     trainer = Trainer(make_config(exported / "imported", training={"steps": 1, "seq_len": 32},
                                   memory={"enabled": True},

@@ -9,19 +9,22 @@
    on the seed alone, not on the plan.
 
 Training also gets the `ReadRecorder` that a row-wise value optimizer trains from. Readers of a run (eval, generate,
-export) get the same model and load its weights read-only (`titanmem.components.checkpoint.load_model_weights`).
+export) get the same model with the weights of the plan's checkpoint, read-only
+(`titanmem.components.checkpoint.load_model_weights`).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from titanmem.components.checkpoint import load_model_weights
 from titanmem.data.dataloader import build_dataloader
 from titanmem.data.tokenizer import Tokenizer, build_tokenizer
 from titanmem.distributed.initialize import init_model_weights
@@ -29,7 +32,8 @@ from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.parallelize import parallelize_model
 from titanmem.models.args import ModelArgs
 from titanmem.models.llama import Transformer
-from titanmem.plan import Purpose, RunPlan
+from titanmem.config.errors import ConfigError
+from titanmem.plan import Purpose, RunPlan, plan_from_command_line
 
 
 @dataclass
@@ -94,6 +98,20 @@ def build_planned_model(plan: RunPlan, device: torch.device, recorder: ReadRecor
     return build_model(plan.model_args, device, plan.config.training.seed, parallelize)
 
 
+def start_reader(argv: list[str] | None, purpose: Purpose) -> tuple[RunPlan, Run] | int:
+    """The start of a reader's entry point (eval, export): its plan and its run with the checkpoint's weights, or the
+    exit code after `--help`, `--print_config` or a config error (one line)."""
+    started = plan_from_command_line(argv, purpose)
+    if isinstance(started, int):
+        return started
+    plan = started[1]
+    try:
+        return plan, build_run(plan)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
     """Everything a run needs before its loop, built from `plan` for `purpose` (default: the plan's)."""
     purpose = purpose or plan.purpose
@@ -108,5 +126,7 @@ def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
         if plan.value_optimizer not in (None, "adamw"):
             recorder = ReadRecorder()
     model = build_planned_model(plan, device, recorder)
+    if purpose in ("eval", "generate", "export"):
+        load_model_weights(model, plan.checkpoint_to_load)
     return Run(plan=plan, device=device, rank=rank, tokenizer=tokenizer, model=model, dataloader=dataloader,
                recorder=recorder)

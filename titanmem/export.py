@@ -15,27 +15,20 @@ from pathlib import Path
 
 import torch
 
-from titanmem.build import build_run
-from titanmem.components.checkpoint import load_model_weights, saved_step
+from titanmem.build import start_reader
+from titanmem.components.checkpoint import saved_step
 from titanmem.components.export import write_export
-from titanmem.config import ConfigError, resolve_asset_path
-from titanmem.plan import plan_from_command_line
+from titanmem.config import resolve_asset_path
 from titanmem.utils import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = plan_from_command_line(argv, "export")
+    started = start_reader(argv, "export")
     if isinstance(started, int):
         return started
-    config, plan = started
-    source = plan.checkpoint_to_load
-    try:
-        run = build_run(plan)
-        load_model_weights(run.model, source)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan, run = started
+    config, source = plan.config, plan.checkpoint_to_load
     tokenizer = resolve_asset_path(config.tokenizer.path) if config.tokenizer.path else None
     tokenizer_files = [p for p in (tokenizer, tokenizer and tokenizer.with_suffix(".json")) if p and p.is_file()]
     files = write_export(run.model, config.export.folder, model_args=plan.model_args, step=saved_step(source),

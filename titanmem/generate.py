@@ -13,7 +13,6 @@ import sys
 import torch
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import load_model_weights
 from titanmem.config import ConfigError, JobConfig
 from titanmem.eval.decode import generate
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
@@ -25,7 +24,6 @@ def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
     options = config.generate
     plan = plan or resolve_plan(config, "generate")
     built = build_run(plan)
-    load_model_weights(built.model, plan.checkpoint_to_load, field="generate.checkpoint")
     built.model.eval()
     generator = torch.Generator(device=built.device).manual_seed(options.seed)
     tokenizer = built.tokenizer

@@ -17,7 +17,7 @@ ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
     "components": frozenset({"config", "models", "data", "distributed", "kernels", "utils"}),
     "eval": frozenset({"config", "models", "data", "utils"}),
     "plan": frozenset({"config", "models", "data", "distributed", "components", "utils"}),
-    "build": frozenset({"plan", "config", "models", "data", "distributed", "utils"}),
+    "build": frozenset({"plan", "config", "models", "data", "distributed", "components", "utils"}),
     "entry": frozenset({"build", "plan", "config", "models", "data", "distributed", "components", "eval", "utils"}),
 }
 

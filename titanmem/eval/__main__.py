@@ -14,27 +14,19 @@ import sys
 
 import torch.distributed as dist
 
-from titanmem.build import build_run
-from titanmem.components.checkpoint import load_model_weights, saved_step
-from titanmem.config import ConfigError
+from titanmem.build import start_reader
+from titanmem.components.checkpoint import saved_step
 from titanmem.eval.runner import Evaluator
-from titanmem.plan import plan_from_command_line
 from titanmem.utils import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = plan_from_command_line(argv, "eval")
+    started = start_reader(argv, "eval")
     if isinstance(started, int):
         return started
-    config, plan = started
-    path = plan.checkpoint_to_load
-    try:
-        run = build_run(plan)
-        load_model_weights(run.model, path)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan, run = started
+    config, path = plan.config, plan.checkpoint_to_load
     try:
         evaluator = Evaluator(config, run.tokenizer, run.device, plan.autocast_dtype, run.rank,
                               results_folder=config.eval.results_folder or None)
