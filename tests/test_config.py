@@ -8,6 +8,8 @@ from titanmem.config import ConfigError, build_config, format_config, format_hel
 from titanmem.config.manager import field_docs, section_classes
 from helpers import check_command_line
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
@@ -91,6 +93,12 @@ def test_print_config_is_valid_toml_that_reproduces_the_config(tmp_path):
         (["--parallelism.dp_shard", "2"], "parallelism", "must equal the world size 1"),
         (["--job.config_file"], "job.config_file", "expects a path"),
         (["--job.config_file", "missing.toml"], "job.config_file", "file not found"),
+        (["--memory.layers", "[1,"], "memory.layers", "such as [1, 2]"),
+        (["--job.config_file", str(ROOT / "train_configs")], "job.config_file", "is a folder"),
+        (["--optimizer.learning_rate", "3"], "optimizer.learning_rate", "valid names: optimizer.beta1"),
+        (["--training.foo", "1"], "training.foo", "valid names: training.deterministic"),
+        (["--memory.enabled", "--memory.n_keys", "100000"], "memory.n_keys", "GB per rank"),
+        (["--job.dump_folder", str(ROOT / "README.md" / "run")], "job.dump_folder", "README.md is a file"),
     ],
 )
 def test_command_line_errors_name_the_field(argv, field, words):
@@ -119,6 +127,14 @@ def test_toml_errors_name_the_field(tmp_path, toml, field, words):
         check_command_line(["--job.config_file", write_toml(tmp_path, toml)])
     assert info.value.field == field
     assert words in str(info.value)
+
+
+def test_a_toml_file_that_is_not_utf8_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[job]\ndescription = "caf\xe9"\n')
+    assert train.main(["--job.config_file", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: config error in job.config_file: {path} is not UTF-8 text "
+                                               "(byte 24); TOML files are UTF-8")
 
 
 def test_toml_int_is_accepted_for_a_float_field(tmp_path):

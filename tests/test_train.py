@@ -220,6 +220,16 @@ def test_load_step_sets_newer_checkpoints_aside_and_crash_debris_is_cleaned(smal
     assert not any(e.endswith((".partial", ".deleting")) for e in entries)
 
 
+def test_a_file_of_another_format_is_a_config_error_before_the_model(small_config, monkeypatch):
+    import titanmem.build
+    from titanmem import train as train_module
+
+    monkeypatch.setattr(titanmem.build, "build_model", lambda *a, **k: pytest.fail("model built before data checks"))
+    with pytest.raises(train_module.ConfigError) as info:
+        Trainer(small_config(data={"format": "parquet"}))
+    assert info.value.field == "data.format" and "cannot be read as parquet" in str(info.value)
+
+
 def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, tmp_path):
     import titanmem.build
     from titanmem import train as train_module

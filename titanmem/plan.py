@@ -248,6 +248,45 @@ def _inside(path: str, folder: str) -> bool:
     return resolved == outer or outer in resolved.parents
 
 
+def _check_dump_folder(config: JobConfig) -> None:
+    """Training writes under job.dump_folder: each existing part of the path must be a folder."""
+    path = Path(config.job.dump_folder)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError("job.dump_folder", f"{config.job.dump_folder} cannot be a folder: {part} is a file")
+            return
+
+
+def _device_bytes(device_type: str) -> int | None:
+    """The memory of one device (a GPU, or the host for CPU runs), or None when it cannot be told here."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_value_table_fits(memory: MemoryArgs, dims: ParallelDims, value_optimizer: str, sharding: str,
+                            device_type: str) -> None:
+    """The value table's slice on one rank, with what trains it, must fit the device: refused here rather than by an
+    allocation after minutes of start-up."""
+    available = _device_bytes(device_type)
+    if available is None:
+        return
+    elements = memory.n_values * (memory.v_dim // dims.mp)
+    per_element = {"adamw": 16, "adam": 12, "adagrad": 4, "sgd": 4}[value_optimizer]  # weight (+ grad and moments)
+    if value_optimizer == "adamw" and sharding == "fsdp":
+        per_element /= dims.slice_copies
+    needed = elements * per_element
+    if needed > available:
+        raise ConfigError("memory.n_keys", f"the value table ({memory.n_keys}² = {memory.n_values:,} rows × "
+                          f"{memory.v_dim}) needs {needed / 1e9:,.1f} GB per rank with value_optimizer "
+                          f"{value_optimizer!r} and mp = {dims.mp}, more than this {device_type} device's "
+                          f"{available / 1e9:,.1f} GB; lower memory.n_keys, or raise parallelism.mp")
+
+
 def _check_files(config: JobConfig, purpose: Purpose, world_size: int) -> None:
     data = config.data
     if purpose == "train" and data.facts_fraction > 0 and not resolve_asset_path(data.facts_path).is_file():
@@ -320,6 +359,10 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     precision = training.mixed_precision
     autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device_type == "cuda") else None
 
+    if memory is not None and purpose != "dry_run":
+        _check_value_table_fits(memory, dims, value_optimizer, sharding, device_type)
+    if purpose == "train":
+        _check_dump_folder(config)
     _check_files(config, purpose, world_size)
     checkpoint_to_load = resolve_checkpoint(config, purpose)
     initial_load = None

@@ -58,9 +58,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid names: {', '.join(sorted(candidates))}"
+def _suggest(name: str, candidates: list[str], prefix: str = "") -> str:
+    """The closest candidate by the spelling of the name alone (a shared `section.` prefix would make every key of a
+    section look close), or the list of valid names when none is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid names: {', '.join(prefix + c for c in sorted(candidates))}"
 
 
 def _describe_type(annotation: Any) -> str:
@@ -85,9 +89,12 @@ def _coerce(value: Any, annotation: Any, name: str, from_cli: bool) -> Any:
         (item_type,) = typing.get_args(annotation)
         if from_cli:
             text = value.strip()
-            value = tomllib.loads(f"v = {text}")["v"] if text.startswith("[") else [
-                part.strip() for part in text.split(",") if part.strip()
-            ]
+            try:
+                value = tomllib.loads(f"v = {text}")["v"] if text.startswith("[") else [
+                    part.strip() for part in text.split(",") if part.strip()
+                ]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(name, f"expects {expected} such as [1, 2] or 1,2, got {text!r}") from None
         if not isinstance(value, list):
             raise ConfigError(name, f"expects {expected}, got {value!r}")
         return [_coerce(v, item_type, name, from_cli) for v in value]
@@ -125,7 +132,7 @@ def _set_value(config: JobConfig, section: str, key: str, value: Any, from_cli: 
     types = _field_types(cls)
     if key not in types:
         elsewhere = [f"{s}.{key}" for s in sections if key in _field_types(sections[s])]
-        hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(f"{section}.{key}", [f"{section}.{k}" for k in types])
+        hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(key, list(types), prefix=f"{section}.")
         raise ConfigError(f"{section}.{key}", f"unknown key in {origin}" + hint)
     setattr(getattr(config, section), key, _coerce(value, types[key], f"{section}.{key}", from_cli))
 
@@ -136,8 +143,15 @@ def load_toml(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError("job.config_file", f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("job.config_file", f"{path} is a folder; name a .toml file in it") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("job.config_file",
+                          f"{path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("job.config_file", f"{path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError("job.config_file", f"cannot read {path}: {e.strerror}") from None
 
 
 def apply_toml(config: JobConfig, data: dict[str, Any], origin: str) -> None:

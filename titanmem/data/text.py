@@ -32,10 +32,16 @@ def load_documents(config: DataConfig, source: DataSource) -> datasets.Dataset |
         )
     # A text file is one document, not one document per line, so EOS separators fall between files.
     extra = {"sample_by": "document"} if source.builder == "text" else {}
-    documents = datasets.load_dataset(
-        source.builder, data_files={config.split: list(source.files)}, split=config.split,
-        streaming=config.streaming, **extra
-    )
+    try:
+        documents = datasets.load_dataset(
+            source.builder, data_files={config.split: list(source.files)}, split=config.split,
+            streaming=config.streaming, **extra
+        )
+    except Exception as e:  # the reader's own error (Arrow, JSON, gzip, UTF-8): the file, not titanmem, is at fault
+        field = "data.format" if config.format != "auto" else "data.path"
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(field, f"{config.path} cannot be read as {source.builder} ({type(e).__name__}: {reason}); "
+                          "fix the file, or set data.format to its format") from None
     column_names = documents.column_names
     if column_names is not None and config.text_field not in column_names:
         raise ConfigError("data.text_field", f"{config.text_field!r} is not a column of {config.path}: {column_names}")
