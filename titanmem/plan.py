@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps
+from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps, saved_step
 from titanmem.components.export import is_export
 from titanmem.config.errors import ConfigError
 from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
@@ -97,8 +97,8 @@ class RunPlan:
         }
         if self.data_source is not None:
             values["data.format"] = self.data_source.builder
-        if self.checkpoint_to_load is not None and self.checkpoint_to_load.name.startswith("step-"):
-            values["checkpoint.load_step"] = int(self.checkpoint_to_load.name.removeprefix("step-"))
+        if self.checkpoint_to_load is not None and not is_export(self.checkpoint_to_load):
+            values["checkpoint.load_step"] = saved_step(self.checkpoint_to_load)
         if m.memory is not None:
             values.update({
                 "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys,

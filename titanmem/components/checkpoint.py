@@ -197,7 +197,7 @@ class CheckpointManager:
         None for a fresh start."""
         if path is None:
             return None
-        step = int(path.name.removeprefix("step-"))
+        step = saved_step(path)
         state = self._state_dict()
         self._match_saved(state, saved_shapes(path), path)
         load_tensors(state, path)
