@@ -189,9 +189,12 @@ def test_empty_documents_are_skipped_and_an_all_empty_shard_is_an_error(tmp_path
     windows = take(iter(PackedTokenDataset(documents, tokenizer, 2)), 3)
     got = [t for w in windows for t in w["input"].tolist()]
     assert got == (expected_stream(tokenizer, ["first", "second"]) * 3)[: len(got)]
-    empty = load_documents(DataConfig(path=write_jsonl(tmp_path / "e.jsonl", ["", ""])))
+    with pytest.raises(ConfigError, match="holds any text"):
+        load_documents(DataConfig(path=write_jsonl(tmp_path / "e.jsonl", ["", None])))
+    # Text in the corpus, but none in the shard of rank 0.
+    lopsided = load_documents(DataConfig(path=write_jsonl(tmp_path / "l.jsonl", ["", "text"])))
     with pytest.raises(ConfigError, match="holds no text"):
-        next(iter(PackedTokenDataset(empty, tokenizer, 2)))
+        next(iter(PackedTokenDataset(lopsided, tokenizer, 2, dp_rank=0, dp_world_size=2)))
 
 
 def test_fact_statements_are_mixed_in_at_the_configured_share_and_resume_exactly(tmp_path, tokenizer):

@@ -227,7 +227,7 @@ def test_a_file_of_another_format_is_a_config_error_before_the_model(small_confi
     monkeypatch.setattr(titanmem.build, "build_model", lambda *a, **k: pytest.fail("model built before data checks"))
     with pytest.raises(train_module.ConfigError) as info:
         Trainer(small_config(data={"format": "parquet"}))
-    assert info.value.field == "data.format" and "cannot be read as parquet" in str(info.value)
+    assert info.value.field == "data.format" and "as parquet cannot be read" in str(info.value)
 
 
 def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, tmp_path):

@@ -89,6 +89,13 @@ class Data:
     documents repeat. A streamed dataset (`streaming`) cannot continue on another shard count and asks for
     `restart`."""
 
+    on_bad_record: Literal["stop", "skip"] = "stop"
+    """What a bad record in the training data does: a line that is not UTF-8 or not JSON, a truncated last line, a
+    record with no `text_field` or a non-string one, a text file that is not UTF-8, a damaged compressed file. `stop`
+    ends the run with the file, line and reason; `skip` leaves the record out and counts it in the log. Local files are
+    read in full before the model is built (a streamed corpus: its first file, up to 10,000 records; the rest as it
+    is read)."""
+
     facts_path: str = "assets/facts/facts.jsonl.gz"
     """Facts to mix into training as statements (JSON lines of relation, subject, answer, seen; the bundled file is
     built by tools/build_assets.py). Only the `seen` facts are stated; the factual-recall eval asks about all of them.

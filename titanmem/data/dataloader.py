@@ -38,6 +38,7 @@ def build_dataloader(
         facts=facts,
         facts_fraction=config.data.facts_fraction,
         seed=config.training.seed,
+        on_bad_record=config.data.on_bad_record,
     )
     workers = config.data.num_workers
     return StatefulDataLoader(

@@ -11,12 +11,13 @@ Unseen facts are asked the same way: their recall is what guessing gives, the fl
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from titanmem.data.records import Record, bad_record_error, json_records
 
 ANSWER = "{answer}"
 
@@ -100,19 +101,31 @@ class Fact:
         return {"relation": self.relation, "subject": self.subject, "answer": self.answer, "seen": self.seen}
 
 
+_FACT_FIELDS = {"relation", "subject", "answer", "seen"}
+
+
 def is_unseen(relation: str, subject: str, unseen_fraction: float) -> bool:
     """The split, a pure function of the fact's key: stable across builds, orders and subsets of the sources."""
     digest = hashlib.sha256(f"{relation}\x00{subject}".encode()).digest()
     return int.from_bytes(digest[:8], "big") < unseen_fraction * 2**64
 
 
-def load_facts(path: str | Path) -> list[Fact]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        facts = [Fact(**json.loads(line)) for line in handle if line.strip()]
-    unknown = sorted({f.relation for f in facts} - set(RELATIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown relations {unknown}; known: {sorted(RELATIONS)}")
+def load_facts(path: str | Path, field: str = "data.facts_path") -> list[Fact]:
+    """The facts of a JSON-lines file; a bad line stops with its line and reason (a config error in `field`)."""
+    facts = []
+    for record in json_records(path):
+        value = record.value
+        if record.problem is None and not (isinstance(value, dict) and set(value) == _FACT_FIELDS
+                                           and all(isinstance(value[k], str) for k in _FACT_FIELDS - {"seen"})
+                                           and isinstance(value["seen"], bool)):
+            record = Record(record.path, record.line, problem=f"not a fact: {json.dumps(value)[:120]} (a fact has "
+                            "string relation, subject and answer, and boolean seen)")
+        elif record.problem is None and value["relation"] not in RELATIONS:
+            record = Record(record.path, record.line, problem=f"unknown relation {value['relation']!r}; known: "
+                            f"{sorted(RELATIONS)}")
+        if record.problem is not None:
+            raise bad_record_error(record.description, field)
+        facts.append(Fact(**value))
     return facts
 
 

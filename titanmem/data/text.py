@@ -8,10 +8,19 @@ and can be dealt out again to another number of shards (`titanmem.data.position`
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import logging
+import math
+import os
 import random
+from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import pyarrow
+import pyarrow.compute
+import pyarrow.parquet
 from datasets.distributed import split_dataset_by_node
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -21,31 +30,149 @@ from titanmem.config.sections import Data as DataConfig
 from titanmem.data.facts import Fact, fact_statements
 from titanmem.data.files import DataSource
 from titanmem.data.position import ShardState, is_consumed
+from titanmem.data import records
+from titanmem.data.records import bad_record_error, document_records, missing_field_problem
 from titanmem.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+# The column that marks a bad record of a local file (its place and reason; null for a good one). Bad records keep
+# their row, so that document indices, and with them saved positions, do not depend on `data.on_bad_record`.
+BAD_RECORD = "titanmem_bad_record"
+# A streamed corpus is checked this far before the model is built; the rest is checked as it is read.
+STREAM_SAMPLE_RECORDS = 10_000
+
+
+def _readers_fingerprint() -> str:
+    """The readers' own source, so that a cached Arrow table made by other readers is not reused."""
+    source = Path(records.__file__).read_bytes() + inspect.getsource(_document_rows).encode()
+    return hashlib.sha256(source).hexdigest()
+
+
+def _document_rows(files: list[str], builder: str, text_field: str, stamps=None, version=None) -> Iterator[dict]:
+    """Rows of (text, bad-record mark) of local files. `stamps` and `version` only key the Arrow cache."""
+    rows = 0
+    for path in files:
+        for record in document_records(path, builder, text_field):
+            bad = record.problem is not None
+            rows += 1
+            yield {text_field: None if bad else record.value, BAD_RECORD: record.description if bad else None}
+    if not rows:
+        yield {text_field: None, BAD_RECORD: None}  # empty files: one empty document, so the corpus says it is empty
+
+
+def _file_stamps(files: tuple[str, ...]) -> tuple:
+    """What identifies a file's contents cheaply (size and modification time), so an edited file is read again."""
+    stamps = []
+    for path in files:
+        stat = os.stat(path)
+        stamps.append((path, stat.st_size, stat.st_mtime_ns))
+    return tuple(stamps)
+
+
+def _reader_error(config: DataConfig, what: str, error: Exception) -> ConfigError:
+    """A reader's own error (Arrow, parquet, the hub): the data, not titanmem, is at fault."""
+    field = "data.format" if config.format != "auto" else "data.path"
+    reason = " ".join(str(error).split())[:300]
+    return ConfigError(field, f"{what} cannot be read ({type(error).__name__}: {reason}); fix it, or set data.format "
+                       "to its format")
 
 
 def load_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
-    """Open the corpus that `source` (`resolve_data_source(config)`) names as a dataset of documents."""
+    """Open the corpus that `source` (`resolve_data_source(config)`) names as a dataset of documents, its local
+    records checked as `data.on_bad_record` says (all of them; a streamed corpus, a sample)."""
     if source.is_hub:
-        return datasets.load_dataset(
-            config.path, config.hub_config or None, split=config.split, streaming=config.streaming
-        )
-    # A text file is one document, not one document per line, so EOS separators fall between files.
-    extra = {"sample_by": "document"} if source.builder == "text" else {}
-    try:
-        documents = datasets.load_dataset(
-            source.builder, data_files={config.split: list(source.files)}, split=config.split,
-            streaming=config.streaming, **extra
-        )
-    except Exception as e:  # the reader's own error (Arrow, JSON, gzip, UTF-8): the file, not titanmem, is at fault
-        field = "data.format" if config.format != "auto" else "data.path"
-        reason = " ".join(str(e).split())[:300]
-        raise ConfigError(field, f"{config.path} cannot be read as {source.builder} ({type(e).__name__}: {reason}); "
-                          "fix the file, or set data.format to its format") from None
+        try:
+            documents = datasets.load_dataset(config.path, config.hub_config or None, split=config.split,
+                                              streaming=config.streaming)
+        except Exception as e:  # offline, unknown name, no such split: the hub's own error says which
+            raise _reader_error(config, f"the hub dataset {config.path}", e) from None
+    elif source.builder == "parquet":
+        check_parquet_files(config, source.files)
+        try:
+            documents = datasets.load_dataset("parquet", data_files={config.split: list(source.files)},
+                                              split=config.split, streaming=config.streaming)
+        except Exception as e:
+            raise _reader_error(config, f"{config.path} as parquet", e) from None
+    else:
+        documents = _load_local_documents(config, source)
     column_names = documents.column_names
     if column_names is not None and config.text_field not in column_names:
         raise ConfigError("data.text_field", f"{config.text_field!r} is not a column of {config.path}: {column_names}")
     return documents
+
+
+def _load_local_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
+    """JSON or text files through titanmem's record readers, into an Arrow table (cached like `datasets` caches its
+    own) or a stream."""
+    features = datasets.Features({config.text_field: datasets.Value("string"), BAD_RECORD: datasets.Value("string")})
+    kwargs = {"builder": source.builder, "text_field": config.text_field}
+    if config.streaming:
+        check_stream_sample(config, source)
+        # One shard per file, so loader workers split the stream by file.
+        return datasets.IterableDataset.from_generator(
+            _document_rows, features=features, gen_kwargs={"files": list(source.files), **kwargs})
+    # No progress bar: a bad record must end the run with one line, not below a half-drawn bar.
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        documents = datasets.Dataset.from_generator(
+            _document_rows, features=features, split=datasets.Split(config.split),
+            gen_kwargs={"files": list(source.files), "stamps": _file_stamps(source.files),
+                        "version": _readers_fingerprint(), **kwargs})
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    marks = documents.data.column(BAD_RECORD)
+    bad = len(marks) - marks.null_count
+    if bad:
+        first = marks.drop_null()[0].as_py()
+        if marks[0].is_valid and missing_field_problem(config.text_field) in first:
+            # Not a bad record but a wrong setting: the very first record lacks the field.
+            raise ConfigError("data.text_field", f"{first}; set data.text_field to the field that holds the text")
+        if config.on_bad_record == "stop":
+            raise bad_record_error(first + (f" (and {bad - 1} more)" if bad > 1 else ""))
+        logger.warning("data: skipped %d bad record(s) of %s (data.on_bad_record = 'skip'); the first: %s",
+                       bad, config.path, first)
+    lengths = pyarrow.compute.utf8_length(documents.data.column(config.text_field))
+    if not pyarrow.compute.max(lengths).as_py():
+        raise ConfigError("data.path", f"no document of {config.path} holds any text"
+                          + (f" ({bad} bad record(s) skipped)" if bad else ""))
+    return documents
+
+
+def check_stream_sample(config: DataConfig, source: DataSource) -> None:
+    """Read the start of a streamed local corpus before anything expensive, so that a bad first file stops the run
+    at once."""
+    bad = []
+    for count, record in enumerate(document_records(source.files[0], source.builder, config.text_field)):
+        if count >= STREAM_SAMPLE_RECORDS:
+            break
+        if record.problem is not None:
+            if config.on_bad_record == "stop":
+                raise bad_record_error(record.description)
+            bad.append(record.description)
+    if bad:
+        logger.warning("data: %d bad record(s) in the first %d records of %s will be skipped (data.on_bad_record = "
+                       "'skip'); the first: %s", len(bad), STREAM_SAMPLE_RECORDS, source.files[0], bad[0])
+
+
+def check_parquet_files(config: DataConfig, files: tuple[str, ...]) -> None:
+    """Every parquet file opens and holds `data.text_field` as strings (its footer only, cheap at any size)."""
+    text_field = config.text_field
+    for path in files:
+        try:
+            schema = pyarrow.parquet.read_schema(path)
+        except Exception as e:
+            raise _reader_error(config, f"{path} as parquet", e) from None
+        if text_field not in schema.names:
+            raise ConfigError("data.text_field", f"{text_field!r} is not a column of {path}: {schema.names}")
+        kind = schema.field(text_field).type
+        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or pyarrow.types.is_null(kind)
+                or getattr(pyarrow.types, "is_string_view", lambda _: False)(kind)):
+            raise ConfigError("data.text_field", f"column {text_field!r} of {path} holds {kind}, not text; set "
+                              "data.text_field to the text column")
 
 
 def check_shardable(documents: datasets.Dataset | datasets.IterableDataset, dp_world_size: int, workers: int) -> None:
@@ -85,8 +212,11 @@ class PackedTokenDataset(IterableDataset):
         facts: list[Fact] | None = None,
         facts_fraction: float = 0.0,
         seed: int = 0,
+        on_bad_record: str = "stop",
     ):
         self.documents = documents
+        self.on_bad_record = on_bad_record
+        self.bad_records_skipped = 0
         # Only seen facts are ever stated; the rest stay unseen for the recall eval.
         self.facts = [fact for fact in facts or [] if fact.seen]
         self.facts_fraction = facts_fraction if self.facts else 0.0
@@ -129,8 +259,30 @@ class PackedTokenDataset(IterableDataset):
         check_shardable(self.documents, self.dp_world_size, workers)
         return self.documents.shard(num_shards=num_shards, index=shard_id, contiguous=False)
 
-    def _texts(self) -> Iterator[str]:
-        """This shard's documents from the saved position on, advancing `_next_document` as each is taken."""
+    def _texts(self) -> Iterator[str | None]:
+        """This shard's document texts from the saved position on, advancing `_next_document` as each is taken; a
+        bad record stops or is skipped (None) as `on_bad_record` says."""
+        for row in self._rows():
+            text = row[self.text_field]
+            problem = row.get(BAD_RECORD)
+            if problem is None and text is not None and not isinstance(text, str):
+                problem = (f"document {self._next_document - 1} of shard {self._shard_id}: {self.text_field!r} holds "
+                           f"{type(text).__name__}, not text")
+            if problem is None:
+                yield text
+                continue
+            if self.on_bad_record == "stop":
+                raise bad_record_error(problem)
+            self.bad_records_skipped += 1
+            # Named once: in the first pass over the shard (a fixed table was counted when it was loaded).
+            first_pass = self._epoch == 0 and isinstance(self._shard, datasets.IterableDataset)
+            if first_pass and (self.bad_records_skipped <= 10 or math.log10(self.bad_records_skipped).is_integer()):
+                logger.warning("data: skipped bad record %d of this shard (data.on_bad_record = 'skip'): %s",
+                               self.bad_records_skipped, problem)
+            yield None
+
+    def _rows(self) -> Iterator[dict]:
+        """This shard's rows from the saved position on, advancing `_next_document` as each is taken."""
         shard = self._shard
         if isinstance(shard, datasets.IterableDataset):
             shard.set_epoch(self._epoch)
@@ -139,7 +291,7 @@ class PackedTokenDataset(IterableDataset):
                 self._pending_stream_state = None
             for row in shard:
                 self._next_document += 1
-                yield row[self.text_field]
+                yield row
             return
         for index in range(self._next_document, len(shard)):
             self._next_document = index + 1
@@ -147,7 +299,7 @@ class PackedTokenDataset(IterableDataset):
             if self._consumed and is_consumed(self._consumed, index * self._num_shards + self._shard_id, self._epoch):
                 self._skipped_in_epoch = True
                 continue
-            yield shard[index][self.text_field]
+            yield shard[index]
 
     def _fact_tokens(self, document_tokens: int) -> list[int]:
         """The fact statements that follow the current document: about facts_fraction / (1 - facts_fraction) of its

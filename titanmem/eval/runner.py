@@ -9,7 +9,6 @@ the held-out prompts (`heldout`, averaged over them).
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -20,8 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from titanmem.config.errors import ConfigError
 from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import JobConfig
+from titanmem.data.files import suffix_builder
+from titanmem.data.records import bad_record_error, document_records
 from titanmem.data.tokenizer import Tokenizer
 from titanmem.eval.decode import generate
 from titanmem.data.facts import RELATIONS, Fact, load_facts
@@ -41,22 +43,20 @@ def sample_facts(facts: list[Fact], limit: int) -> list[Fact]:
 
 def heldout_tokens(path: str, tokenizer: Tokenizer, count: int, text_field: str = "text") -> list[int]:
     """The first `count` + 1 tokens of the held-out documents, EOS-separated (fewer if the file is shorter). A
-    .jsonl/.json file holds one document per line, in `text_field`; any other file is one document."""
+    .jsonl/.json file holds one document per line, in `text_field`; any other file is one document. A bad record
+    stops with its line and reason: a held-out set is small and must be scored whole."""
     resolved = resolve_asset_path(path)
     if not resolved.is_file():
-        raise FileNotFoundError(f"eval.perplexity_path: no such file: {path}")
-    opener = gzip.open if resolved.name.endswith(".gz") else open
-    with opener(resolved, "rt", encoding="utf-8") as handle:
-        if resolved.name.removesuffix(".gz").endswith((".jsonl", ".json")):
-            documents = (json.loads(line)[text_field] for line in handle if line.strip())
-        else:
-            documents = iter([handle.read()])
-        tokens: list[int] = []
-        for text in documents:
-            tokens.extend(tokenizer.encode(text))
-            tokens.append(tokenizer.eos_id)
-            if len(tokens) > count:
-                break
+        raise ConfigError("eval.perplexity_path", f"no such file: {path}")
+    builder = "json" if suffix_builder(resolved.name) == "json" else "text"
+    tokens: list[int] = []
+    for record in document_records(resolved, builder, text_field):
+        if record.problem is not None:
+            raise bad_record_error(record.description, "eval.perplexity_path")
+        tokens.extend(tokenizer.encode(record.value or ""))
+        tokens.append(tokenizer.eos_id)
+        if len(tokens) > count:
+            break
     return tokens[: count + 1]
 
 
