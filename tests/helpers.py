@@ -235,3 +235,21 @@ def resave_worker(rank: int, world: int, port: int, folder: str, sections: dict)
         trainer.close()
 
     run_as_rank(rank, world, port, body)
+
+
+def refused_trainer_worker(rank: int, world: int, port: int, folder: str, sections: dict) -> None:
+    """One rank of a run expected to be refused at start-up: writes the config error it got to `rank<N>.txt`."""
+
+    def body():
+        from titanmem.config import ConfigError
+        from titanmem.train import Trainer
+
+        try:
+            Trainer(make_config(folder, **sections)).close()
+            message = "started"
+        except ConfigError as e:
+            message = str(e)
+        with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
+            handle.write(message)
+
+    run_as_rank(rank, world, port, body)

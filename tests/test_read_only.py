@@ -104,6 +104,7 @@ def test_a_planted_checkpoint_index_is_refused_without_running_code(run_folder, 
     import shutil
 
     from titanmem.components.checkpoint import load_model_weights
+    from titanmem.components.manifest import write_manifest
     from titanmem.config import ConfigError
     from titanmem.generate import main as generate_main
 
@@ -111,6 +112,8 @@ def test_a_planted_checkpoint_index_is_refused_without_running_code(run_folder, 
     shutil.copytree(run_folder / "checkpoint" / "step-3", planted)
     marker = tmp_path / "marker"
     (planted / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    # Checksums catch damage, not an attacker, who can write a manifest that matches the planted file.
+    write_manifest(planted, {})
     code = generate_main(argv(run_folder, "--generate.prompts", '["x"]', "--generate.checkpoint", str(planted)))
     assert code == 2 and "builtins.exec" in capsys.readouterr().err
     assert not marker.exists()

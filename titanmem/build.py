@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from titanmem.components.checkpoint import load_model_weights
+from titanmem.components.run_lock import RunLock, acquire_run_lock
 from titanmem.data.dataloader import build_dataloader
 from titanmem.data.tokenizer import Tokenizer, build_tokenizer
 from titanmem.distributed.initialize import init_model_weights
@@ -47,6 +48,8 @@ class Run:
     """Training only: this data-parallel rank's resumable loader."""
     recorder: ReadRecorder | None = None
     """Training with a row-wise value optimizer only: the reads it trains from."""
+    lock: RunLock | None = None
+    """Training only, on rank 0: the dump folder's lock, held until the run is closed."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -118,15 +121,22 @@ def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
     config = plan.config
     device = setup_process(plan)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tokenizer = build_tokenizer(config.tokenizer)
-    dataloader = recorder = None
-    if purpose == "train":
-        dp_rank, dp_size = plan.parallel.data_parallel_position()
-        dataloader = build_dataloader(config, plan.data_source, tokenizer, dp_rank, dp_size, device)
-        if plan.value_optimizer not in (None, "adamw"):
-            recorder = ReadRecorder()
-    model = build_planned_model(plan, device, recorder)
-    if purpose in ("eval", "generate", "export"):
-        load_model_weights(model, plan.checkpoint_to_load)
+    # Training writes into its dump folder: one run at a time. Readers only read.
+    lock = acquire_run_lock(config.job.dump_folder, rank) if purpose == "train" else None
+    try:
+        tokenizer = build_tokenizer(config.tokenizer)
+        dataloader = recorder = None
+        if purpose == "train":
+            dp_rank, dp_size = plan.parallel.data_parallel_position()
+            dataloader = build_dataloader(config, plan.data_source, tokenizer, dp_rank, dp_size, device)
+            if plan.value_optimizer not in (None, "adamw"):
+                recorder = ReadRecorder()
+        model = build_planned_model(plan, device, recorder)
+        if purpose in ("eval", "generate", "export"):
+            load_model_weights(model, plan.checkpoint_to_load, verify=config.checkpoint.verify_on_load)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return Run(plan=plan, device=device, rank=rank, tokenizer=tokenizer, model=model, dataloader=dataloader,
-               recorder=recorder)
+               recorder=recorder, lock=lock)

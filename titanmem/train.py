@@ -41,6 +41,15 @@ class Trainer:
         self.config = config
         self.plan = plan or resolve_plan(config, "train")
         self.run = build_run(self.plan, "train")
+        try:
+            self._assemble(config)
+        except BaseException:
+            if self.run.lock is not None:
+                self.run.lock.release()
+            raise
+
+    def _assemble(self, config: JobConfig) -> None:
+        """Everything of the trainer around the built run: optimizers, schedule, metrics, checkpointing."""
         self.model, self.dataloader, self.device = self.run.model, self.run.dataloader, self.run.device
         self.rank, self.world_size = self.run.rank, self.plan.world_size
         self.dims = self.plan.parallel
@@ -180,7 +189,9 @@ class Trainer:
     def train(self) -> dict[int, float]:
         state = self.train_state
         total = self.config.training.steps
-        resumed = self.checkpointer.load(self.plan.checkpoint_to_load)
+        # The newest checkpoint, if damaged, gives way to the one before; a step asked for by number does not.
+        resumed = self.checkpointer.load(self.plan.checkpoint_to_load,
+                                         fall_back=self.config.checkpoint.load_step == -1)
         if self.rank == 0:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
         if resumed is not None:
@@ -215,10 +226,11 @@ class Trainer:
     def _initial_load(self, path) -> None:
         """A new run's start from another run's checkpoint or an exported model (`checkpoint.initial_load_path`)."""
         if self.config.checkpoint.initial_load_model_only:
-            load_model_weights(self.model, path, field="checkpoint.initial_load_path")
+            load_model_weights(self.model, path, field="checkpoint.initial_load_path",
+                               verify=self.config.checkpoint.verify_on_load)
             what = "model weights"
         else:
-            self.checkpointer.load(path)
+            self.checkpointer.load(path, fall_back=False)
             what = f"whole training state (step {self.train_state.step})"
         if self.rank == 0:
             logger.info("started from %s of %s", what, path)
@@ -235,6 +247,8 @@ class Trainer:
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
+        if self.run.lock is not None:
+            self.run.lock.release()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

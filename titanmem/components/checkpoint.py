@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
 from titanmem.components.export import is_export, load_export
 from titanmem.components.faults import crash_point
+from titanmem.components.manifest import file_digests, files_of_rank, read_manifest, verify_files, write_manifest
 from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
@@ -71,14 +72,42 @@ def checkpoint_folder(config: CheckpointConfig, dump_folder: str) -> Path:
     return Path(dump_folder) / config.folder
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder") -> None:
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """What is wrong with the files of the checkpoint at `path` against its manifest (empty when nothing is), the
+    same list on every rank. Each rank checks a share of the files."""
+    try:
+        files = read_manifest(path)
+    except ValueError as e:
+        return [str(e)]
+    if files is None:
+        logger.warning("%s has no manifest (saved before titanmem wrote them): loading it unverified", path)
+        return []
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    problems = verify_files(path, files, sorted(files)[rank::world])
+    if world > 1:
+        shares: list = [None] * world
+        dist.all_gather_object(shares, problems)
+        problems = [problem for share in shares for problem in share]
+    return problems
+
+
+def _damage(path: str | Path, problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{path} is damaged: {problems[0]}{more}"
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder",
+                       verify: bool = True) -> None:
     """Only the model's weights from a checkpoint folder or an exported one, resharded to `model`'s plan; reads,
-    never writes."""
+    never writes. A damaged checkpoint stops with a config error in `field`."""
     if is_export(path):
         load_export(model, path)
         return
     if not (Path(path) / ".metadata").is_file():
         raise ConfigError(field, f"{path} is not a complete checkpoint (no .metadata file)")
+    if verify and (problems := checkpoint_problems(path)):
+        raise ConfigError(field, f"{_damage(path, problems)}; read an earlier one (checkpoint.load_step)")
     state = {"model": get_model_state_dict(model)}
     load_tensors(state, path)
     set_model_state_dict(model, state["model"])
@@ -106,7 +135,9 @@ class CheckpointManager:
         self.rank = rank
         self.optional = tuple(optional)
         self.last_saved_step = -1
-        self._pending: tuple[int, Future] | None = None  # a background save: its step and its write
+        # A background save: its step, and its write followed by the checksums of this rank's files.
+        self._pending: tuple[int, Future] | None = None
+        self._summer: ThreadPoolExecutor | None = None
         self._stager = None
         self._process_group = None
         if config.async_mode != "disabled":
@@ -119,6 +150,7 @@ class CheckpointManager:
             self._process_group = dist.new_group(backend="gloo")
         # Kept from save to save, so that pinned buffers are allocated once.
         self._stager = CpuStager(pinned=self.config.async_mode == "async_with_pinned_mem")
+        self._summer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
 
     def _state_dict(self) -> dict:
         state = {name: stateful.state_dict() for name, stateful in self.states.items()}
@@ -140,14 +172,15 @@ class CheckpointManager:
         self.last_saved_step = step
         if self.config.async_mode == "disabled":
             dcp.save(self._state_dict(), checkpoint_id=str(partial))
-            _barrier()
+            digests = self._own_digests(partial)
             crash_point("save:written", step)
-            self._complete(step)
+            self._complete(step, digests)
             logger.info("saved checkpoint step-%d; training waited %.2f s", step, time.perf_counter() - start)
         else:
             write = dcp.async_save(self._state_dict(), checkpoint_id=str(partial), process_group=self._process_group,
                                    async_stager=self._stager)
-            self._pending = (step, write)
+            # The checksums follow the write in the background too.
+            self._pending = (step, self._summer.submit(lambda: (write.result(), self._own_digests(partial))[1]))
             crash_point("save:background", step)
             logger.info("checkpoint step-%d copied for writing in the background; training waited %.2f s", step,
                         time.perf_counter() - start)
@@ -157,20 +190,31 @@ class CheckpointManager:
         """Let a background save finish, and make it a complete checkpoint."""
         if self._pending is None:
             return
-        step, write = self._pending
+        step, summed = self._pending
         self._pending = None
         start = time.perf_counter()
-        write.result()
-        # Every rank's write is done once every rank's future is: DCP's last step gathers them all.
-        _barrier(self._process_group)
-        self._complete(step)
+        digests = summed.result()
+        # Every rank's write is done once every rank's future is: `_complete` gathers them all.
+        self._complete(step, digests)
         logger.info("saved checkpoint step-%d in the background; training waited %.2f s for its end", step,
                     time.perf_counter() - start)
 
-    def _complete(self, step: int) -> None:
-        """Rank 0 renames the finished `step-N.partial` to `step-N` and drops what is beyond keep_latest_k."""
+    def _own_digests(self, partial: Path) -> dict[str, dict]:
+        """Checksums of the files this rank wrote into `partial`."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return file_digests(partial, files_of_rank(partial, rank))
+
+    def _complete(self, step: int, digests: dict[str, dict]) -> None:
+        """Rank 0 gathers every rank's checksums into the manifest, renames the finished `step-N.partial` to
+        `step-N`, and drops what is beyond keep_latest_k."""
         final, partial = self.folder / f"step-{step}", self.folder / f"step-{step}.partial"
+        gathered = [digests]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+            # Also the barrier after every rank's write: no rank's checksums exist before its write is done.
+            dist.gather_object(digests, gathered, dst=0, group=self._process_group)
         if self.rank == 0:
+            write_manifest(partial, {name: d for share in gathered for name, d in share.items()})
             if final.exists():
                 self._remove(final)
             os.replace(partial, final)
@@ -185,6 +229,9 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._summer is not None:
+            self._summer.shutdown()
+            self._summer = None
 
     def maybe_save(self, step: int) -> None:
         if not self.config.enable or step == self.last_saved_step:
@@ -192,11 +239,15 @@ class CheckpointManager:
         if step % self.config.interval == 0 or step == self.total_steps:
             self.save(step)
 
-    def load(self, path: Path | None) -> int | None:
+    def load(self, path: Path | None, fall_back: bool = True) -> int | None:
         """Restore every state from the complete checkpoint at `path` (the run plan's choice); returns its step, or
-        None for a fresh start."""
+        None for a fresh start. A damaged checkpoint is set aside as `step-N.damaged` and, with `fall_back`, the
+        complete one before it is loaded instead."""
         if path is None:
             return None
+        path = Path(path)
+        if self.config.verify_on_load:
+            path = self._intact(path, fall_back)
         step = saved_step(path)
         state = self._state_dict()
         self._match_saved(state, saved_shapes(path), path)
@@ -209,6 +260,26 @@ class CheckpointManager:
         self.last_saved_step = step
         logger.info("resumed from %s", path)
         return step
+
+    def _intact(self, path: Path, fall_back: bool) -> Path:
+        """`path`, or with `fall_back` the newest intact complete checkpoint of this run before it."""
+        # Listed before anything is set aside, so that every rank walks the same list.
+        earlier = [self.folder / f"step-{s}" for s in reversed(complete_checkpoint_steps(self.folder))
+                   if s < saved_step(path)] if fall_back and path.parent == self.folder else []
+        for candidate in [path, *earlier]:
+            problems = checkpoint_problems(candidate)
+            if not problems:
+                return candidate
+            damage = _damage(candidate, problems)
+            if not fall_back:
+                raise ConfigError("checkpoint.folder", damage)
+            # Out of the way of the next resume, and kept for a look.
+            if self.rank == 0:
+                os.replace(candidate, candidate.with_name(candidate.name + ".damaged"))
+            damage += f"; set aside as {candidate.name}.damaged"
+            logger.warning("%s", damage)
+        raise ConfigError("checkpoint.folder", f"no intact checkpoint is left to resume from ({damage}); restore one, "
+                          "or start afresh in a new job.dump_folder")
 
     def _match_saved(self, state: dict, saved: dict, path: Path) -> None:
         """Fit the load template to the checkpoint: optional entries it lacks are dropped (they start fresh), and

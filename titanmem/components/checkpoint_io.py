@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
@@ -57,8 +58,14 @@ class SafeReader(dcp.FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as handle:
-            metadata = _MetadataUnpickler(handle).load()
+        try:
+            with self.fs.create_stream(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # truncated, empty or garbage: whatever the unpickler trips on
+            raise ConfigError("checkpoint.folder", f"{path} cannot be read ({_reason(e)}): the checkpoint is "
+                              "damaged; load an earlier one (checkpoint.load_step)") from None
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} is not a DCP index (it holds a {type(metadata).__name__})")
         if getattr(metadata, "storage_meta", None) is None:
@@ -105,7 +112,41 @@ def load_tensors(state: dict, path: str | Path) -> None:
         raise ConfigError("checkpoint.folder", f"{path} lacks {len(missing)} entries this run needs (first: "
                           f"{missing[0]}): it was saved by another model, or is incomplete; pass the config of the run "
                           "that saved it (its config.toml)")
-    dcp.load(state, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+    except ConfigError:
+        raise
+    except (Exception, CheckpointException) as e:  # a missing or truncated file, as DCP reports it (on every rank)
+        unsafe = _unsafe_cause(e)
+        if unsafe is not None:
+            raise unsafe from None
+        raise ConfigError("checkpoint.folder", f"{path} cannot be read ({_reason(e)}): the checkpoint is damaged; "
+                          "load an earlier one (checkpoint.load_step)") from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = next(iter(error.failures.items()))  # DCP's wrapper of each rank's (error, trace)
+        return f"rank {rank}: {_reason(error)}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__
+
+
+def _unsafe_cause(error: BaseException) -> UnsafeCheckpointError | None:
+    """The refusal of a pickled entry, when DCP wrapped it in its own exception."""
+    seen = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UnsafeCheckpointError):
+            return current
+        stack += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):
+            stack += [pair[0] for pair in current.failures.values()]
+    return None
 
 
 def flatten(state: dict, prefix: str = "") -> dict[str, Any]:

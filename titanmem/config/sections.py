@@ -279,6 +279,13 @@ class Checkpoint:
     """With a `step-N` folder as `initial_load_path`: load the model's weights only (a new run: fresh optimizer, lr
     schedule, data order and counters). false restores that checkpoint's whole training state, as a resume would."""
 
+    verify_on_load: bool = True
+    """Check every file of a checkpoint against its manifest (sizes and CRC-32 checksums, written by every save)
+    before reading it: a resume that finds its newest checkpoint damaged says so and falls back to the one before, and
+    a reader (eval, generate, export, `initial_load_path`) stops naming the damage. It reads the checkpoint once more,
+    spread over the ranks (docs/benchmarks.md has its cost); false skips it, as for checkpoints saved before manifests
+    existed."""
+
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
     """`disabled`: training waits while a checkpoint is written. `async`: training waits only while the state is
     copied to CPU memory, and goes on while a background thread writes it; the next save, and the end of training,

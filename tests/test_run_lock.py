@@ -1,0 +1,158 @@
+"""One training run per dump folder: a live holder's lock refuses a second run with one line naming it; a lock whose
+holder is gone (dead process, reused pid, no heartbeat) is taken over with a warning."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from helpers import free_port
+
+TINY = ["--training.device", "cpu", "--training.seq_len", "32", "--training.local_batch_size", "2",
+        "--training.steps", "2", "--checkpoint.interval", "2", "--metrics.enable_tensorboard", "false"]
+
+
+def train(folder) -> int:
+    from titanmem.train import main
+
+    return main(["--job.dump_folder", str(folder), *TINY])
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def plant_lock(folder, *, pid, host=None, process_start="real", age=0.0, raw=None):
+    from titanmem.components.run_lock import LOCK_NAME, _process_start
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    if raw is None:
+        start = _process_start(pid) if process_start == "real" else process_start
+        raw = json.dumps({"host": host or socket.gethostname(), "pid": pid, "process_start": start, "user": "ana",
+                          "since": "2026-11-30 01:00:00 UTC", "command": "torchrun titanmem.train"}).encode()
+    path.write_bytes(raw)
+    if age:
+        os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def stderr_problems(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[titanmem] ")]
+
+
+@pytest.mark.parametrize("holder", ["live process here", "fresh heartbeat elsewhere", "lock being written"])
+def test_a_live_holder_refuses_a_second_run_with_one_line(tmp_path, capsys, sleeper, holder):
+    folder = tmp_path / "run"
+    if holder == "live process here":
+        lock = plant_lock(folder, pid=sleeper.pid)
+        who = f"process {sleeper.pid} of ana on {socket.gethostname()}"
+    elif holder == "fresh heartbeat elsewhere":
+        lock = plant_lock(folder, pid=1, host="node-17")
+        who = "process 1 of ana on node-17"
+    else:
+        lock = plant_lock(folder, pid=0, raw=b'{"host": "no')
+        who = "a run that is still writing its lock"
+    before = lock.read_bytes()
+    assert train(folder) == 2
+    problems = stderr_problems(capsys)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"error: config error in job.dump_folder: {folder} is in use by {who}")
+    assert lock.read_bytes() == before and not (folder / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("holder, reason", [
+    ("dead process here", "is gone"),
+    ("reused pid here", "the pid now belongs to another process"),
+    ("silent elsewhere", "has not refreshed the lock for"),
+    ("unreadable and old", "the lock file is unreadable"),
+])
+def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_warning(tmp_path, capsys, sleeper, holder, reason):
+    from titanmem.components.run_lock import LOCK_NAME
+
+    folder = tmp_path / "run"
+    if holder == "dead process here":
+        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True)
+        plant_lock(folder, pid=int(finished.stdout), process_start=None)
+    elif holder == "reused pid here":
+        plant_lock(folder, pid=sleeper.pid, process_start=1)
+    elif holder == "silent elsewhere":
+        plant_lock(folder, pid=1, host="node-17", age=400)
+    else:
+        plant_lock(folder, pid=0, raw=b"\x00garbage", age=30)
+    assert train(folder) == 0
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if "took over the lock" in line)
+    assert reason in warning
+    assert (folder / "checkpoint" / "step-2").is_dir()
+    assert not (folder / LOCK_NAME).exists()  # released at the end
+    assert not list(folder.glob(f"{LOCK_NAME}.stale.*"))
+
+
+def test_the_lock_is_held_while_training_and_refuses_another_process(tmp_path):
+    from helpers import make_config
+    from titanmem.components.run_lock import LOCK_NAME
+    from titanmem.train import Trainer
+
+    folder = tmp_path / "run"
+    trainer = Trainer(make_config(folder, training={"steps": 1, "seq_len": 32, "local_batch_size": 2}))
+    try:
+        holder = json.loads((folder / LOCK_NAME).read_text())
+        assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; from titanmem.components.run_lock import RunLock\n"
+             "try:\n    RunLock(sys.argv[1]).acquire()\nexcept Exception as e:\n    print(e)", str(folder)],
+            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert f"is in use by process {os.getpid()}" in other.stdout, other.stdout + other.stderr
+    finally:
+        trainer.close()
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_the_heartbeat_keeps_a_held_lock_fresh(tmp_path, monkeypatch):
+    from titanmem.components import run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_SECONDS", 0.05)
+    lock = run_lock.RunLock(tmp_path)
+    lock.acquire()
+    try:
+        os.utime(lock.path, (time.time() - 1000, time.time() - 1000))
+        deadline = time.time() + 5
+        while time.time() - lock.path.stat().st_mtime > 100 and time.time() < deadline:
+            time.sleep(0.05)
+        assert time.time() - lock.path.stat().st_mtime < 100
+    finally:
+        lock.release()
+    assert not lock.path.exists()
+
+
+def test_a_config_error_after_the_lock_gives_it_back(tmp_path, capsys):
+    from titanmem.components.run_lock import LOCK_NAME
+    from titanmem.train import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["--job.dump_folder", str(tmp_path / "run"), "--data.path", str(bad), *TINY]) == 2
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_every_rank_of_a_refused_run_gets_the_same_error(tmp_path, sleeper):
+    from helpers import refused_trainer_worker
+
+    folder = tmp_path / "run"
+    plant_lock(folder, pid=sleeper.pid)
+    sections = dict(training={"steps": 1, "seq_len": 32, "local_batch_size": 2}, parallelism={"dp_shard": 2})
+    mp.start_processes(refused_trainer_worker, args=(2, free_port(), str(folder), sections), nprocs=2, join=True,
+                       start_method="spawn")
+    messages = [(folder / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and f"is in use by process {sleeper.pid}" in messages[0]
