@@ -115,7 +115,7 @@ def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(run, capsys, ca
     assert train(run, 6) == 0
     messages = capsys.readouterr().err.splitlines()
     warning = next(m for m in messages if "is damaged" in m)
-    assert f"step-4 is damaged: " in warning and problem in warning and "set aside as step-4.damaged" in warning
+    assert "step-4 is damaged: " in warning and problem in warning and "set aside as step-4.damaged" in warning
     assert any("resumed at step 2 of 6" in m for m in messages)
     assert (run / "checkpoint" / "step-4.damaged").is_dir()
     # The run went on from step 2 and saved again: step-4 anew, then step-6.
