@@ -254,3 +254,13 @@ def test_a_config_error_survives_pickling_and_torchs_worker_reraise():
     with pytest.raises(ConfigError) as info:
         wrapper.reraise()
     assert (info.value.field, info.value.problem) == (error.field, error.problem)
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_bad_records(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    jsonl = write(tmp_path, "d.jsonl", bom + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert load_documents(DataConfig(path=jsonl))["text"] == ["first", "second"]
+    array = write(tmp_path, "a.json", bom + b'[{"text": "one"}]')
+    assert load_documents(DataConfig(path=array))["text"] == ["one"]
+    text = write(tmp_path, "t.txt", bom + "caf\u00e9".encode())
+    assert load_documents(DataConfig(path=text))["text"] == ["caf\u00e9"]

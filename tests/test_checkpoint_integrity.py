@@ -202,3 +202,15 @@ def test_verification_is_spread_over_ranks_and_every_rank_falls_back(tmp_path):
     resumed = launch(6, "second.pt")
     assert sorted(resumed) == [3, 4, 5, 6]
     assert (tmp_path / "checkpoint" / "step-4.damaged").is_dir()
+
+
+def test_a_manifest_naming_files_outside_its_folder_is_damage_not_a_read_elsewhere(run, capsys):
+    import json
+
+    manifest = run / "checkpoint" / "step-4" / "manifest.json"
+    table = json.loads(manifest.read_text())
+    table["files"]["../../../../etc/hostname"] = {"size": 1, "crc32": ["00000000"]}
+    manifest.write_text(json.dumps(table))
+    assert train(run, 6) == 0
+    warning = next(m for m in capsys.readouterr().err.splitlines() if "is damaged" in m)
+    assert "manifest.json is damaged" in warning and "outside the folder" in warning

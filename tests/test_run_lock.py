@@ -156,3 +156,12 @@ def test_every_rank_of_a_refused_run_gets_the_same_error(tmp_path, sleeper):
                        start_method="spawn")
     messages = [(folder / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and f"is in use by process {sleeper.pid}" in messages[0]
+
+
+def test_a_lock_path_that_is_not_a_file_is_one_line(tmp_path, capsys):
+    from titanmem.components.run_lock import LOCK_NAME
+
+    (tmp_path / "run" / LOCK_NAME).mkdir(parents=True)
+    assert train(tmp_path / "run") == 2
+    assert stderr_problems(capsys) == [f"error: config error in job.dump_folder: {tmp_path / 'run' / LOCK_NAME} is "
+                                       "not a lock file; remove it"]

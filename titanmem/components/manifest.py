@@ -74,6 +74,9 @@ def read_manifest(folder: str | Path) -> dict | None:
         if manifest.get("chunk_bytes") != CHUNK_BYTES or not all(
                 isinstance(d["size"], int) and isinstance(d["crc32"], list) for d in files.values()):
             raise ValueError("unexpected layout")
+        # File names of this folder only: a manifest must not send the check to read files elsewhere.
+        if any(not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..") for n in files):
+            raise ValueError("a file name outside the folder")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{MANIFEST} is damaged ({type(e).__name__}: {e})") from None
     return files

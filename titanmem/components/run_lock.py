@@ -94,7 +94,13 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock, taking over a stale one with a warning; raise a config error naming the holder of a live
         one."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("job.dump_folder", f"cannot create {self.folder} ({e.strerror}); choose a folder you "
+                              "can write") from None
+        if self.path.exists() and not self.path.is_file():
+            raise ConfigError("job.dump_folder", f"{self.path} is not a lock file; remove it")
         for _ in range(5):
             if self._create():
                 self._start_heartbeat()
@@ -130,6 +136,9 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:
+            raise ConfigError("job.dump_folder", f"cannot write {self.path} ({e.strerror}); training needs a folder "
+                              "it can write") from None
         with os.fdopen(fd, "w") as handle:
             json.dump(asdict(self.me), handle)
             handle.flush()
@@ -143,6 +152,8 @@ class RunLock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return None, None, 0.0
+        except OSError:
+            return None, None, 0.0  # unreadable for now (a permission, a flaky file system): not stale
         try:
             return Holder(**json.loads(raw)), raw, age
         except (ValueError, TypeError):

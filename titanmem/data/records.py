@@ -21,6 +21,7 @@ from titanmem.config.errors import ConfigError
 
 # Decompressors by suffix; zstd is optional, as it is for `datasets`.
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_BOM = b"\xef\xbb\xbf"
 # What a damaged compressed stream or a failing disk raises while being read.
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
@@ -83,7 +84,7 @@ def _first_significant_byte(path: str | Path) -> bytes:
     try:
         with open_binary(path) as handle:
             while chunk := handle.read(4096):
-                if stripped := chunk.lstrip():
+                if stripped := chunk.removeprefix(_BOM).lstrip():
                     return stripped[:1]
     except _READ_ERRORS:
         pass  # the line reader reports it, with the line it happened at
@@ -101,6 +102,8 @@ def json_records(path: str | Path) -> Iterator[Record]:
     try:
         with open_binary(path) as handle:
             for line, raw in enumerate(handle, start=1):
+                if line == 1:
+                    raw = raw.removeprefix(_BOM)  # editors on Windows start UTF-8 files with one
                 if not raw.strip():
                     continue
                 text, problem = _decode(raw)
@@ -170,6 +173,7 @@ def text_file_record(path: str | Path) -> Record:
 
 def _decode_file(path: str, raw: bytes) -> Record:
     """A whole file's text, or where it stops being UTF-8."""
+    raw = raw.removeprefix(_BOM)
     try:
         return Record(path, 1, raw.decode("utf-8"))
     except UnicodeDecodeError as e:
