@@ -38,3 +38,54 @@ def test_run_train_reports_config_errors_and_refuses_missing_gpus(tmp_path):
     if not __import__("torch").cuda.is_available():
         no_gpu = launch(tmp_path, NGPU="2")
         assert no_gpu.returncode != 0 and "no GPU is visible" in no_gpu.stderr
+
+
+def launch_two_nodes(dump_folder, steps: int) -> list[str]:
+    """launch/run_multinode.sh on two "nodes" of this host: two torchrun agents meeting at one c10d rendezvous, one
+    CPU rank each (gloo); returns each node's output."""
+    from helpers import free_port
+
+    environment = {**os.environ, "PYTHON": sys.executable, "TITANMEM_NO_INSTALL": "1", "NNODES": "2", "NGPU": "1",
+                   "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": "ci-two-nodes"}
+    nodes = [
+        subprocess.Popen(
+            [str(ROOT / "launch" / "run_multinode.sh"), "--job.dump_folder", str(dump_folder), "--training.seq_len",
+             "32", "--training.local_batch_size", "2", "--training.device", "cpu", "--metrics.log_freq", "1",
+             "--training.steps", str(steps), "--checkpoint.interval", "2"],
+            cwd=ROOT, env={**environment, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        for node in range(2)
+    ]
+    outputs = []
+    for node in nodes:
+        output, _ = node.communicate(timeout=400)
+        assert node.returncode == 0, output[-4000:]
+        outputs.append(output)
+    return outputs
+
+
+def test_two_nodes_train_save_and_resume_through_the_multinode_launcher(tmp_path):
+    first = launch_two_nodes(tmp_path, 4)
+    # Node 1 holds global rank 1, which does not log steps: the two agents formed one world of two ranks.
+    assert "step 4 | loss" in first[0] and "step 4 | loss" not in first[1]
+    step = tmp_path / "checkpoint" / "step-4"
+    # Each rank wrote its own shard of the sharded model and optimizer.
+    assert {p.name for p in step.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"}
+    second = launch_two_nodes(tmp_path, 6)
+    assert "resumed at step 4 of 6" in second[0] and "step 6 | loss" in second[0]
+    assert "step 2 | loss" not in second[0]
+
+
+def test_the_multinode_launcher_checks_its_settings_and_the_config_before_the_rendezvous(tmp_path):
+    script = str(ROOT / "launch" / "run_multinode.sh")
+    environment = {**os.environ, "PYTHON": sys.executable, "TITANMEM_NO_INSTALL": "1"}
+    no_endpoint = subprocess.run([script], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    assert no_endpoint.returncode == 2 and "set RDZV_ENDPOINT" in no_endpoint.stderr
+    bad = subprocess.run([script, "--training.stepz", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**environment, "RDZV_ENDPOINT": "127.0.0.1:1", "NNODES": "2"})
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: config error in training.stepz: unknown key in command line; did you mean "
+                                  "'training.steps'?")
+    nodes = subprocess.run([script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**environment, "RDZV_ENDPOINT": "127.0.0.1:1", "NNODES": "two"})
+    assert nodes.returncode == 2 and "must be positive integers" in nodes.stderr

@@ -165,3 +165,20 @@ def test_a_lock_path_that_is_not_a_file_is_one_line(tmp_path, capsys):
     assert train(tmp_path / "run") == 2
     assert stderr_problems(capsys) == [f"error: config error in job.dump_folder: {tmp_path / 'run' / LOCK_NAME} is "
                                        "not a lock file; remove it"]
+
+
+@pytest.mark.parametrize("same_job", [True, False])
+def test_a_relaunch_of_the_same_job_on_another_node_takes_the_lock_at_once(tmp_path, capsys, monkeypatch, same_job):
+    from titanmem.components.run_lock import LOCK_NAME
+
+    folder = tmp_path / "run"
+    plant_lock(folder, pid=1, host="node-17")
+    lock = json.loads((folder / LOCK_NAME).read_text())
+    (folder / LOCK_NAME).write_text(json.dumps({**lock, "run_id": "4242"}))
+    monkeypatch.setenv("TITANMEM_RUN_ID", "4242" if same_job else "4243")
+    code = train(folder)
+    err = capsys.readouterr().err
+    if same_job:
+        assert code == 0 and "earlier attempt of this job (run id 4242) on another node" in err
+    else:
+        assert code == 2 and "is in use by process 1 of ana on node-17" in err

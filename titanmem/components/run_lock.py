@@ -4,7 +4,8 @@ A second run on the folder refuses to start and says who holds it. A lock whose 
 warning, so that a relaunch after a crash needs no manual cleanup. The holder is known to be gone when it ran on this
 host and its process no longer exists (or its pid now belongs to another process), or, from any host, when it has
 not refreshed the lock for `STALE_AFTER_SECONDS`: a background thread of the holder touches the file every
-`HEARTBEAT_SECONDS`, so a job killed on one node and requeued on another takes its folder back after a few minutes.
+`HEARTBEAT_SECONDS`, so a job killed on one node and requeued on another takes its folder back after a few minutes,
+or at once when both attempts carry the same job id (`TITANMEM_RUN_ID`).
 
 Only rank 0 takes the lock; `acquire_run_lock` tells every rank the outcome, so that all refuse together.
 """
@@ -64,6 +65,9 @@ class Holder:
     user: str
     since: str
     command: str
+    run_id: str = ""
+    """The job's id (`TITANMEM_RUN_ID`, set by launch/run_multinode.sh from RDZV_ID, e.g. the Slurm job id): a
+    relaunch of the same job on another node need not wait for the heartbeat to go stale."""
 
     @staticmethod
     def me() -> Holder:
@@ -72,7 +76,8 @@ class Holder:
         except (KeyError, OSError):
             user = str(os.getuid())
         return Holder(host=socket.gethostname(), pid=os.getpid(), process_start=_process_start(os.getpid()),
-                      user=user, since=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=" ".join(sys.argv)[:300])
+                      user=user, since=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=" ".join(sys.argv)[:300],
+                      run_id=os.environ.get("TITANMEM_RUN_ID", ""))
 
     def same_process(self, other: Holder) -> bool:
         return (self.host, self.pid, self.process_start) == (other.host, other.pid, other.process_start)
@@ -170,6 +175,8 @@ class RunLock:
                 return f"its process {holder.pid} is gone"
             if holder.process_start is not None and _process_start(holder.pid) != holder.process_start:
                 return f"its process {holder.pid} is gone (the pid now belongs to another process)"
+        elif holder.run_id and holder.run_id == self.me.run_id:
+            return f"it is an earlier attempt of this job (run id {holder.run_id}) on another node"
         return None
 
     def _set_aside(self, raw: bytes | None) -> bool:
