@@ -68,8 +68,8 @@ def _row_update_kernel(
     values_ptr, first_ptr, second_ptr,
     grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
     L, D, stride_values, stride_first, stride_second, stride_grad,
-    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2,
-    OPTIMIZER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed,
+    OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -97,7 +97,43 @@ def _row_update_kernel(
         tl.store(first_ptrs, first.to(first_ptr.dtype.element_ty), mask=col_mask)
         tl.store(second_ptrs, second.to(second_ptr.dtype.element_ty), mask=col_mask)
         value = value - lr * (first / bias_correction1) / (tl.sqrt(second / bias_correction2) + eps)
+    if ROUNDING == 1:
+        value = _round_to_nearest_bf16(value)
+    elif ROUNDING == 2:
+        value = _stochastic_round_to_bf16(value, seed, row, cols)
     tl.store(value_ptrs, value.to(values_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _round_to_nearest_bf16(value):
+    """`value` (fp32) rounded to the nearest bf16, ties to even, done on the bits: the same on every backend (a plain
+    conversion truncates under the interpreter)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, value)
+
+
+@triton.jit
+def _stochastic_round_to_bf16(value, seed, row, cols):
+    """`value` (fp32) moved to one of its two bf16 neighbours, the upper one with probability equal to its distance
+    from the lower: 16 random bits are added below the bf16 mantissa and then cut off. The bits are Philox's, keyed by
+    (seed, row) and counted by column, so a run repeats them. The result is exactly representable in bf16."""
+    bits = value.to(tl.uint32, bitcast=True)
+    noise = tl.randint(seed + row * 2147483648, cols.to(tl.uint32)) & 0xFFFF
+    rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    # Inf and NaN keep their bits: carrying noise into them could turn one into the other.
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, value)
+
+
+def _rounding(dtype: torch.dtype, rounding_seed: int) -> int:
+    """How the kernel stores an updated value: 0 as it is (an fp32 table), 1 to nearest bf16, 2 stochastically."""
+    if dtype == torch.float32:
+        return 0
+    if dtype != torch.bfloat16:
+        raise ValueError(f"the fused value update stores fp32 or bf16 tables, not {dtype}")
+    return 2 if rounding_seed >= 0 else 1
 
 
 def _launch_shape(dim: int, deterministic: bool) -> tuple[dict, int]:
@@ -154,9 +190,12 @@ def row_update_(
     beta1: float,
     beta2: float,
     step: int,
+    rounding_seed: int = -1,
 ) -> None:
     """Apply one optimizer step, in place, to the touched rows of `values` (and their state `first`/`second`:
-    unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam)."""
+    unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam). The update is computed
+    in fp32; a bf16 table is rounded back stochastically when `rounding_seed` >= 0 (seeded by it and the row), else
+    to nearest."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = rows.numel()
     if not segments:
@@ -171,12 +210,13 @@ def row_update_(
         values, first, second, grad_out, weights, pair_order, offsets, rows,
         weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
-        lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step,
-        OPTIMIZER=optimizer, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
+        OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
 
 
 @row_update_.register_fake
 def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay,
-      clip, eps, beta1, beta2, step):
+      clip, eps, beta1, beta2, step, rounding_seed=-1):
     return None

@@ -253,3 +253,28 @@ def refused_trainer_worker(rank: int, world: int, port: int, folder: str, sectio
             handle.write(message)
 
     run_as_rank(rank, world, port, body)
+
+
+def local_shapes_worker(rank: int, world: int, port: int, folder: str, argv: list, device_type: str) -> None:
+    """One rank of a real (gloo) build of the plan of `argv`: rank 0 saves every parameter's local shape."""
+
+    def body():
+        import torch
+
+        from titanmem.build import build_planned_model
+        from titanmem.config import build_config
+        from titanmem.plan import resolve_plan
+
+        config, _ = build_config(argv)
+        plan = resolve_plan(config, "dry_run", world_size=world, device_type=device_type)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        plan.parallel.build_mesh("cpu")
+        model = build_planned_model(plan, torch.device("meta"))
+        shapes = {name: tuple((p.to_local() if hasattr(p, "to_local") else p).shape)
+                  for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(shapes, os.path.join(folder, "shapes.pt"))
+
+    run_as_rank(rank, world, port, body)

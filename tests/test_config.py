@@ -188,8 +188,10 @@ def test_shipped_train_configs_parse_and_build_on_meta():
     for path in configs:
         assert path.read_text().startswith("# "), f"{path.name} lacks its one-line comment"
         config, _ = build_config(["--job.config_file", str(path)])
-        # As on the GPU the presets are written for, on one process.
-        plan = resolve_plan(config, world_size=1, device_type="cuda", tokenizer_vocab_size=4097)
+        # As on the GPUs the presets are written for: one, or the world their [parallelism] section spells out.
+        p = config.parallelism
+        world = p.dp_replicate * max(p.dp_shard, 1) * p.tp
+        plan = resolve_plan(config, "dry_run", world_size=world, device_type="cuda", tokenizer_vocab_size=4097)
         with torch.device("meta"):
             counts = count_parameters(Transformer(plan.model_args))
         assert (counts["memory_values"] > 0) == ("memory" in path.stem or path.stem == "debug_model"), path.name

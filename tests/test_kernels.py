@@ -185,3 +185,81 @@ def test_triton_lookup_in_the_memory_layer_matches_the_torch_lookup():
         grads[lookup] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, grad in grads["torch"].items():
         torch.testing.assert_close(grads["triton"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values around each fp32 value (equal when it is one): its bits cut to bf16 (towards zero), and
+    that plus one bf16 step away from zero; as int32 bit patterns of the fp32 encoding."""
+    bits = exact.float().cpu().view(torch.int32)
+    cut = bits & ~0xFFFF
+    return cut, torch.where(bits == cut, cut, cut + 0x10000)
+
+
+def fused_update(values, kind, step_seed, steps=3, lr=0.05):
+    """`steps` updates of `values` (in place) with fixed random reads, and the optimizer state."""
+    code = OPTIMIZERS[kind]
+    generator = torch.Generator().manual_seed(11)
+    rows, dim = values.shape
+    indices = torch.randint(0, 30, (6, 8), generator=generator).to(DEVICE)
+    weights = torch.randn(6, 8, generator=generator).to(DEVICE)
+    first = torch.zeros(rows) if code == ADAGRAD else torch.zeros(rows, dim) if code == ADAM else torch.zeros(0)
+    second = torch.zeros(rows, dim) if code == ADAM else torch.zeros(0)
+    first, second = first.to(DEVICE), second.to(DEVICE)
+    for step in range(1, steps + 1):
+        grad_out = torch.randn(6, dim, generator=generator).to(DEVICE)
+        pair_order, offsets, touched = kernels.row_segments(indices, rows)
+        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
+        row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code, lr, 0.1,
+                    1.0, 1e-8, 0.9, 0.95, step, step_seed(step))
+    return values
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dim", [37, 300])
+def test_a_bf16_table_is_rounded_to_nearest_like_torch_or_to_one_of_its_two_neighbours(kind, dim):
+    start = random_case(3, 1, 1, 40, dim)[0].to(torch.bfloat16)
+    # Each update computed in fp32 from the bf16 row: one step of the fp32 kernel on the upcast table.
+    exact = fused_update(start.float().clone(), kind, lambda step: -1, steps=1)
+    nearest = fused_update(start.clone(), kind, lambda step: -1, steps=1)
+    assert torch.equal(nearest.cpu(), exact.cpu().to(torch.bfloat16))  # torch rounds to nearest, ties to even
+    stochastic = fused_update(start.clone(), kind, lambda step: 1234, steps=1)
+    low, high = bf16_neighbours(exact)
+    bits = stochastic.float().cpu().view(torch.int32)
+    assert bool(((bits == low) | (bits == high)).all())
+    moved = exact.cpu() != start.float().cpu()
+    assert bool((bits[moved] == high[moved]).any()) and bool((bits[moved] == low[moved]).any())
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_loses_small_updates():
+    from titanmem.kernels.row_update import SGD as sgd
+
+    rows, dim, steps = 16, 256, 20
+    indices = torch.arange(rows).repeat(2).view(8, 4).to(DEVICE)
+    weights, grad_out = torch.ones(8, 4).to(DEVICE), torch.ones(8, dim).to(DEVICE)
+    pair_order, offsets, touched = kernels.row_segments(indices, rows)
+    row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
+    tables = {name: torch.ones(rows, dim, dtype=dtype, device=DEVICE)
+              for name, dtype in (("fp32", torch.float32), ("nearest", torch.bfloat16), ("stochastic", torch.bfloat16))}
+    empty = torch.zeros(0, device=DEVICE)
+    for step in range(1, steps + 1):
+        for name, table in tables.items():
+            # Each step moves every value by 1e-4 (2 reads × lr 5e-5), under a tenth of bf16's step below 1.0.
+            row_update_(table, empty, empty, grad_out, weights, pair_order, offsets, touched, row_sq, sgd, 5e-5,
+                        0.0, 1.0, 1e-8, 0.9, 0.95, step, 99 + step if name == "stochastic" else -1)
+    exact = tables["fp32"].double()
+    assert torch.allclose(exact, torch.full_like(exact, 1 - steps * 1e-4), atol=1e-6)
+    assert torch.equal(tables["nearest"].double(), torch.ones_like(exact))  # every update rounded away
+    # Each rounding errs by at most one bf16 step (2^-8 here), with mean 0 and spread at most half a step; a value's
+    # error sums `steps` of them. The mean over all values must lie within 5 of its standard deviations of 0, far
+    # below nearest rounding's bias.
+    bound = 5 * steps**0.5 * 2**-8 / 2 / (rows * dim) ** 0.5
+    error = (tables["stochastic"].double() - exact).mean().item()
+    assert abs(error) < bound < steps * 1e-4 / 2, (error, bound)
+
+
+def test_stochastic_rounding_repeats_for_a_seed_and_differs_across_seeds():
+    start = random_case(4, 1, 1, 40, 64)[0].to(torch.bfloat16)
+    first = fused_update(start.clone(), "adagrad", lambda step: 1000 + step)
+    again = fused_update(start.clone(), "adagrad", lambda step: 1000 + step)
+    other = fused_update(start.clone(), "adagrad", lambda step: 2000 + step)
+    assert torch.equal(first, again) and not torch.equal(first, other)

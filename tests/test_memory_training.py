@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from titanmem.config import ConfigError
 from titanmem.train import Trainer
 
 
@@ -118,7 +119,6 @@ def test_auto_value_optimizer_and_lr_follow_the_device_and_the_dense_lr():
 
 def test_sgd_needs_an_explicit_value_lr():
     from helpers import check_command_line
-    from titanmem.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
         check_command_line(["--memory.enabled", "--memory.value_optimizer", "sgd"])
@@ -135,3 +135,37 @@ def test_switching_the_value_optimizer_on_resume_starts_its_state_fresh(small_co
     assert sorted(losses) == [3]
     assert any("optimizer.values state for adagrad" in r.getMessage() for r in caplog.records)
     assert trainer.optimizers.values.steps == 1
+
+
+def test_a_bf16_table_trains_with_stochastic_rounding_and_resumes_bitwise(tmp_path, small_config):
+    sections = dict(
+        training={"steps": 4, "seq_len": 16, "local_batch_size": 2, "deterministic": True},
+        memory={**TINY_MEMORY, "value_optimizer": "adagrad", "value_lr": 0.05, "value_dtype": "bf16"},
+        checkpoint={"enable": True, "interval": 2},
+    )
+    straight = small_config(**sections)
+    straight.job.dump_folder = str(tmp_path / "straight")
+    trainer = Trainer(straight)
+    assert trainer.model.memory_values.weight.dtype == torch.bfloat16
+    initial = trainer.model.memory_values.weight.detach().clone()
+    expected = trainer.train()
+    table = trainer.model.memory_values.weight.detach().clone()
+    trainer.close()
+    assert not torch.equal(initial, table)
+
+    halted = small_config(**{**sections, "training": {**sections["training"], "steps": 2}})
+    halted.job.dump_folder = str(tmp_path / "resumed")
+    Trainer(halted).train()
+    resumed_config = small_config(**sections)
+    resumed_config.job.dump_folder = str(tmp_path / "resumed")
+    resumed = Trainer(resumed_config)
+    losses = resumed.train()
+    assert [losses[s] for s in (3, 4)] == [expected[s] for s in (3, 4)]
+    assert torch.equal(resumed.model.memory_values.weight.detach(), table)  # the same random bits after the resume
+    resumed.close()
+
+
+def test_a_bf16_table_needs_a_row_wise_optimizer(small_config):
+    with pytest.raises(ConfigError) as info:
+        Trainer(small_config(memory={**TINY_MEMORY, "value_optimizer": "adamw", "value_dtype": "bf16"}))
+    assert info.value.field == "memory.value_dtype" and "row-wise" in info.value.problem

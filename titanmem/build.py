@@ -81,13 +81,15 @@ def setup_process(plan: RunPlan) -> torch.device:
 
 def build_model(args: ModelArgs, device: torch.device, seed: int = 0, parallelize=None) -> Transformer:
     """Construct on the meta device (no memory, no init work), apply `parallelize` there, then materialise on
-    `device` and initialise from `seed` (the same full weights whatever `parallelize` did)."""
+    `device` and initialise from `seed` (the same full weights whatever `parallelize` did). With `device` meta, the
+    parallelized model stays there: its shapes, not its values (the planner's view)."""
     with torch.device("meta"):
         model = Transformer(args)
     if parallelize is not None:
         parallelize(model)
-    model.to_empty(device=device)
-    init_model_weights(model, seed)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        init_model_weights(model, seed)
     return model
 
 

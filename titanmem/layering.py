@@ -38,6 +38,7 @@ MODULE_LAYERS: dict[str, str] = {
     "titanmem.train": "entry",
     "titanmem.generate": "entry",
     "titanmem.export": "entry",
+    "titanmem.planner": "entry",
     "titanmem.eval.__main__": "entry",
 }
 

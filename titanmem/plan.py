@@ -149,7 +149,7 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
         k_dim=memory.k_dim if memory.k_dim != -1 else args.dim // 2,
         v_dim=memory.v_dim if memory.v_dim != -1 else args.dim,
         heads=memory.heads, knn=memory.knn, swilu=memory.swilu, qk_norm=memory.qk_norm, gated=memory.gated,
-        lookup=lookup,
+        lookup=lookup, value_dtype=memory.value_dtype,
     )
     if not all(0 <= layer < args.n_layers for layer in resolved.layers):
         raise ConfigError("memory.layers", f"must lie in [0, {args.n_layers}) for flavor {flavor}, got "
@@ -177,6 +177,10 @@ def resolve_value_optimizer(config: JobConfig, device_type: str) -> tuple[str, f
     if kind != "adamw" and not triton:
         raise ConfigError("memory.value_optimizer", f"{kind!r} runs fused Triton kernels, and Triton is not "
                           "importable here; use 'adamw'")
+    if memory.value_dtype == "bf16" and kind == "adamw":
+        raise ConfigError("memory.value_dtype", "'bf16' needs a row-wise value_optimizer (adagrad, adam or sgd): "
+                          "dense AdamW would round away every update smaller than a bf16 step; use value_dtype "
+                          "'fp32' with adamw")
     if memory.value_lr != -1:
         return kind, memory.value_lr
     if kind not in VALUE_LR_SCALE:
@@ -276,7 +280,8 @@ def _check_value_table_fits(memory: MemoryArgs, dims: ParallelDims, value_optimi
     if available is None:
         return
     elements = memory.n_values * (memory.v_dim // dims.mp)
-    per_element = {"adamw": 16, "adam": 12, "adagrad": 4, "sgd": 4}[value_optimizer]  # weight (+ grad and moments)
+    weight = 2 if memory.value_dtype == "bf16" else 4
+    per_element = {"adamw": 12, "adam": 8, "adagrad": 0, "sgd": 0}[value_optimizer] + weight  # + grad and moments
     if value_optimizer == "adamw" and sharding == "fsdp":
         per_element /= dims.slice_copies
     needed = elements * per_element

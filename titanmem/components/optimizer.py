@@ -111,6 +111,7 @@ class Optimizers:
                 state_dtype=torch.bfloat16 if config.memory.value_state_dtype == "bf16" else torch.float32,
                 replica_group=dims.get_group("mp_replicas"), slice_group=dims.get_group("mp"),
                 data_parallel_size=dims.dp,
+                rounding_seed=config.training.seed if config.memory.value_rounding == "stochastic" else None,
             )
         self.dense = torch.optim.AdamW(
             build_param_groups(model, config.optimizer, value_lr, config.memory.value_weight_decay),

@@ -44,6 +44,7 @@ class RowWiseValueOptimizer:
         replica_group=None,
         slice_group=None,
         data_parallel_size: int = 1,
+        rounding_seed: int | None = None,
     ):
         from titanmem.kernels.row_update import OPTIMIZERS
 
@@ -64,6 +65,8 @@ class RowWiseValueOptimizer:
         self.grad_scale = 1.0 / data_parallel_size
         self.full_width = values.weight.shape[1]
         table = self._local_table()
+        # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
+        self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
         empty = table.new_empty(0, dtype=torch.float32)
         if kind == "adagrad":
             self.first, self.second = torch.zeros(table.shape[0], device=table.device, dtype=torch.float32), empty
@@ -124,7 +127,7 @@ class RowWiseValueOptimizer:
         row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
             self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
-            self.steps,
+            self.steps, rounding_seed(self.rounding_seed, self.steps),
         )
 
     def discard(self) -> None:
@@ -153,6 +156,16 @@ class RowWiseValueOptimizer:
         for name in ("first", "second"):
             getattr(self, name).copy_(local_tensor(state[name]))
         self.steps = int(state["steps"])
+
+
+def rounding_seed(seed: int | None, step: int) -> int:
+    """The stochastic-rounding seed of one step (-1: round to nearest): a 31-bit mix of the run's seed and the step,
+    so that a resumed run draws the same bits."""
+    if seed is None:
+        return -1
+    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77) & 0xFFFFFFFFFFFFFFFF
+    mixed ^= mixed >> 29
+    return (mixed * 0xBF58476D1CE4E5B9 >> 33) & 0x7FFFFFFF
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

@@ -150,6 +150,17 @@ class Memory:
     rows only, with no dense gradient or dense state; they need Triton (interpreted on CPU, so slow there). `auto` is
     adagrad on CUDA (the fastest whose loss matched AdamW's in our 134m check, docs/benchmarks.md) and adamw on CPU."""
 
+    value_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage of the value table. `bf16` halves its memory (at 128B values, 34 GB instead of 69 GB per GPU on 8
+    GPUs); it needs a row-wise value optimizer, whose fused update computes in fp32 and rounds back as
+    `value_rounding` says."""
+
+    value_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """How a bf16 table's updated rows are rounded back to bf16. `stochastic` rounds up or down with the probability
+    that makes the rounding unbiased, so updates smaller than a bf16 step still add up; its random bits are seeded by
+    (training.seed, step, row), so a resume repeats them. `nearest` drops every change under half a step (for
+    comparison)."""
+
     value_state_dtype: Literal["fp32", "bf16"] = "fp32"
     """Storage of the lazy Adam moments of the value table (`value_optimizer = "adam"`)."""
 

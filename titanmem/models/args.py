@@ -17,6 +17,8 @@ class MemoryArgs:
     qk_norm: bool = False
     gated: bool = False
     lookup: str = "torch"
+    value_dtype: str = "fp32"
+    """Storage of the value table: fp32 or bf16."""
 
     @property
     def n_values(self) -> int:

@@ -115,7 +115,8 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # One value table for all memory layers, owned here so that it has one name: `memory_values.weight`.
-        self.memory_values = MemoryValues(args.memory.n_values, args.memory.v_dim) if args.memory else None
+        self.memory_values = MemoryValues(args.memory.n_values, args.memory.v_dim,
+                                          args.memory.value_dtype) if args.memory else None
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, args, self.build_feed_forward(i)) for i in range(args.n_layers)}
         )

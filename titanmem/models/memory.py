@@ -23,12 +23,17 @@ from titanmem.models.lookup import get_lookup
 from titanmem.utils import local_tensor
 
 
+VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class MemoryValues(nn.Module):
     """The value table shared by every memory layer of one model: n_keys² rows of v_dim."""
 
-    def __init__(self, n_values: int, v_dim: int):
+    def __init__(self, n_values: int, v_dim: int, dtype: str = "fp32"):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_values, v_dim))
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"value table dtype must be one of {sorted(VALUE_DTYPES)}, got {dtype!r}")
+        self.weight = nn.Parameter(torch.empty(n_values, v_dim, dtype=VALUE_DTYPES[dtype]))
         # Called by each memory layer with (layer, indices, weights) of its read, when set (telemetry, eval dumps).
         self.observer = None
 

@@ -1,0 +1,95 @@
+"""tools/plan.py: its counts come from the model the build path makes, under a fake process group that gives the
+same shards as a real one; the 8B + 128B table; the dry run of a large world."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_PLAN = ["--job.config_file", "train_configs/debug_model.toml", "--parallelism.tp", "2", "--parallelism.mp", "2"]
+
+
+def plan_tool(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/plan.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_fake_world_shards_every_parameter_as_a_real_world_does(tmp_path):
+    from titanmem.config import build_config
+    from titanmem.planner import build_meta, fake_world, resolve_for
+
+    world = 4
+    mp.start_processes(local_shapes_worker_entry, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    real = torch.load(tmp_path / "shapes.pt")
+    config, _ = build_config(DEBUG_PLAN)
+    with fake_world(world):
+        model = build_meta(resolve_for(config, world))
+        fake = {name: tuple((p.to_local() if hasattr(p, "to_local") else p).shape)
+                for name, p in model.named_parameters()}
+    assert fake == real
+    # And the plan shards as it says: the table's columns over mp 2, the dense weights over FSDP 2 × TP 2.
+    assert fake["memory_values.weight"] == (4096, 128)
+    assert fake["layers.0.attention.wq.weight"] == (64, 256)
+
+
+def local_shapes_worker_entry(rank, world, port, folder):
+    from helpers import local_shapes_worker
+
+    local_shapes_worker(rank, world, port, folder, DEBUG_PLAN, "cuda")
+
+
+def test_the_8b_128b_plan_fits_one_80gb_node_in_bf16_and_the_papers_layout_does_not():
+    result = plan_tool("--nodes", "1", "--gpus_per_node", "8", "--gb_per_gpu", "80", "--no_search",
+                       "--job.config_file", "train_configs/llama_8b_memory_128b.toml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "33,547,264 values × 4096 (137.4B value parameters)" in out
+    assert "| value-table slice | 34.4 | 33,547,264 rows × 512 of 4096 columns (mp 8), bfloat16 |" in out
+    assert "| dense parameters | 4.0 |" in out
+    own = next(line for line in out.splitlines() if line.startswith("| **total**"))
+    assert "**fits**" in own
+    paper = out.split("## The paper's layout")[1]
+    assert "does NOT fit" in paper and "the table slice 68.7 GB" in paper
+    assert "It first fits on 64 GPUs (8 node(s))" in paper
+
+
+def test_the_ranking_lists_only_meshes_that_fit_fastest_first():
+    from titanmem.config import build_config
+    from titanmem.planner import Cluster, rank_plans
+
+    config, _ = build_config(["--job.config_file", "train_configs/debug_model.toml"])
+    cluster = Cluster(1, 4, 2.5)
+    fitting, failing = rank_plans(config, cluster)
+    assert fitting and all(found.fits(cluster) for found in fitting)
+    assert all(not found.fits(cluster) for found in failing)
+    speeds = [found.tokens_per_gpu_second for found in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    meshes = {(f.plan.parallel.dp_replicate, f.plan.parallel.dp_shard, f.plan.parallel.tp, f.plan.parallel.mp)
+              for f in fitting + failing}
+    assert all(r * s * t == 4 and s % m == 0 and m * t <= 4 for r, s, t, m in meshes)
+
+
+@pytest.mark.parametrize("world", [64, 512])
+def test_a_dry_run_builds_a_large_world_on_this_cpu(world):
+    nodes = world // 8
+    result = plan_tool("--dry_run", "--nodes", str(nodes), "--gpus_per_node", "8", "--job.config_file",
+                       "train_configs/debug_model.toml", "--parallelism.mp", "4", "--parallelism.tp", "2",
+                       "--memory.n_keys", "128")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"built on a fake process group of {world} ranks" in out
+    assert "memory_values.weight: global [16384, 256], rank 0 holds [16384, 64]" in out
+
+
+def test_bad_cluster_and_config_are_one_line():
+    bad = plan_tool("--nodes", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --nodes")
+    config = plan_tool("--parallelism.mp", "3", "--job.config_file", "train_configs/debug_model.toml")
+    assert config.returncode == 2 and config.stderr.strip().startswith("error: config error in parallelism")
