@@ -93,3 +93,24 @@ def test_bad_cluster_and_config_are_one_line():
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --nodes")
     config = plan_tool("--parallelism.mp", "3", "--job.config_file", "train_configs/debug_model.toml")
     assert config.returncode == 2 and config.stderr.strip().startswith("error: config error in parallelism")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "train_configs").glob("*.toml")
+                                          if "PLANNER:" in p.read_text().upper()))
+def test_each_preset_header_states_what_the_planner_expects(preset):
+    import re
+
+    from titanmem.config import build_config
+    from titanmem.planner import Cluster, estimate_config
+
+    text = (ROOT / "train_configs" / preset).read_text()
+    header = "".join(line for line in text.splitlines() if line.startswith("#"))
+    nodes = int(re.search(r"--nodes (\d+)", header).group(1))
+    stated = float(re.search(r"([\d.]+) GB per GPU (?:with headroom|needed)", header).group(1))
+    config, _ = build_config(["--job.config_file", str(ROOT / "train_configs" / preset)])
+    cluster = Cluster(nodes, 8, 80)
+    found = estimate_config(config, cluster)
+    assert found.fits(cluster)
+    planned = found.total if "with headroom" in header else found.needed
+    assert abs(planned / 1e9 - stated) < 0.05, (preset, planned / 1e9, stated)
+    assert f"{found.plan.tokens_per_step:,} tokens per step" in header.replace("#", "").replace("  ", " ")
