@@ -75,18 +75,30 @@ def _chunk_seed(seed: int, name: str, chunk: int) -> int:
 def draw_block(spec: ParamInit, full_shape: tuple[int, ...], index: tuple[slice, ...], seed: int, name: str,
                device: torch.device) -> torch.Tensor:
     """The block `full[index]` of the parameter `name`'s full initial tensor (`index`: one step-1 slice per dim)."""
+    shape = tuple(len(range(*i.indices(size))) for i, size in zip(index, full_shape))
+    out = torch.empty(shape, device=device, dtype=torch.get_default_dtype())
+    fill_block(out, spec, full_shape, index, seed, name)
+    return out
+
+
+def fill_block(target: torch.Tensor, spec: ParamInit, full_shape: tuple[int, ...], index: tuple[slice, ...],
+               seed: int, name: str) -> None:
+    """Write `full[index]` into `target` (any dtype) one row chunk at a time, keeping only the chunk's selected
+    columns: a column slice of a table far larger than the device never exists whole, nor in fp32."""
+    device = target.device
     if not full_shape:  # a scalar is one chunk of one element
-        return spec.draw((), _generator(spec, seed, name, 0, device), device)
+        target.copy_(spec.draw((), _generator(spec, seed, name, 0, device), device))
+        return
     rows, rest = full_shape[0], tuple(full_shape[1:])
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(rest)))
     start, stop, _ = index[0].indices(rows)
-    pieces = []
+    written = 0
     for chunk in range(start // per_chunk, -(-stop // per_chunk)):
         first, last = chunk * per_chunk, min((chunk + 1) * per_chunk, rows)
         block = spec.draw((last - first, *rest), _generator(spec, seed, name, chunk, device), device)
-        pieces.append(block[max(start, first) - first : min(stop, last) - first])
-    block = torch.cat(pieces) if pieces else torch.empty((0, *rest), device=device)
-    return block[(slice(None), *index[1:])]
+        selected = block[max(start, first) - first : min(stop, last) - first][(slice(None), *index[1:])]
+        target[written : written + selected.shape[0]].copy_(selected)
+        written += selected.shape[0]
 
 
 def _generator(spec: ParamInit, seed: int, name: str, chunk: int, device: torch.device) -> torch.Generator | None:
@@ -116,7 +128,7 @@ def init_weights(module: nn.Module, seed: int, locate: Locate = whole_parameter)
         if declared not in specs:
             raise KeyError(f"parameter {declared} declares no initialisation in {type(module).__name__}.param_inits()")
         full_shape = tuple(param.shape)
-        target.copy_(draw_block(specs[declared], full_shape, index, seed, declared, target.device))
+        fill_block(target, specs[declared], full_shape, index, seed, declared)
     init_buffers = getattr(module, "init_buffers", None)
     if init_buffers is not None:
         init_buffers()
