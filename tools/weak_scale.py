@@ -47,9 +47,10 @@ def _tensors_and_group(args: tuple, kwargs: dict, group_position: int):
 def fake_group_loops_back() -> bool:
     """Whether this torch's fake process group already fills an all-gather with the local input and keeps a
     reduce-scatter's local part (recent versions do)."""
-    output, scattered = torch.full((4,), -1.0), torch.full((1,), -1.0)
-    dist.all_gather_into_tensor(output, torch.ones(4 // dist.get_world_size()))
-    dist.reduce_scatter_tensor(scattered, torch.arange(float(dist.get_world_size())))
+    world = dist.get_world_size()
+    output, scattered = torch.full((2 * world,), -1.0), torch.full((1,), -1.0)
+    dist.all_gather_into_tensor(output, torch.ones(2))
+    dist.reduce_scatter_tensor(scattered, torch.arange(float(world)))
     return bool((output == 1).all()) and scattered.item() == 0.0
 
 
