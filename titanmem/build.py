@@ -79,10 +79,11 @@ def setup_process(plan: RunPlan) -> torch.device:
     return device
 
 
-def build_model(args: ModelArgs, device: torch.device, seed: int = 0, parallelize=None) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device | str, seed: int = 0, parallelize=None) -> Transformer:
     """Construct on the meta device (no memory, no init work), apply `parallelize` there, then materialise on
     `device` and initialise from `seed` (the same full weights whatever `parallelize` did). With `device` meta, the
     parallelized model stays there: its shapes, not its values (the planner's view)."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
     if parallelize is not None:
