@@ -16,8 +16,7 @@ DEBUG_PLAN = ["--job.config_file", "train_configs/debug_model.toml", "--parallel
 
 
 def plan_tool(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/plan.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return plan_tool_script("tools/plan.py", *argv)
 
 
 def test_the_fake_world_shards_every_parameter_as_a_real_world_does(tmp_path):
@@ -114,3 +113,22 @@ def test_each_preset_header_states_what_the_planner_expects(preset):
     planned = found.total if "with headroom" in header else found.needed
     assert abs(planned / 1e9 - stated) < 0.05, (preset, planned / 1e9, stated)
     assert f"{found.plan.tokens_per_step:,} tokens per step" in header.replace("#", "").replace("  ", " ")
+
+
+def test_weak_scaling_trains_rank_zeros_share_of_a_larger_world_on_this_cpu(tmp_path):
+    """tools/weak_scale.py (whose GPU run proves the 8B + 128B plan) on the debug model: rank 0 of 4, FSDP × MP, with
+    the fake group's loopback collectives standing in for the other ranks."""
+    dump_folder = tmp_path / "run"
+    result = plan_tool_script("tools/weak_scale.py", "--device", "cpu", "--world", "4", "--gpus_per_node", "4",
+                              "--steps", "2", "--job.config_file", "train_configs/debug_model.toml",
+                              "--parallelism.mp", "2", "--training.seq_len", "32", "--training.local_batch_size", "2",
+                              "--job.dump_folder", str(dump_folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 4: dp_replicate 1 × dp_shard 4 × tp 1, mp 2" in result.stdout
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stdout.splitlines()
+              if line.startswith("step ") and "loss" in line]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def plan_tool_script(script, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
