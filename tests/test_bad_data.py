@@ -50,6 +50,13 @@ BAD_RECORDS = {
                              3, "'text' holds a JSON int"),
     "a record without the text field": ("d.jsonl", jsonl(good_line(GOOD[0]), b'{"body": "x"}\n', good_line(GOOD[1])),
                                         2, "no field 'text' (its fields: body)"),
+    "a lone surrogate in the text": ("d.jsonl", jsonl(good_line(GOOD[0]), b'{"text": "bad \\ud800 half"}\n',
+                                                      good_line(GOOD[1])), 2, "lone surrogate (U+D800"),
+    "an integer too long to convert": ("d.jsonl", jsonl(good_line(GOOD[0]), b'{"text": "x", "n": ' + b"9" * 5000
+                                                        + b"}\n", good_line(GOOD[1])), 2, "not usable JSON"),
+    "nesting too deep": ("d.jsonl", jsonl(good_line(GOOD[0]), b"[" * 100000 + b"]" * 100000 + b"\n",
+                                          good_line(GOOD[1])), 2, "not usable JSON (RecursionError"),
+    "a JSON array file nested too deep": ("d.json", b"[" * 100000 + b"]" * 100000, 1, "not usable JSON"),
     "a gzip file of random bytes": ("d.jsonl.gz", random.Random(0).randbytes(4096), 1, "BadGzipFile"),
     "a text file with invalid UTF-8": ("d.txt", b"line one\nline \xff two\n", 2, "not UTF-8 (byte 0xff at column 6)"),
     "a JSON array file cut short": ("d.json", b'[{"text": "a"},\n{"text": "b"', 2, "not valid JSON"),

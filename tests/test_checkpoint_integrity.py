@@ -71,7 +71,19 @@ DAMAGE = {
     "64 KiB of flipped bytes in a shard": (lambda step: flip_64k(step / "__0_0.distcp"),
                                            "__0_0.distcp is corrupted (checksum mismatch from byte 0)"),
     "a garbage manifest": (lambda step: (step / "manifest.json").write_text("{not json"), "manifest.json is damaged"),
+    "a manifest that leaves out a shard": (lambda step: edit_manifest(step, lambda files: files.pop("__0_0.distcp")),
+                                           "manifest.json does not list __0_0.distcp"),
+    "a manifest with too few checksums": (lambda step: edit_manifest(step, lambda files: files[".metadata"].update(
+        crc32=[])), "a checksum list that does not match its file's size"),
 }
+
+
+def edit_manifest(step, change):
+    import json
+
+    manifest = json.loads((step / "manifest.json").read_text())
+    change(manifest["files"])
+    (step / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_every_save_writes_a_manifest_of_its_files(saved_run):
@@ -214,3 +226,22 @@ def test_a_manifest_naming_files_outside_its_folder_is_damage_not_a_read_elsewhe
     assert train(run, 6) == 0
     warning = next(m for m in capsys.readouterr().err.splitlines() if "is damaged" in m)
     assert "manifest.json is damaged" in warning and "outside the folder" in warning
+
+
+def test_a_step_damaged_twice_is_set_aside_beside_the_first(run, capsys):
+    (run / "checkpoint" / "step-4.damaged").mkdir()
+    DAMAGE["a truncated shard"][0](run / "checkpoint" / "step-4")
+    assert train(run, 6) == 0
+    assert "set aside as step-4.damaged.2" in capsys.readouterr().err
+    assert (run / "checkpoint" / "step-4.damaged").is_dir() and (run / "checkpoint" / "step-4.damaged.2").is_dir()
+
+
+def test_a_relaunch_after_every_checkpoint_was_damaged_does_not_start_afresh(run, capsys):
+    for step in ("step-2", "step-4"):
+        DAMAGE["a truncated shard"][0](run / "checkpoint" / step)
+    assert train(run, 6) == 2
+    capsys.readouterr()
+    assert train(run, 6) == 2
+    err = problem_lines(capsys)
+    assert len(err) == 1 and "holds only damaged checkpoints (step-2.damaged, step-4.damaged)" in err[0]
+    assert not (run / "checkpoint" / "step-6").exists()

@@ -128,6 +128,7 @@ def test_weak_scaling_trains_rank_zeros_share_of_a_larger_world_on_this_cpu(tmp_
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in result.stdout.splitlines()
               if line.startswith("step ") and "loss" in line]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    assert not dump_folder.exists()  # a scratch folder of its own: never a real run's
 
 
 def plan_tool_script(script, *argv) -> subprocess.CompletedProcess:

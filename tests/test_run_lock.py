@@ -50,11 +50,13 @@ def stderr_problems(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[titanmem] ")]
 
 
-@pytest.mark.parametrize("holder", ["live process here", "fresh heartbeat elsewhere", "lock being written"])
+@pytest.mark.parametrize("holder", ["live process here", "stopped process here, old heartbeat",
+                                    "fresh heartbeat elsewhere", "lock being written"])
 def test_a_live_holder_refuses_a_second_run_with_one_line(tmp_path, capsys, sleeper, holder):
     folder = tmp_path / "run"
-    if holder == "live process here":
-        lock = plant_lock(folder, pid=sleeper.pid)
+    if holder in ("live process here", "stopped process here, old heartbeat"):
+        # A process stopped (Ctrl-Z) beats no heartbeat, but it is alive: on its own host, the process table decides.
+        lock = plant_lock(folder, pid=sleeper.pid, age=400 if "stopped" in holder else 0)
         who = f"process {sleeper.pid} of ana on {socket.gethostname()}"
     elif holder == "fresh heartbeat elsewhere":
         lock = plant_lock(folder, pid=1, host="node-17")
@@ -182,3 +184,39 @@ def test_a_relaunch_of_the_same_job_on_another_node_takes_the_lock_at_once(tmp_p
         assert code == 0 and "earlier attempt of this job (run id 4242) on another node" in err
     else:
         assert code == 2 and "is in use by process 1 of ana on node-17" in err
+
+
+def test_a_failed_read_does_not_stop_the_heartbeat(tmp_path, monkeypatch):
+    from titanmem.components import run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_SECONDS", 0.05)
+    lock = run_lock.RunLock(tmp_path)
+    original, failures = lock._read, []
+
+    def flaky_read():
+        if len(failures) < 2:  # the file system hiccups on the first beats
+            failures.append(1)
+            return None, None, 0.0
+        return original()
+
+    lock._read = flaky_read
+    lock.acquire()
+    try:
+        deadline = time.time() + 5
+        while len(failures) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        # After both failed reads, the heartbeat still refreshes the lock.
+        os.utime(lock.path, (time.time() - 1000, time.time() - 1000))
+        while time.time() - lock.path.stat().st_mtime > 100 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(failures) == 2 and time.time() - lock.path.stat().st_mtime < 100
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("folder", ["/tmp/shared_checkpoints", "../elsewhere", ""])
+def test_checkpoints_must_stay_inside_the_locked_dump_folder(tmp_path, capsys, folder):
+    from titanmem.train import main
+
+    assert main(["--job.dump_folder", str(tmp_path / "run"), "--checkpoint.folder", folder, *TINY]) == 2
+    assert stderr_problems(capsys)[0].startswith("error: config error in checkpoint.folder: ")

@@ -213,6 +213,15 @@ def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | No
     return dims, sharding
 
 
+def _check_checkpoint_folder(config: JobConfig) -> None:
+    """The checkpoints live inside the dump folder, which the run's lock covers: a folder elsewhere could be shared
+    by two runs unnoticed."""
+    name = Path(config.checkpoint.folder)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise ConfigError("checkpoint.folder", f"{config.checkpoint.folder!r} must be a folder name inside "
+                          "job.dump_folder (relative, without '..'); to train elsewhere, move job.dump_folder")
+
+
 def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     """The checkpoint to start from: `generate.checkpoint` (generate), else `checkpoint.load_step`'s, else the newest
     complete one in the run's folder; None when training starts fresh. Readers of a run need one."""
@@ -236,6 +245,11 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
         field = "generate.checkpoint" if purpose == "generate" else "checkpoint.folder"
         raise ConfigError(field, f"no complete checkpoint in {folder} to read; train first, or point "
                           f"job.dump_folder (or {field}) at one")
+    damaged = sorted(p.name for p in folder.glob("step-*.damaged*")) if folder.is_dir() else []
+    if damaged:
+        # A relaunch after every checkpoint was found damaged must not quietly start the run again from step 0.
+        raise ConfigError("checkpoint.folder", f"{folder} holds only damaged checkpoints ({', '.join(damaged[:3])}); "
+                          "restore one as step-N, or remove them to start this run afresh")
     return None
 
 
@@ -368,6 +382,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
         _check_value_table_fits(memory, dims, value_optimizer, sharding, device_type)
     if purpose == "train":
         _check_dump_folder(config)
+        _check_checkpoint_folder(config)
     _check_files(config, purpose, world_size)
     checkpoint_to_load = resolve_checkpoint(config, purpose)
     initial_load = None

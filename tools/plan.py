@@ -136,6 +136,7 @@ def print_ranking(config, cluster: Cluster, top: int) -> None:
 def print_paper_layout(config, cluster: Cluster) -> None:
     print("\n## The paper's layout: fp32 table, a whole column slice per GPU, dense gradient and dense AdamW\n")
     paper = paper_layout(config)
+    here = None
     try:
         here = estimate_config(paper, cluster)
         print(f"On {cluster.describe()}: {here.layout()}: {gb(here.total)} GB per GPU: "
@@ -145,9 +146,12 @@ def print_paper_layout(config, cluster: Cluster) -> None:
               f"{gb(sum(size for what, size, _ in here.rows if what in ('value gradients', 'value optimizer state')))} GB")
     except ConfigError as e:
         print(f"On {cluster.describe()}: does not resolve ({e.problem})")
+    if here is not None and here.fits(cluster):
+        return
     needed = paper_layout_gpus(config, cluster)
     if needed is None:
-        print("It fits on no world of up to 64 such nodes (with the columns split over every GPU).")
+        print("It fits on no world of up to 64 such nodes (with the columns split over every GPU of a world whose size "
+              "divides v_dim).")
     else:
         print(f"It first fits on {needed.plan.world_size} GPUs ({needed.plan.world_size // cluster.gpus_per_node} "
               f"node(s)), with the columns split over all of them: {gb(needed.total)} GB per GPU.")

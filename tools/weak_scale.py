@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,9 +114,15 @@ def main() -> int:
     else:
         overrides += ["--training.device", "cpu"]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(args.world))
-    config, _ = build_config([*overrides, "--training.steps", str(args.steps), "--checkpoint.enable", "false",
-                              "--eval.interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard",
-                              "false", "--metrics.memory_telemetry_freq", "0"])
+    # A scratch dump folder of its own: the measuring run must not write into (or lock) a real run's folder.
+    scratch = tempfile.mkdtemp(prefix="titanmem_weak_scale_")
+    try:
+        config, _ = build_config([*overrides, "--training.steps", str(args.steps), "--checkpoint.enable", "false",
+                                  "--eval.interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard",
+                                  "false", "--metrics.memory_telemetry_freq", "0", "--job.dump_folder", scratch])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.paper_layout:
         config = paper_layout(config)
     cluster = Cluster(args.world // args.gpus_per_node or 1, min(args.world, args.gpus_per_node), args.gb_per_gpu)
@@ -130,7 +138,13 @@ def main() -> int:
         expected = estimate(plan, build_meta(plan), cluster)  # before the cap's allocations: on the meta device
         print(f"rank 0 of {args.world}: {expected.layout()}; planner: {expected.needed / 1e9:.1f} GB needed, "
               f"{expected.total / 1e9:.1f} GB with headroom, of a {cap / 1e9:.0f} GB cap", flush=True)
-        return train(config, plan, args.steps, cap, cuda)
+        try:
+            return train(config, plan, args.steps, cap, cuda)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def train(config, plan, steps: int, cap: float, cuda: bool) -> int:

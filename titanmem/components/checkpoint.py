@@ -36,7 +36,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
 from titanmem.components.export import is_export, load_export
 from titanmem.components.faults import crash_point
-from titanmem.components.manifest import file_digests, files_of_rank, read_manifest, verify_files, write_manifest
+from titanmem.components.manifest import (
+    MANIFEST, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_manifest,
+)
 from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
@@ -82,6 +84,9 @@ def checkpoint_problems(path: str | Path) -> list[str]:
     if files is None:
         logger.warning("%s has no manifest (saved before titanmem wrote them): loading it unverified", path)
         return []
+    uncovered = uncovered_files(path, files)
+    if uncovered:
+        return [f"{MANIFEST} does not list {', '.join(uncovered[:3])}" + (" …" if len(uncovered) > 3 else "")]
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     problems = verify_files(path, files, sorted(files)[rank::world])
@@ -118,6 +123,15 @@ def saved_step(path: str | Path) -> int:
     if is_export(path):
         return int(json.loads((Path(path) / "config.json").read_text()).get("step", -1))
     return int(Path(path).name.removeprefix("step-"))
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, … : the first that does not exist."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _barrier(group=None) -> None:
@@ -273,10 +287,11 @@ class CheckpointManager:
             damage = _damage(candidate, problems)
             if not fall_back:
                 raise ConfigError("checkpoint.folder", damage)
-            # Out of the way of the next resume, and kept for a look.
+            # Out of the way of the next resume, and kept for a look (beside any earlier damaged copy of the step).
+            aside = _free_name(candidate.with_name(candidate.name + ".damaged"))
             if self.rank == 0:
-                os.replace(candidate, candidate.with_name(candidate.name + ".damaged"))
-            damage += f"; set aside as {candidate.name}.damaged"
+                os.replace(candidate, aside)
+            damage += f"; set aside as {aside.name}"
             logger.warning("%s", damage)
         raise ConfigError("checkpoint.folder", f"no intact checkpoint is left to resume from ({damage}); restore one, "
                           "or start afresh in a new job.dump_folder")

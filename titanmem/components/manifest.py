@@ -77,9 +77,18 @@ def read_manifest(folder: str | Path) -> dict | None:
         # File names of this folder only: a manifest must not send the check to read files elsewhere.
         if any(not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..") for n in files):
             raise ValueError("a file name outside the folder")
+        if any(len(d["crc32"]) != max(1, -(-d["size"] // CHUNK_BYTES)) for d in files.values()):
+            raise ValueError("a checksum list that does not match its file's size")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{MANIFEST} is damaged ({type(e).__name__}: {e})") from None
     return files
+
+
+def uncovered_files(folder: str | Path, files: dict[str, dict]) -> list[str]:
+    """The checkpoint files of `folder` (DCP's index and data files) that the manifest table `files` does not list:
+    a manifest that leaves one out would let it load unchecked."""
+    pattern = re.compile(r"^(\.metadata|__\d+_\d+\.distcp)$")
+    return sorted(p.name for p in Path(folder).iterdir() if pattern.match(p.name) and p.name not in files)
 
 
 def verify_files(folder: str | Path, files: dict[str, dict], names: list[str]) -> list[str]:

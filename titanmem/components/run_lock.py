@@ -165,18 +165,22 @@ class RunLock:
             return None, raw, age
 
     def _stale_reason(self, holder: Holder | None, age: float) -> str | None:
-        """Why the lock's holder is gone, or None while it may be alive."""
-        if age > STALE_AFTER_SECONDS:
-            return f"it has not refreshed the lock for {age:.0f} s"
+        """Why the lock's holder is gone, or None while it may be alive. On this host the process table decides (a
+        stopped process is alive, however old its heartbeat); from another host, the job id or the heartbeat."""
         if holder is None:
+            if age > STALE_AFTER_SECONDS:
+                return f"the lock file is unreadable and untouched for {age:.0f} s"
             return None if age < _WRITE_GRACE_SECONDS else "the lock file is unreadable"
         if holder.host == self.me.host:
             if not _alive(holder.pid):
                 return f"its process {holder.pid} is gone"
             if holder.process_start is not None and _process_start(holder.pid) != holder.process_start:
                 return f"its process {holder.pid} is gone (the pid now belongs to another process)"
-        elif holder.run_id and holder.run_id == self.me.run_id:
+            return None
+        if holder.run_id and holder.run_id == self.me.run_id:
             return f"it is an earlier attempt of this job (run id {holder.run_id}) on another node"
+        if age > STALE_AFTER_SECONDS:
+            return f"it has not refreshed the lock for {age:.0f} s"
         return None
 
     def _set_aside(self, raw: bytes | None) -> bool:
@@ -203,13 +207,13 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             holder, _, _ = self._read()
-            if holder is None or not holder.same_process(self.me):
+            if holder is not None and not holder.same_process(self.me):
                 logger.error("lost the lock of %s to another run; two runs now write into it", self.folder)
                 return
             try:
                 os.utime(self.path)
             except OSError:
-                pass  # a transient file-system error: the next beat tries again
+                pass  # unreadable or untouchable for now (a flaky file system): the next beat tries again
 
 
 def acquire_run_lock(folder: str | Path, rank: int) -> RunLock | None:

@@ -60,8 +60,12 @@ def open_binary(path: str | Path) -> IO[bytes]:
     return _OPENERS.get(suffix, open)(path, "rb")
 
 
+def _short(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200]
+
+
 def _describe_read_error(error: BaseException) -> str:
-    return f"the file cannot be read from here on ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return f"the file cannot be read from here on ({type(error).__name__}: {_short(error)})"
 
 
 def _decode(raw: bytes) -> tuple[str | None, str | None]:
@@ -116,6 +120,8 @@ def json_records(path: str | Path) -> Iterator[Record]:
                     # Only a file's last line can lack its newline: a write cut short.
                     what = "not valid JSON" if raw.endswith(b"\n") else "a truncated last line"
                     yield Record(path, line, problem=f"{what} ({e.msg}, column {e.colno})")
+                except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+                    yield Record(path, line, problem=f"not usable JSON ({type(e).__name__}: {_short(e)})")
     except _READ_ERRORS as e:
         yield Record(path, line + 1, problem=_describe_read_error(e))
 
@@ -135,6 +141,9 @@ def _json_array_records(path: str) -> Iterator[Record]:
         values = json.loads(decoded.value)
     except json.JSONDecodeError as e:
         yield Record(path, e.lineno, problem=f"not valid JSON ({e.msg}, column {e.colno})")
+        return
+    except (ValueError, RecursionError) as e:
+        yield Record(path, 1, problem=f"not usable JSON ({type(e).__name__}: {_short(e)})")
         return
     for index, value in enumerate(values):
         yield Record(path, index + 1, value)
@@ -157,6 +166,12 @@ def text_of(record: Record, text_field: str) -> Record:
     text = value[text_field]
     if text is not None and not isinstance(text, str):
         return Record(record.path, record.line, problem=f"{text_field!r} holds a JSON {type(text).__name__}, not text")
+    if text:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as \ud800, common in scraped dumps
+            return Record(record.path, record.line, problem=f"{text_field!r} holds a lone surrogate "
+                          f"(U+{ord(text[e.start]):04X} at character {e.start}), which is not text")
     return Record(record.path, record.line, text)
 
 
