@@ -270,7 +270,8 @@ class Checkpoint:
     """Save checkpoints, and resume from the newest complete one at start."""
 
     folder: str = "checkpoint"
-    """Folder under job.dump_folder that holds the `step-N` checkpoints."""
+    """Folder under job.dump_folder that holds the `step-N` checkpoints: a relative name without '..', so that the
+    run's lock on the dump folder covers it."""
 
     interval: int = bounded(100, ge=1)
     """Save every this many steps; the last step is always saved."""
