@@ -1,0 +1,31 @@
+"""The benchmark tools run end to end on a CPU (their figures are GPU benchmarks, recorded in docs/benchmarks.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_splits_a_step_into_phases_that_add_up():
+    result = subprocess.run(
+        [sys.executable, "tools/bench_train.py", "--steps", "3", "--warmup", "1",
+         "debug_dense:--training.seq_len:32:--training.local_batch_size:2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| debug_dense"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    step_ms = float(cells[2]) * 1e3
+    phases = [float(cell.removesuffix(" ms")) for cell in cells[6:10]]
+    assert all(phase >= 0 for phase in phases) and phases[0] > 0 and phases[1] > 0
+    # Forward, backward and the optimizer are the step, up to the batch fetch and the scheduler.
+    assert 0.5 * step_ms < sum(phases) <= 1.05 * step_ms, (phases, step_ms)
+
+
+def test_exposed_time_is_the_communication_no_compute_overlaps():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_train import _uncovered
+
+    assert _uncovered([(0, 10), (20, 30)], [(5, 25)]) == 10
+    assert _uncovered([(0, 10), (5, 15)], [(2, 4), (3, 6), (14, 40)]) == 15 - 4 - 1
+    assert _uncovered([(0, 10)], []) == 10 and _uncovered([], [(0, 5)]) == 0

@@ -1,0 +1,208 @@
+"""Training speed of a list of configs on this machine: tokens/s per GPU, MFU, peak memory and where a step's time goes.
+
+Each run is a train_configs name, optionally followed by config overrides joined with ':' (e.g.
+`llama_134m_memory:--compile.enable:true`). For each, it builds the trainer as training does (no checkpoint, no
+eval), runs `--warmup` steps, then times `--steps` steps. A step is split, with CUDA events, into:
+- forward: the model's forward (the loss and the lookups included);
+- backward: the rest of forward + backward;
+- value update: the row-wise value optimizer (its norm, gathers and fused update);
+- optimizer: the rest of the optimizer step (norms, clipping, AdamW, the host sync);
+- exposed communication: from a profile of 3 more steps, the time NCCL kernels run while no compute kernel does.
+
+The bf16 GEMM ceiling of the same run (an 8192³ matmul) is printed first, so that MFU can be read against what this
+GPU reaches today. docs/benchmarks.md has the runs.
+
+    python tools/bench_train.py --steps 30 --warmup 10 llama_134m llama_134m_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from titanmem.config import build_config  # noqa: E402
+
+PHASES = ("forward", "backward", "value update", "optimizer")
+
+
+class PhaseClock:
+    """Start and end marks of named phases within one step: CUDA events on a GPU, host clocks on a CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list[tuple[str, object, object]] = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def timed(self, name: str, function):
+        def wrapper(*args, **kwargs):
+            start = self.mark()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.marks.append((name, start, self.mark()))
+        return wrapper
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase name since the last call (marks of one name are summed)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for name, start, end in self.marks:
+            elapsed = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            totals[name] = totals.get(name, 0.0) + elapsed
+        self.marks = []
+        return totals
+
+
+def gemm_ceiling_tflops(size: int = 8192, repeats: int = 20) -> float | None:
+    """bf16 matmul TFLOP/s of this GPU now; None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def exposed_communication(trainer, batches, steps: int = 3) -> float | None:
+    """Mean seconds per step during which NCCL kernels run and no other kernel does; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        torch.cuda.synchronize()
+    comm, compute = [], []
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.time_range.elapsed_us() <= 0:
+            continue
+        span = (event.time_range.start, event.time_range.end)
+        (comm if "nccl" in event.name.lower() else compute).append(span)
+    return _uncovered(comm, compute) / 1e6 / steps
+
+
+def _uncovered(spans: list[tuple[int, int]], cover: list[tuple[int, int]]) -> float:
+    """Total length of the union of `spans` outside the union of `cover`."""
+    def union(intervals):
+        merged = []
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return merged
+
+    total = 0.0
+    covered = union(cover)
+    for start, end in union(spans):
+        length = end - start
+        for c_start, c_end in covered:
+            overlap = min(end, c_end) - max(start, c_start)
+            if overlap > 0:
+                length -= overlap
+        total += length
+    return total
+
+
+def bench(run: str, steps: int, warmup: int) -> dict:
+    from titanmem.train import Trainer
+
+    name, *overrides = run.split(":")
+    config, _ = build_config(["--job.config_file", f"train_configs/{name}.toml", *overrides, "--training.steps",
+                              str(warmup + steps + 3), "--checkpoint.enable", "false", "--eval.interval", "0",
+                              "--metrics.enable_tensorboard", "false", "--metrics.memory_telemetry_freq", "0",
+                              "--job.dump_folder", f"/tmp/bench_train/{name}"])
+    trainer = Trainer(config)
+    cuda = trainer.device.type == "cuda"
+    clock = PhaseClock(cuda)
+    trainer.model.forward = clock.timed("forward", trainer.model.forward)
+    trainer.forward_backward = clock.timed("forward+backward", trainer.forward_backward)
+    values = trainer.optimizers.values
+    if values is not None:
+        values.grad_norm = clock.timed("value update", values.grad_norm)
+        values.step = clock.timed("value update", values.step)
+    trainer.optimizers.step = clock.timed("optimizer step", trainer.optimizers.step)
+    trainer.optimizers.grad_norms = clock.timed("optimizer norms", trainer.optimizers.grad_norms)
+    batches = iter(trainer.dataloader)
+    trainer.model.train()
+    try:
+        for _ in range(warmup):
+            trainer.train_step(batches)
+        clock.seconds()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        walls, splits = [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer.train_step(batches)
+            if cuda:
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
+            splits.append(clock.seconds())
+        exposed = exposed_communication(trainer, batches)
+    finally:
+        trainer.close()
+    wall = statistics.median(walls)
+
+    def median(key):
+        return statistics.median(split.get(key, 0.0) for split in splits)
+
+    value_update = median("value update")
+    split = {"forward": median("forward"),
+             "backward": median("forward+backward") - median("forward"),
+             "value update": value_update,
+             "optimizer": median("optimizer step") + median("optimizer norms") - value_update}
+    tokens = trainer.plan.tokens_per_step / trainer.world_size
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    return {"run": run.replace(":", " "), "tokens_per_gpu_s": tokens / wall, "step_s": wall,
+            "flops_per_token": trainer.flops_per_token, "peak_gb": peak, "split": split, "exposed": exposed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="train_configs names, with ':'-joined overrides")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    ceiling = gemm_ceiling_tflops()
+    if ceiling is not None:
+        print(f"bf16 GEMM ceiling (8192³) now: {ceiling:,.0f} TFLOP/s on {torch.cuda.get_device_name()}\n")
+    print("| run | tokens/s per GPU | step s | MFU (of 989 TFLOP/s) | of the GEMM ceiling | peak GB | forward | backward "
+          "| value update | optimizer | exposed comm |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for run in args.runs:
+        r = bench(run, args.steps, args.warmup)
+        achieved = r["tokens_per_gpu_s"] * r["flops_per_token"] / 1e12
+        split = r["split"]
+        cells = [f"{split[p] * 1e3:.1f} ms" for p in PHASES]
+        mfu = f"{achieved / 989:.1%}" if ceiling else "-"  # MFU is a GPU figure
+        print(f"| {r['run']} | {r['tokens_per_gpu_s']:,.0f} | {r['step_s']:.3f} | {mfu} | "
+              + (f"{achieved / ceiling:.1%}" if ceiling else "-") + " | "
+              + (f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-") + " | " + " | ".join(cells) + " | "
+              + (f"{r['exposed'] * 1e3:.1f} ms" if r["exposed"] is not None else "-") + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
