@@ -12,6 +12,7 @@ group, and prints what rank 0 holds: proof that the plan is constructible, with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +60,7 @@ def describe_model(found: Estimate) -> str:
 
 def dry_run(config, cluster: Cluster) -> None:
     plan = resolve_for(config, cluster.world)
-    with fake_world(cluster.world) if cluster.world > 1 else _nothing():
+    with fake_world(cluster.world) if cluster.world > 1 else contextlib.nullcontext():
         model = build_meta(plan)
         dims = plan.parallel
         shape, names = dims.mesh_shape()
@@ -72,14 +73,6 @@ def dry_run(config, cluster: Cluster) -> None:
                 placements = getattr(parameter, "placements", None)
                 print(f"  {name}: global {list(parameter.shape)}, rank 0 holds {list(local.shape)}"
                       + (f" ({', '.join(map(str, placements))})" if placements else ""))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
