@@ -1,21 +1,15 @@
 """Launch parameters of the kernels, and the CPU fallback to Triton's interpreter.
 
-Without a GPU, Triton kernels run under its interpreter (TRITON_INTERPRET=1, read when a kernel is defined). That
-is how the CPU test suite checks them against plain PyTorch; it is far too slow for training, so the trainer only
-picks the Triton lookup by default on CUDA.
+Without a GPU, Triton kernels run under its interpreter (TRITON_INTERPRET=1, which the titanmem package sets when it
+loads on a host without CUDA). That is how the CPU test suite checks them against plain PyTorch; it is far too slow
+for training, so the trainer only picks the Triton kernels by default on CUDA.
 """
 
 from __future__ import annotations
 
 import os
 
-import torch
-
-# Must happen before triton is first imported: the interpreter is chosen when triton and the kernels load.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import triton  # noqa: E402
+import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,12 +21,16 @@ _GPU = {
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
+    "key_search": {"BLOCK_T": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    "key_search_backward": {"BLOCK_T": 8, "num_warps": 4},
 }
 _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
     "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
+    "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 1, "num_stages": 1},
+    "key_search_backward": {"BLOCK_T": 16, "num_warps": 1},
 }
 
 
@@ -41,9 +39,12 @@ FORWARD_BY_WIDTH = True
 
 
 def launch_config(kernel: str, dim: int) -> dict:
-    """Block sizes for `kernel` on rows of width `dim`: never wider than the (power-of-two rounded) row."""
+    """Block sizes for `kernel` on rows of width `dim` (for the key search, `dim` is n_keys): never wider than the
+    (power-of-two rounded) row."""
     cfg = dict((_INTERPRETER if INTERPRET else _GPU)[kernel])
-    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(max(dim, 1)))
+    width = "BLOCK_N" if kernel == "key_search" else "BLOCK_D"
+    if width in cfg:
+        cfg[width] = min(cfg[width], triton.next_power_of_2(max(dim, 1)))
     if kernel == "forward" and not INTERPRET and FORWARD_BY_WIDTH:
         # Whole rows per program, 16k-element tiles at 1024 columns and 4 rows of up to 4096 beyond: the sweep's
         # optima at D = 1024, 2048 and 4096, all with two pipeline stages.

@@ -16,11 +16,11 @@ Each is a `torch.library` custom op with a fake (meta) implementation, so `torch
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from titanmem.kernels.config import INTERPRET, launch_config  # first: it picks the interpreter on CPU-only hosts
+from titanmem.kernels.config import INTERPRET, launch_config
 
-import triton  # noqa: E402  (isort: after the config)
-import triton.language as tl  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 

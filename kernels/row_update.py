@@ -17,12 +17,11 @@ to clip by the global norm without materialising the gradients.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from titanmem.kernels.config import launch_config
 from titanmem.kernels.embedding_bag import load_pair_chunk
-
-import triton  # noqa: E402  (after the config, which picks the interpreter on CPU-only hosts)
-import triton.language as tl  # noqa: E402
 
 SGD, ADAGRAD, ADAM = 0, 1, 2
 OPTIMIZERS = {"sgd": SGD, "adagrad": ADAGRAD, "adam": ADAM}

@@ -14,38 +14,9 @@ from titanmem.models.args import MemoryArgs
 from titanmem.models.flavors import MEMORY_PLACEMENT
 from titanmem.models.llama import Transformer
 from titanmem.models.init import init_weights
-from titanmem.models.memory import MemoryValues, ProductKeyMemory, product_key_topk
+from titanmem.models.memory import MemoryValues, ProductKeyMemory
 
 CPU = torch.device("cpu")
-
-
-def brute_force_topk(query, subkeys, knn, qk_norm):
-    """Materialise all n_keys² full keys (K1[i], K2[j]) and take the top-k of their dot products with the query."""
-    heads, _, n_keys, half = subkeys.shape
-    if qk_norm:
-        query = torch.cat([torch.nn.functional.rms_norm(q, (half,)) for q in query.split(half, dim=-1)], dim=-1)
-        subkeys = torch.nn.functional.rms_norm(subkeys, (half,))
-    full = torch.cat(
-        [subkeys[:, 0, :, None, :].expand(-1, -1, n_keys, -1), subkeys[:, 1, None, :, :].expand(-1, n_keys, -1, -1)],
-        dim=-1,
-    ).reshape(heads, n_keys * n_keys, 2 * half)  # row i * n_keys + j is (K1[i], K2[j])
-    scores = torch.einsum("thd,hnd->thn", query, full)
-    return scores.topk(knn, dim=-1)
-
-
-@pytest.mark.parametrize(
-    "tokens, heads, n_keys, k_dim, knn, qk_norm",
-    [(7, 1, 5, 2, 1, False), (13, 4, 16, 8, 5, False), (5, 3, 11, 6, 11, True), (31, 2, 64, 32, 32, False)],
-)
-def test_product_topk_equals_brute_force_over_all_full_keys(tokens, heads, n_keys, k_dim, knn, qk_norm):
-    generator = torch.Generator().manual_seed(tokens * 100 + n_keys)
-    query = torch.randn(tokens, heads, k_dim, dtype=torch.float64, generator=generator)
-    subkeys = torch.randn(heads, 2, n_keys, k_dim // 2, dtype=torch.float64, generator=generator)
-    scores, indices = product_key_topk(query, subkeys, knn, qk_norm)
-    expected_scores, expected_indices = brute_force_topk(query, subkeys, knn, qk_norm)
-    assert indices.dtype == torch.int64
-    torch.testing.assert_close(scores.double(), expected_scores, rtol=1e-6, atol=1e-6)
-    assert torch.equal(indices.sort(-1).values, expected_indices.sort(-1).values)
 
 
 def tiny_memory_args(**changes) -> MemoryArgs:
@@ -259,7 +230,9 @@ def test_triton_choices_are_config_errors_where_triton_is_missing(monkeypatch):
     import titanmem.plan
 
     monkeypatch.setattr(titanmem.plan, "available_lookups", lambda: ["torch"])
+    monkeypatch.setattr(titanmem.plan, "available_key_searches", lambda: ["torch"])
     for argv, field in ((["--memory.lookup", "triton"], "memory.lookup"),
+                        (["--memory.key_search", "triton"], "memory.key_search"),
                         (["--memory.value_optimizer", "adagrad"], "memory.value_optimizer")):
         with pytest.raises(ConfigError) as info:
             check_command_line(["--memory.enabled", *argv])

@@ -29,6 +29,7 @@ from titanmem.data.files import DataSource, resolve_data_source
 from titanmem.distributed.parallel_dims import ParallelDims
 from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
+from titanmem.models.key_search import MAX_TRITON_KEYS, available_key_searches
 from titanmem.models.lookup import available_lookups
 
 # train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
@@ -143,13 +144,14 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
     flavor = config.model.flavor
     args, placement = FLAVORS[flavor], MEMORY_PLACEMENT[flavor]
     lookup = memory.lookup if memory.lookup != "auto" else ("triton" if device_type == "cuda" else "torch")
+    key_search = memory.key_search if memory.key_search != "auto" else ("triton" if device_type == "cuda" else "torch")
     resolved = MemoryArgs(
         layers=tuple(memory.layers) or placement.layers,
         n_keys=memory.n_keys if memory.n_keys != -1 else placement.n_keys,
         k_dim=memory.k_dim if memory.k_dim != -1 else args.dim // 2,
         v_dim=memory.v_dim if memory.v_dim != -1 else args.dim,
         heads=memory.heads, knn=memory.knn, swilu=memory.swilu, qk_norm=memory.qk_norm, gated=memory.gated,
-        lookup=lookup, value_dtype=memory.value_dtype,
+        lookup=lookup, key_search=key_search, value_dtype=memory.value_dtype,
     )
     if not all(0 <= layer < args.n_layers for layer in resolved.layers):
         raise ConfigError("memory.layers", f"must lie in [0, {args.n_layers}) for flavor {flavor}, got "
@@ -163,6 +165,12 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
     if memory.lookup != "auto" and memory.lookup not in available_lookups():
         raise ConfigError("memory.lookup", f"{memory.lookup!r} is not available in this build; available: "
                           f"{available_lookups()}")
+    if memory.key_search != "auto" and memory.key_search not in available_key_searches():
+        raise ConfigError("memory.key_search", f"{memory.key_search!r} is not available in this build; available: "
+                          f"{available_key_searches()}")
+    if key_search == "triton" and resolved.n_keys > MAX_TRITON_KEYS:
+        raise ConfigError("memory.key_search", f"'triton' handles n_keys up to {MAX_TRITON_KEYS}, got "
+                          f"{resolved.n_keys}; use 'torch'")
     return resolved
 
 

@@ -117,9 +117,9 @@ class Trainer:
         if a.memory is not None:
             m = a.memory
             logger.info(
-                "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, lookup %s%s%s; "
+                "memory layers in blocks %s: %s values × %d (n_keys %d), %d heads × top-%d, k_dim %d, key search %s, lookup %s%s%s; "
                 "values trained by %s at lr %.1e",
-                list(m.layers), f"{m.n_values:,}", m.v_dim, m.n_keys, m.heads, m.knn, m.k_dim, m.lookup,
+                list(m.layers), f"{m.n_values:,}", m.v_dim, m.n_keys, m.heads, m.knn, m.k_dim, m.key_search, m.lookup,
                 ", swilu" if m.swilu else "", ", qk-norm" if m.qk_norm else "", plan.value_optimizer, plan.value_lr,
             )
             if self.world_size > 1:

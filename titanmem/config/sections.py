@@ -144,6 +144,11 @@ class Memory:
     """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels.
     `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
 
+    key_search: Literal["auto", "torch", "triton"] = "auto"
+    """Implementation of the search for each token's best keys: `torch` (scores against every sub-key, then top-k
+    and the k×k merge as separate ops) or the fused Triton kernels, which never store the scores. `auto` is triton
+    on CUDA and torch on CPU."""
+
     value_optimizer: Literal["auto", "adamw", "sgd", "adagrad", "adam"] = "auto"
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
     `adagrad` (one fp32 state per row) and `adam` (lazy, row-sparse moments): fused row-wise updates of the touched

@@ -4,7 +4,7 @@ Every memory layer's `lookup` is wrapped by `DistributedLookup` (`apply_memory_l
 gathers the heads over tp when the layer is tensor parallel, exchanges over the mp group when the table's columns are
 split (`titanmem.distributed.memory_parallel`), and, when a row-wise value optimizer trains the table, records each
 read in a `ReadRecorder`: the rows, their weights and, once backward reaches the read-out, its gradient. The
-optimizer takes the records at its step. The model itself only reads.
+optimizer takes the records at its step (`titanmem.distributed.read_recorder`). The model itself only reads.
 """
 
 from __future__ import annotations
@@ -13,34 +13,12 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titanmem.distributed.memory_parallel import column_parallel_lookup
+from titanmem.distributed.read_recorder import ReadRecorder
 from titanmem.models.lookup import Lookup
 from titanmem.models.memory import ProductKeyMemory
 from titanmem.utils import local_tensor
 
-Record = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-class ReadRecorder:
-    """The reads of the value table since the last optimizer step: (indices [T, L], weights [T, L], gradient of the
-    read-out [T, D_local]) per lookup call, over this rank's columns."""
-
-    def __init__(self):
-        self._records: list[Record] = []
-
-    def record_on_backward(self, indices: torch.Tensor, weights: torch.Tensor, read: torch.Tensor) -> None:
-        """Keep (indices, weights) of one read and, when backward passes through it, the read-out's gradient."""
-        if not read.requires_grad:  # eval, or a no-grad forward: nothing will train on it
-            return
-        weights = weights.detach()
-        read.register_hook(lambda grad: self._records.append((indices, weights, grad)))
-
-    def add(self, indices: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> None:
-        """Keep a read whose gradient is already known (the column-parallel backward calls this)."""
-        self._records.append((indices, weights.detach(), grad))
-
-    def take(self) -> list[Record]:
-        records, self._records = self._records, []
-        return records
+__all__ = ["DistributedLookup", "ReadRecorder", "apply_memory_lookups", "is_tensor_parallel"]
 
 
 def _gather_heads(indices: torch.Tensor, weights: torch.Tensor, tp_mesh) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +60,7 @@ class DistributedLookup:
         else:
             read = self.local_lookup(local_table, indices, weights)
             if self.recorder is not None:
-                self.recorder.record_on_backward(indices, weights, read)
+                read = self.recorder.record_on_backward(indices, weights, read)
         if self.tp_mesh is not None:
             read = _own_columns(read, self.tp_mesh)
         return read

@@ -83,7 +83,7 @@ class ColumnParallelLookup(torch.autograd.Function):
         outgoing = grad_out.reshape(tokens, size, -1).permute(1, 0, 2).reshape(size * tokens, -1)
         grad_local = _all_to_all(outgoing, ctx.group)  # [M·T, D/M]
         if ctx.recorder is not None:
-            ctx.recorder.add(group_indices, group_weights, grad_local)
+            grad_local = ctx.recorder.add(group_indices, group_weights, grad_local)
         with torch.enable_grad():
             values_leaf = values_slice.detach().requires_grad_(ctx.needs_input_grad[0])
             weights_leaf = group_weights.detach().requires_grad_(True)

@@ -19,6 +19,7 @@ from torch import nn
 
 from titanmem.models.args import MemoryArgs
 from titanmem.models.init import ParamInit
+from titanmem.models.key_search import get_key_search
 from titanmem.models.lookup import get_lookup
 from titanmem.utils import local_tensor
 
@@ -46,33 +47,6 @@ class MemoryValues(nn.Module):
         return {"weight": ParamInit.normal(self.weight.shape[1] ** -0.5)}
 
 
-def product_key_topk(
-    query: torch.Tensor, subkeys: torch.Tensor, knn: int, qk_norm: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over the n_keys² product keys without forming them.
-
-    query: [T, heads, k_dim]; subkeys: [heads, 2, n_keys, k_dim / 2].
-    Returns scores [T, heads, knn] (descending) and value-row indices [T, heads, knn] (int64).
-    The top-k of a sum of two independent halves always lies among the sums of each half's top-k, so the k×k
-    candidates contain the exact answer.
-    """
-    n_keys = subkeys.shape[2]
-    halves = query.unflatten(-1, (2, -1))  # [T, heads, 2, k_dim/2]
-    if qk_norm:
-        halves = F.rms_norm(halves, halves.shape[-1:])
-        subkeys = F.rms_norm(subkeys, subkeys.shape[-1:])
-    # Both halves of every head in one batched product: [T, heads, 2, n_keys].
-    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
-    # Selection and softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn]
-    candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]  # [T, heads, knn, knn]
-    best_scores, best = candidates.flatten(-2).topk(knn, dim=-1)
-    rows = half_indices[:, :, 0].gather(-1, torch.div(best, knn, rounding_mode="floor"))
-    cols = half_indices[:, :, 1].gather(-1, best % knn)
-    return best_scores, rows * n_keys + cols
-
-
 class ProductKeyMemory(nn.Module):
     """One memory layer in a block's FFN slot: maps [B, S, dim] to [B, S, dim]."""
 
@@ -89,6 +63,7 @@ class ProductKeyMemory(nn.Module):
         self.gate = nn.Linear(dim, 1, bias=True) if args.gated else None
         # Not registered: the table belongs to the model, and registering it here would give it a second name.
         self.__dict__["values"] = values
+        self.key_search = get_key_search(args.key_search)
         self.lookup = get_lookup(args.lookup)
 
     def param_inits(self, out_std: float | None = None) -> dict[str, ParamInit]:
@@ -104,15 +79,17 @@ class ProductKeyMemory(nn.Module):
         return specs
 
     def search(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and value-row indices, each [T, heads, knn], for flat tokens: [T, dim]. Under tensor parallel the
-        query projection and the sub-keys hold a slice of the heads, and so do the results."""
+        """Softmax weights (fp32) and value-row indices, each [T, heads, knn], for flat tokens: [T, dim]. Under tensor
+        parallel the query projection and the sub-keys hold a slice of the heads, and so do the results."""
         query = self.query(tokens).unflatten(-1, (-1, self.args.k_dim))
         subkeys = local_tensor(self.subkeys)
-        return product_key_topk(query, subkeys.to(query.dtype), self.args.knn, self.args.qk_norm)
+        if self.args.qk_norm:
+            query = F.rms_norm(query.unflatten(-1, (2, -1)), (self.args.k_dim // 2,)).flatten(-2)
+            subkeys = F.rms_norm(subkeys, subkeys.shape[-1:])
+        return self.key_search(query, subkeys.to(query.dtype), self.args.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores, indices = self.search(x.reshape(-1, self.dim))
-        weights = torch.softmax(scores, dim=-1)  # fp32 or wider: see product_key_topk
+        weights, indices = self.search(x.reshape(-1, self.dim))
         indices, weights = indices.flatten(1), weights.flatten(1)  # one bag of heads × knn rows per token
         if self.values.observer is not None:
             self.values.observer(self, indices, weights)

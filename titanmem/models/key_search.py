@@ -1,0 +1,63 @@
+"""The key-search seam of the memory layer: `search(query, subkeys, knn) -> (weights, indices)`.
+
+query: [T, heads, k_dim]; subkeys: [heads, 2, n_keys, k_dim / 2] in the query's dtype. For each token and head,
+the knn best of the n_keys² product keys (the score of key (r, c) is the first query half's dot with sub-key r of
+the first half plus the second half's with sub-key c of the second), best first: their softmax weights [T, heads,
+knn] in fp32 and their value rows n_keys · r + c [T, heads, knn] int64. Implementations are named in
+`KEY_SEARCHES` and imported on first use (`titanmem.models.implementations`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from titanmem.models.implementations import available, load
+
+# The Triton search packs each candidate's value row into 32 bits (titanmem.kernels.key_search.MAX_KEYS).
+MAX_TRITON_KEYS = 2**16
+
+KeySearch = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+KEY_SEARCHES: dict[str, tuple[str, str]] = {
+    "torch": (__name__, "torch_key_search"),
+    "triton": ("titanmem.kernels.key_search", "key_search"),
+}
+
+
+def available_key_searches() -> list[str]:
+    """The key searches whose module imports on this machine."""
+    return available(KEY_SEARCHES)
+
+
+def get_key_search(name: str) -> KeySearch:
+    return load(KEY_SEARCHES, name, "memory key search")
+
+
+def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the n_keys² product keys without forming them: scores [T, heads, knn] (descending, fp32 or
+    wider) and value rows [T, heads, knn] (int64).
+
+    The top-k of a sum of two independent halves always lies among the sums of each half's top-k, so the k×k
+    candidates contain the exact answer.
+    """
+    n_keys = subkeys.shape[2]
+    halves = query.unflatten(-1, (2, -1))  # [T, heads, 2, k_dim/2]
+    # Both halves of every head in one batched product: [T, heads, 2, n_keys].
+    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
+    # Selection and softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn]
+    candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]  # [T, heads, knn, knn]
+    best_scores, best = candidates.flatten(-2).topk(knn, dim=-1)
+    rows = half_indices[:, :, 0].gather(-1, torch.div(best, knn, rounding_mode="floor"))
+    cols = half_indices[:, :, 1].gather(-1, best % knn)
+    return best_scores, rows * n_keys + cols
+
+
+def torch_key_search(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch reference: `product_key_topk` and a softmax. Its autograd keeps the [T, heads, 2, n_keys]
+    scores and the k×k candidates of every token."""
+    scores, indices = product_key_topk(query, subkeys, knn)
+    return torch.softmax(scores, dim=-1), indices
