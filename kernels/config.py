@@ -21,7 +21,7 @@ _GPU = {
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
-    "key_search": {"BLOCK_T": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    "key_search": {"BLOCK_T": 16, "BLOCK_N": 512, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 8, "num_warps": 4},
 }
 _INTERPRETER = {
@@ -29,7 +29,7 @@ _INTERPRETER = {
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
     "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1, "ROWS_PER_PROGRAM": 2},
     "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
-    "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 1, "num_stages": 1},
+    "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 1, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 16, "num_warps": 1},
 }
 

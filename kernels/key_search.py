@@ -26,13 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from titanmem.kernels.bitonic import topk
 from titanmem.kernels.config import INTERPRET, launch_config
 
 INTERPRETED = tl.constexpr(INTERPRET)
 
-# A candidate's value row, n_keys · row + col, must fit the 32 bits of the packed key below it.
-MAX_KEYS = 2**16
+# A candidate's value row, n_keys · row + col, is kept in an int32.
+MAX_KEYS = 46340
 
 # Bytes of sub-key tiles the forward may stage in shared memory (Hopper has 227 KiB per block; the rest is scratch).
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -41,96 +40,180 @@ SHARED_MEMORY_BUDGET = 160 * 1024
 
 
 @triton.jit
-def _pack(scores, keys, KEY_LIMIT: tl.constexpr):
-    """int64s ordered as the fp32 scores are, ties broken towards the lower key (0 ≤ key < KEY_LIMIT ≤ 2³²)."""
-    bits = scores.to(tl.int32, bitcast=True)
-    # Negative floats order backwards as integers: flipping their magnitude bits makes the int32 order the float order.
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (KEY_LIMIT - 1 - keys).to(tl.int64)
+def _ordered(scores):
+    """uint32 keys whose unsigned order is the order of the fp32 `scores`."""
+    bits = scores.to(tl.uint32, bitcast=True)
+    # Negative floats order backwards as integers: flip them whole; lift the others above them.
+    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit
-def _unpack(packed, KEY_LIMIT: tl.constexpr):
-    ordered = (packed >> 32).to(tl.int32)
-    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), KEY_LIMIT - 1 - (packed & 0xFFFFFFFF)
+def _kth_largest(keys, valid, k):
+    """Per row of `keys` [R, M] (uint32): the largest threshold with at least k valid keys at or above it (0 when
+    fewer than k are valid). A radix select, from the top bit down."""
+    threshold = tl.zeros([keys.shape[0]], tl.uint32)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | (tl.full([], 1, tl.uint32) << bit)
+        count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
+        threshold = tl.where(count >= k, candidate, threshold)
+    return threshold
 
 
 @triton.jit
-def _half_topk(
-    q_ptr, keys_ptr, tokens, token_mask, n_keys, half_dim, stride_qt, stride_kn,
-    KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, KEY_LIMIT: tl.constexpr, IEEE: tl.constexpr,
+def _select(keys, valid, k):
+    """The k largest `keys` [R, M] (uint32) of each row among `valid`, ties going to the lower position: (mask of
+    the chosen, how many per row: k, or all the valid ones when fewer)."""
+    threshold = _kth_largest(keys, valid, k)
+    above = valid & (keys > threshold[:, None])
+    tied = valid & (keys == threshold[:, None])
+    room = k - tl.sum(above.to(tl.int32), axis=1)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    return chosen, tl.sum(chosen.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _candidates(keys, valid, k, KP: tl.constexpr, CAP: tl.constexpr):
+    """A superset of the k largest valid `keys` [R, M] of each row, of at most CAP per row: (mask, count).
+
+    The k-th largest of the maxima of 2 KP groups is a lower bound of the row's k-th largest (those k maxima are k
+    distinct keys at least as large), and on scores few keys pass it (about 43 of 1024 at k = 32). When some row
+    has more than CAP, the exact selection runs instead."""
+    GROUPS: tl.constexpr = 2 * KP
+    maxima = tl.max(tl.reshape(tl.where(valid, keys, 0), [keys.shape[0], GROUPS, keys.shape[1] // GROUPS]), axis=2)
+    floor = _kth_largest(maxima, maxima > 0, k)
+    passed = valid & (keys >= floor[:, None])
+    count = tl.sum(passed.to(tl.int32), axis=1)
+    if tl.max(count, axis=0) > CAP:
+        passed, count = _select(keys, valid, k)
+    return passed, count
+
+
+@triton.jit
+def _compact(scores_row, ids_row, scores, ids, chosen):
+    """Store the chosen (score, id) of each row side by side from slot 0 of its scratch row."""
+    slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+    tl.store(scores_row[:, None] + slot, scores, mask=chosen)
+    tl.store(ids_row[:, None] + slot, ids, mask=chosen)
+
+
+@triton.jit
+def _ranks(scores, ids, valid):
+    """Each entry's place in its row sorted by score, descending, ties to the lower id: [R, KP] of [R, KP]."""
+    ahead = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (ids[:, None, :] < ids[:, :, None]))
+    return tl.sum((ahead & valid[:, None, :]).to(tl.int32), axis=2)
+
+
+@triton.jit
+def _half_best(
+    q_ptr, keys_ptr, scores_row, ids_row, chunk_row, tokens, token_mask, n_keys, half_dim, knn, stride_qt, stride_kn,
+    KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """The KP best sub-keys of one query half, best first: (scores [BLOCK_T, KP] fp32, keys [BLOCK_T, KP] int64)."""
-    dims = tl.arange(0, BLOCK_DH)
-    dim_mask = dims < half_dim
-    query = tl.load(q_ptr + tokens[:, None] * stride_qt + dims[None, :],
-                    mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
-    lowest = tl.full([query.shape[0], KP], -2**63, tl.int64)
-    best = lowest
+    """The knn best sub-keys of one query half, best first, into scratch slots [0, knn) of each token's row (scores
+    fp32, ids int32). Slots [KP, 5 KP) hold each chunk's candidates before they are merged into the first KP."""
+    slots = tl.arange(0, 8 * KP)
+    kept = tl.zeros([BLOCK_T], tl.int32)
     for start in range(0, n_keys, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < n_keys
-        sub_keys = tl.load(keys_ptr + keys[:, None] * stride_kn + dims[None, :],
-                           mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-        if IEEE:
-            scores = tl.dot(query, tl.trans(sub_keys), input_precision="ieee")
-        elif INTERPRETED:  # the CPU interpreter's bf16 dot is wrong; bf16 → fp32 is exact, and so are their products
-            scores = tl.dot(query.to(tl.float32), tl.trans(sub_keys.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(query, tl.trans(sub_keys))
-        packed = tl.where(key_mask[None, :], _pack(scores, keys[None, :], KEY_LIMIT), -2**63)
-        if BLOCK_N > KP:
-            packed = topk(packed, KP)
-        # Both are [BLOCK_T, KP]: side by side, then the best KP of the 2·KP.
-        best = topk(tl.reshape(tl.join(best, packed), [query.shape[0], 2 * KP]), KP)
-    return _unpack(best, KEY_LIMIT)
+        scores = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        for dim_start in range(0, half_dim, BLOCK_D):
+            dims = dim_start + tl.arange(0, BLOCK_D)
+            dim_mask = dims < half_dim
+            query = tl.load(q_ptr + tokens[:, None] * stride_qt + dims[None, :],
+                            mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+            sub_keys = tl.load(keys_ptr + keys[:, None] * stride_kn + dims[None, :],
+                               mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+            if IEEE:
+                scores = tl.dot(query, tl.trans(sub_keys), acc=scores, input_precision="ieee")
+            elif INTERPRETED:  # the CPU interpreter's bf16 dot is wrong; bf16 → fp32 is exact, and so are products
+                scores = tl.dot(query.to(tl.float32), tl.trans(sub_keys.to(tl.float32)), acc=scores,
+                                input_precision="ieee")
+            else:
+                scores = tl.dot(query, tl.trans(sub_keys), acc=scores)
+        # Through scratch and back: Triton 3.6 never finishes compiling the selection below on the matmul's own
+        # register layout; a plain load gives it another.
+        columns = tl.arange(0, BLOCK_N)[None, :]
+        tl.debug_barrier()
+        tl.store(chunk_row[:, None] + columns, scores, mask=token_mask[:, None])
+        tl.debug_barrier()
+        scores = tl.load(chunk_row[:, None] + columns, mask=token_mask[:, None], other=0.0)
+        # Rows past the last token choose nothing, so they never touch scratch.
+        ordered = _ordered(scores)
+        passed, count = _candidates(ordered, token_mask[:, None] & key_mask[None, :], knn, KP, 4 * KP)
+        tl.debug_barrier()  # the last merge's reads of these slots are done
+        _compact(scores_row + KP, ids_row + KP, scores, tl.broadcast_to(keys[None, :], [BLOCK_T, BLOCK_N]), passed)
+        tl.debug_barrier()
+        # The best so far (slots < kept) and this chunk's candidates (KP ≤ slot < KP + count): keep the best knn.
+        valid = (slots[None, :] < kept[:, None]) | ((slots[None, :] >= KP) & (slots[None, :] < KP + count[:, None]))
+        merged_scores = tl.load(scores_row[:, None] + slots[None, :], mask=valid, other=0.0)
+        merged_ids = tl.load(ids_row[:, None] + slots[None, :], mask=valid, other=0)
+        chosen, kept = _select(_ordered(merged_scores), valid, knn)
+        tl.debug_barrier()
+        _compact(scores_row, ids_row, merged_scores, merged_ids, chosen)
+    tl.debug_barrier()
+    first = tl.arange(0, KP)
+    valid = first[None, :] < kept[:, None]
+    best_scores = tl.load(scores_row[:, None] + first[None, :], mask=valid, other=0.0)
+    best_ids = tl.load(ids_row[:, None] + first[None, :], mask=valid, other=0)
+    rank = _ranks(best_scores, best_ids, valid)
+    tl.debug_barrier()
+    tl.store(scores_row[:, None] + rank, best_scores, mask=valid)
+    tl.store(ids_row[:, None] + rank, best_ids, mask=valid)
 
 
 @triton.jit
 def _key_search_kernel(
-    q_ptr, subkeys_ptr, pair_rank_ptr, weights_ptr, indices_ptr,
+    q_ptr, subkeys_ptr, pair_rank_ptr, scratch_scores_ptr, scratch_ids_ptr, scratch_chunk_ptr, weights_ptr, indices_ptr,
     T, n_keys, half_dim, knn,
     stride_qt, stride_qh, stride_kh, stride_ks, stride_kn,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, KP: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, PAIRS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     head = tl.program_id(1)
+    heads = tl.num_programs(1)
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < T
+    # Scratch per (token, head): two halves × 5 KP slots.
+    first_scores = scratch_scores_ptr + (tokens * heads + head) * 10 * KP
+    first_ids = scratch_ids_ptr + (tokens * heads + head) * 10 * KP
     q_head = q_ptr + head * stride_qh
     k_head = subkeys_ptr + head * stride_kh
-    first_scores, first_keys = _half_topk(
-        q_head, k_head, tokens, token_mask, n_keys, half_dim, stride_qt, stride_kn,
-        KP, BLOCK_N, BLOCK_DH, 2**16, IEEE)
-    second_scores, second_keys = _half_topk(
-        q_head + half_dim, k_head + stride_ks, tokens, token_mask, n_keys, half_dim, stride_qt, stride_kn,
-        KP, BLOCK_N, BLOCK_DH, 2**16, IEEE)
+    chunk_row = scratch_chunk_ptr + (tokens * heads + head) * BLOCK_N
+    _half_best(q_head, k_head, first_scores, first_ids, chunk_row, tokens, token_mask, n_keys, half_dim, knn,
+               stride_qt, stride_kn, KP, BLOCK_T, BLOCK_N, BLOCK_D, IEEE)
+    _half_best(q_head + half_dim, k_head + stride_ks, first_scores + 5 * KP, first_ids + 5 * KP, chunk_row, tokens,
+               token_mask, n_keys, half_dim, knn, stride_qt, stride_kn, KP, BLOCK_T, BLOCK_N, BLOCK_D, IEEE)
+    tl.debug_barrier()
 
     # The candidate pairs (i, j) with (i + 1)(j + 1) ≤ knn, as ranks into the two sorted lists (host-built table).
     pair = tl.arange(0, PAIRS)
     i = tl.load(pair_rank_ptr + pair)
     j = tl.load(pair_rank_ptr + PAIRS + pair)
-    pair_mask = i >= 0
-    i = tl.where(pair_mask, i, 0)
-    j = tl.where(pair_mask, j, 0)
-    i = tl.broadcast_to(i[None, :], [BLOCK_T, PAIRS])
-    j = tl.broadcast_to(j[None, :], [BLOCK_T, PAIRS])
-    scores = tl.gather(first_scores, i, 1) + tl.gather(second_scores, j, 1)
-    rows = tl.gather(first_keys, i, 1) * n_keys + tl.gather(second_keys, j, 1)
-    packed = tl.where(pair_mask[None, :], _pack(scores, rows, 2**32), -2**63)
-    best_scores, best_rows = _unpack(topk(packed, KP), 2**32)
-
+    pair_mask = token_mask[:, None] & (i >= 0)[None, :]
+    i = tl.where(i >= 0, i, 0)[None, :]
+    j = tl.where(j >= 0, j, 0)[None, :] + 5 * KP
+    scores = (tl.load(first_scores[:, None] + i, mask=pair_mask, other=0.0)
+              + tl.load(first_scores[:, None] + j, mask=pair_mask, other=0.0))
+    rows = (tl.load(first_ids[:, None] + i, mask=pair_mask, other=0) * n_keys
+            + tl.load(first_ids[:, None] + j, mask=pair_mask, other=0))
+    chosen, _ = _select(_ordered(scores), pair_mask, knn)
+    tl.debug_barrier()
+    # The first half's chunk slots are free again: the knn best pairs go there, then into the output sorted.
+    _compact(first_scores + KP, first_ids + KP, scores, rows, chosen)
+    tl.debug_barrier()
     slots = tl.arange(0, KP)
-    slot_mask = slots < knn
-    # Sorted: the first score is the largest.
-    top = tl.max(tl.where(slot_mask[None, :], best_scores, float("-inf")), axis=1)
-    exps = tl.where(slot_mask[None, :], tl.exp(best_scores - top[:, None]), 0.0)
-    weights = exps / tl.sum(exps, axis=1)[:, None]
-    out = (tokens[:, None] * tl.num_programs(1) + head) * knn + slots[None, :]
-    out_mask = token_mask[:, None] & slot_mask[None, :]
-    tl.store(weights_ptr + out, weights, mask=out_mask)
-    tl.store(indices_ptr + out, best_rows, mask=out_mask)
+    valid = token_mask[:, None] & (slots < knn)[None, :]
+    best_scores = tl.load(first_scores[:, None] + KP + slots[None, :], mask=valid, other=0.0)
+    best_rows = tl.load(first_ids[:, None] + KP + slots[None, :], mask=valid, other=0)
+    rank = _ranks(best_scores, best_rows, valid)
+    top = tl.max(tl.where(valid, best_scores, float("-inf")), axis=1)
+    exps = tl.where(valid, tl.exp(best_scores - top[:, None]), 0.0)
+    # The best pair adds exp(0) = 1, so the sum is at least 1 on every real row (and 0 past the last token).
+    weights = exps / tl.maximum(tl.sum(exps, axis=1), 1.0)[:, None]
+    out = (tokens[:, None] * heads + head) * knn + rank
+    tl.store(weights_ptr + out, weights, mask=valid)
+    tl.store(indices_ptr + out, best_rows.to(tl.int64), mask=valid)
 
 
 @triton.jit
@@ -166,12 +249,12 @@ def _score_grad_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_ranks(knn: int, pairs: int) -> torch.Tensor:
-    """[2, pairs] int32 ranks (i, j) with (i + 1)(j + 1) ≤ knn, padded with -1."""
+def _pair_ranks(knn: int, pairs: int, device: torch.device) -> torch.Tensor:
+    """[2, pairs] int32 ranks (i, j) with (i + 1)(j + 1) ≤ knn, padded with -1, on `device` (built once)."""
     ranks = [(i, j) for i in range(knn) for j in range(knn // (i + 1))]
     table = torch.full((2, pairs), -1, dtype=torch.int32)
     table[:, : len(ranks)] = torch.tensor(ranks, dtype=torch.int32).T
-    return table
+    return table.to(device)
 
 
 def _pair_count(knn: int) -> int:
@@ -179,8 +262,8 @@ def _pair_count(knn: int) -> int:
 
 
 def _padded_knn(knn: int) -> int:
-    """The width of the kernels' top-k lists: a power of two, and at least 8 (Triton 3.6 fails to compile the
-    bitonic top-k of narrower lists); the slots past knn are computed and dropped."""
+    """The width of the kernels' top-k lists: a power of two, and at least 8 (Triton 3.6 failed to compile some
+    reductions over narrower ones); the slots past knn are masked."""
     return max(8, triton.next_power_of_2(knn))
 
 
@@ -210,19 +293,21 @@ def _forward(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torc
     kp = _padded_knn(knn)
     pairs = triton.next_power_of_2(max(_pair_count(knn), kp))
     cfg = launch_config("key_search", n_keys)
-    block_dh = max(16, triton.next_power_of_2(half_dim))
-    block_n = cfg["BLOCK_N"]
-    # The pipeline keeps num_stages tiles of sub-keys in shared memory: narrower tiles for wider keys.
-    while block_n > kp and cfg["num_stages"] * block_n * block_dh * query.element_size() > SHARED_MEMORY_BUDGET:
+    block_d = max(16, min(cfg["BLOCK_D"], triton.next_power_of_2(half_dim)))
+    block_n = max(16, 2 * kp, cfg["BLOCK_N"])  # at least one key per group of `_candidates`
+    # The pipeline keeps num_stages tiles of sub-keys in shared memory.
+    while block_n > max(16, 2 * kp) and cfg["num_stages"] * block_n * block_d * query.element_size() > SHARED_MEMORY_BUDGET:
         block_n //= 2
-    block_n = max(block_n, kp)
-    pair_ranks = _pair_ranks(knn, pairs).to(query.device)
+    scratch_scores = torch.empty(tokens, heads, 10 * kp, device=query.device, dtype=torch.float32)
+    scratch_ids = torch.empty(tokens, heads, 10 * kp, device=query.device, dtype=torch.int32)
+    scratch_chunk = torch.empty(tokens, heads, block_n, device=query.device, dtype=torch.float32)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), heads)
     _key_search_kernel[grid](
-        query, subkeys, pair_ranks, weights, indices,
+        query, subkeys, _pair_ranks(knn, pairs, query.device), scratch_scores, scratch_ids, scratch_chunk, weights,
+        indices,
         tokens, n_keys, half_dim, knn,
         query.stride(0), query.stride(1), subkeys.stride(0), subkeys.stride(1), subkeys.stride(2),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=block_n, BLOCK_DH=block_dh, KP=kp, PAIRS=pairs,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=block_n, BLOCK_D=block_d, KP=kp, PAIRS=pairs,
         IEEE=query.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return weights, indices

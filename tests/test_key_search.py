@@ -93,6 +93,16 @@ def test_ties_give_a_correct_topk_and_the_same_result_every_time():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_equal_scores_everywhere_take_the_lowest_rows():
+    """Every score equal: no pruning bound holds back any key, so the exact selection runs, and ties go to the
+    lowest rows."""
+    query, subkeys = random_inputs(5, 6, 2, 200, 8)
+    subkeys[:] = subkeys[:1, :, :1]
+    weights, indices = key_search(query, subkeys, 5)
+    assert torch.equal(indices.cpu(), torch.arange(5).expand(6, 2, 5))
+    torch.testing.assert_close(weights.cpu(), torch.full((6, 2, 5), 0.2))
+
+
 def reference_gradients(query, subkeys, indices, grad_weights):
     """Gradients of Σ grad_weights · softmax(scores of the chosen keys) in float64, through all n_keys² scores."""
     query64 = query.detach().cpu().double().requires_grad_(True)

@@ -15,8 +15,8 @@ import torch
 
 from titanmem.models.implementations import available, load
 
-# The Triton search packs each candidate's value row into 32 bits (titanmem.kernels.key_search.MAX_KEYS).
-MAX_TRITON_KEYS = 2**16
+# The Triton search keeps each candidate's value row, n_keys · r + c, in an int32 (titanmem.kernels.key_search).
+MAX_TRITON_KEYS = 46340
 
 KeySearch = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
