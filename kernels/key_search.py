@@ -1,21 +1,26 @@
 """Fused product-key search: for each token and memory head, the knn best of the n_keys² product keys and their
-softmax weights, without forming the [tokens, heads, 2, n_keys] score tensor.
+softmax weights, without storing the [tokens, heads, 2, n_keys] scores.
 
-The forward runs one program per (block of tokens, head):
+The forward runs one program per (block of 16 tokens, head), with a scratch row per (token, head) in global memory
+(it stays in L2) for the lists it builds:
 
-1. For each query half, scores against that half's sub-keys come from `tl.dot`, chunk by chunk of sub-keys, and a
-   running top-k keeps the best. Each score is packed with its key into one int64 whose order is the score's, ties
-   going to the lower key, so a single integer top-k (`titanmem.kernels.bitonic`) selects both at once.
-2. The merge needs only the candidates (i, j) with (i + 1)(j + 1) ≤ knn: both halves come out sorted, so every
-   other pair has at least knn pairs scoring as high. That is 119 of the 32 × 32 pairs at knn = 32.
-3. The final top-k of those candidates, then their softmax.
+1. For each query half, the scores against a chunk of sub-keys come from `tl.dot` (fp32 accumulation, so bf16
+   inputs rank exactly). Selection runs on uint32 keys ordered like the scores. A lower bound of the chunk's k-th
+   best (the k-th best of the maxima of 2·k groups) leaves about 43 of 1024 keys as candidates; a radix select then
+   merges them with the best so far, keeping exactly knn, ties to the lower sub-key. The knn best are sorted by
+   rank (each counts the entries ahead of it).
+2. The merge needs only the pairs (i, j) of sorted ranks with (i + 1)(j + 1) ≤ knn: every other pair has at least
+   knn pairs scoring as high. That is 119 of the 32 × 32 pairs at knn = 32.
+3. A radix select of the knn best pairs, their softmax, stored best first.
 
 The backward turns the weights' gradient into the scores' (softmax backward), sums the pairs that picked the same
 sub-key, and writes them into a dense [tokens, heads, 2, n_keys] score gradient: at most knn non-zeros per row, each
 written by a plain store (pairs sharing a sub-key store the same sum, so the result does not depend on their order).
 Two batched products of that gradient give the query's and the sub-keys' gradients.
 
-Both are `torch.library` custom ops with fake implementations, so `torch.compile` traces through them.
+Both are `torch.library` custom ops with fake implementations, so `torch.compile` traces through them. Measured on
+an H200 (docs/benchmarks.md) the forward is still slower than torch's einsum + topk: its selection, 32 reductions
+per radix select, costs about ten times what the instruction count predicts.
 """
 
 from __future__ import annotations

@@ -145,9 +145,10 @@ class Memory:
     `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
 
     key_search: Literal["auto", "torch", "triton"] = "auto"
-    """Implementation of the search for each token's best keys: `torch` (scores against every sub-key, then top-k
-    and the k×k merge as separate ops) or the fused Triton kernels, which never store the scores. `auto` is triton
-    on CUDA and torch on CPU."""
+    """Implementation of the search for each token's best keys: `torch` (scores against every sub-key in the compute
+    dtype, then top-k and the k×k merge as separate ops) or the fused Triton kernels, which score in fp32 and never
+    store the scores, so their top-k is exact under bf16 too. `auto` is torch: on an H200 the fused search is still
+    2-6% slower per memory layer (docs/benchmarks.md)."""
 
     value_optimizer: Literal["auto", "adamw", "sgd", "adagrad", "adam"] = "auto"
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
