@@ -37,6 +37,8 @@ INTERPRETED = tl.constexpr(INTERPRET)
 
 # A candidate's value row, n_keys · row + col, is kept in an int32.
 MAX_KEYS = 46340
+# Ranking compares every pair of a program's [16, knn] list: [16, knn, knn] values in registers.
+MAX_KNN = 64
 
 # Bytes of sub-key tiles the forward may stage in shared memory (Hopper has 227 KiB per block; the rest is scratch).
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -103,9 +105,11 @@ def _compact(scores_row, ids_row, scores, ids, chosen):
 
 @triton.jit
 def _ranks(scores, ids, valid):
-    """Each entry's place in its row sorted by score, descending, ties to the lower id: [R, KP] of [R, KP]."""
-    ahead = (scores[:, None, :] > scores[:, :, None]) | (
-        (scores[:, None, :] == scores[:, :, None]) & (ids[:, None, :] < ids[:, :, None]))
+    """Each entry's place in its row sorted by score, descending, ties to the lower id: [R, KP] of [R, KP]. Scores
+    compare as the selection's ordered keys, a total order (NaN included), so the places are always distinct."""
+    keys = _ordered(scores)
+    ahead = (keys[:, None, :] > keys[:, :, None]) | (
+        (keys[:, None, :] == keys[:, :, None]) & (ids[:, None, :] < ids[:, :, None]))
     return tl.sum((ahead & valid[:, None, :]).to(tl.int32), axis=2)
 
 
@@ -282,8 +286,9 @@ def _check(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> None:
     if query.dtype not in (torch.float32, torch.bfloat16, torch.float16) or subkeys.dtype != query.dtype:
         raise ValueError(f"query and subkeys must share a dtype among fp32, bf16 and fp16; got {query.dtype} and "
                          f"{subkeys.dtype}")
-    if not 1 <= knn <= n_keys or n_keys > MAX_KEYS:
-        raise ValueError(f"need 1 ≤ knn ≤ n_keys ≤ {MAX_KEYS}; got knn {knn}, n_keys {n_keys}")
+    if not 1 <= knn <= min(n_keys, MAX_KNN) or n_keys > MAX_KEYS:
+        raise ValueError(f"need 1 ≤ knn ≤ n_keys, knn ≤ {MAX_KNN} and n_keys ≤ {MAX_KEYS}; got knn {knn}, n_keys "
+                         f"{n_keys}")
 
 
 def _forward(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,4 +390,4 @@ def _backward(ctx, grad_weights, _grad_indices):
 
 key_search.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["MAX_KEYS", "key_search", "key_search_score_grads"]
+__all__ = ["MAX_KEYS", "MAX_KNN", "key_search", "key_search_score_grads"]

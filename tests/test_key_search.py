@@ -12,9 +12,9 @@ import torch
 from helpers import check_command_line
 from titanmem.build import build_model
 from titanmem.config import ConfigError
-from titanmem.kernels.key_search import MAX_KEYS, key_search
+from titanmem.kernels.key_search import MAX_KEYS, MAX_KNN, key_search
 from titanmem.models.args import MemoryArgs, ModelArgs
-from titanmem.models.key_search import MAX_TRITON_KEYS, get_key_search, product_key_topk
+from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, get_key_search, product_key_topk
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
 from titanmem.models.init import init_weights
 
@@ -164,12 +164,28 @@ def test_bad_shapes_and_dtypes_are_refused(query_shape, subkey_shape, knn, dtype
         key_search(query, subkeys, knn)
 
 
-def test_the_limit_on_n_keys_is_one_number():
-    assert MAX_KEYS == MAX_TRITON_KEYS
+@pytest.mark.parametrize("argv", [["--memory.n_keys", str(MAX_KEYS + 1)], ["--memory.knn", str(MAX_KNN + 1), "--memory.n_keys", "128"]])
+def test_the_fused_search_limits_are_config_errors(argv):
+    assert (MAX_KEYS, MAX_KNN) == (MAX_TRITON_KEYS, MAX_TRITON_KNN)
     with pytest.raises(ConfigError) as info:
-        check_command_line(["--memory.enabled", "--memory.key_search", "triton", "--memory.n_keys",
-                            str(MAX_KEYS + 1), "--memory.k_dim", "4", "--memory.v_dim", "4"])
+        check_command_line(["--memory.enabled", "--memory.key_search", "triton", "--memory.k_dim", "4",
+                            "--memory.v_dim", "4", *argv])
     assert info.value.field == "memory.key_search"
+    with pytest.raises(ValueError, match="knn"):
+        key_search(torch.zeros(2, 1, 4), torch.zeros(1, 2, 100, 2), MAX_KNN + 1)
+
+
+def test_a_nan_token_reads_valid_rows_and_leaves_the_others_alone():
+    """A NaN query (a diverging run, to be skipped by training.on_nonfinite_loss) still picks distinct, valid value
+    rows; the other tokens' results do not change."""
+    query, subkeys = random_inputs(8, 5, 2, 40, 8)
+    clean = key_search(query, subkeys, 6)
+    query[2] = float("nan")
+    weights, indices = key_search(query, subkeys, 6)
+    assert bool(((indices >= 0) & (indices < 40 * 40)).all())
+    assert bool((indices.sort(-1).values.diff(dim=-1) > 0).all())
+    keep = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(indices[keep], clean[1][keep]) and torch.equal(weights[keep], clean[0][keep])
 
 
 def test_compile_traces_the_fused_search_and_its_backward_in_one_graph():

@@ -242,16 +242,22 @@ def test_data_errors_come_before_the_model_is_built(small_config, monkeypatch, t
     assert info.value.field == "data.text_field"
 
 
-def test_activation_checkpointing_and_compile_leave_losses_and_gradients_unchanged(small_config):
+@pytest.mark.parametrize("memory", [{}, {"value_optimizer": "adagrad", "key_search": "triton", "n_keys": 16,
+                                         "knn": 8}],
+                         ids=["adamw", "adagrad-fused-search"])
+def test_activation_checkpointing_and_compile_leave_losses_and_gradients_unchanged(small_config, memory):
+    """With a row-wise optimizer the table trains from recorded reads: a recomputed or compiled block must record
+    each read once, with the same gradient, so the updated table is the same too."""
     def run_with(**sections):
         torch.manual_seed(0)
         trainer = Trainer(small_config(training={"steps": 2, "seq_len": 16, "local_batch_size": 2},
-                                       memory={"enabled": True}, **sections))
+                                       memory={"enabled": True, **memory}, **sections))
         losses = trainer.train()
         wrappers.append([type(block).__name__ for block in trainer.model.layers.values()])
         # Gradient names without the wrappers' prefixes (_checkpoint_wrapped_module., _orig_mod.).
         grads = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad.clone()
                  for n, p in trainer.model.named_parameters() if p.grad is not None}
+        grads["memory_values.weight (after the steps)"] = trainer.model.memory_values.weight.detach().clone()
         trainer.close()
         return losses, grads
 

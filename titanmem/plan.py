@@ -29,7 +29,7 @@ from titanmem.data.files import DataSource, resolve_data_source
 from titanmem.distributed.parallel_dims import ParallelDims
 from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
-from titanmem.models.key_search import MAX_TRITON_KEYS, available_key_searches
+from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, available_key_searches
 from titanmem.models.lookup import available_lookups
 
 # train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
@@ -169,9 +169,9 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
     if memory.key_search != "auto" and memory.key_search not in available_key_searches():
         raise ConfigError("memory.key_search", f"{memory.key_search!r} is not available in this build; available: "
                           f"{available_key_searches()}")
-    if key_search == "triton" and resolved.n_keys > MAX_TRITON_KEYS:
-        raise ConfigError("memory.key_search", f"'triton' handles n_keys up to {MAX_TRITON_KEYS}, got "
-                          f"{resolved.n_keys}; use 'torch'")
+    if key_search == "triton" and (resolved.n_keys > MAX_TRITON_KEYS or resolved.knn > MAX_TRITON_KNN):
+        raise ConfigError("memory.key_search", f"'triton' handles n_keys up to {MAX_TRITON_KEYS} and knn up to "
+                          f"{MAX_TRITON_KNN}, got n_keys {resolved.n_keys} and knn {resolved.knn}; use 'torch'")
     return resolved
 
 

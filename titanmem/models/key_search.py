@@ -15,8 +15,10 @@ import torch
 
 from titanmem.models.implementations import available, load
 
-# The Triton search keeps each candidate's value row, n_keys · r + c, in an int32 (titanmem.kernels.key_search).
+# Limits of the Triton search (titanmem.kernels.key_search): each candidate's value row, n_keys · r + c, is an int32,
+# and its ranking holds knn × knn comparisons per token.
 MAX_TRITON_KEYS = 46340
+MAX_TRITON_KNN = 64
 
 KeySearch = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
