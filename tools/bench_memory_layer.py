@@ -119,7 +119,7 @@ def sweep_search(layer: ProductKeyMemory, x: torch.Tensor) -> list[str]:
     layer.key_search = get_key_search("triton")
     original = dict(kernel_config._GPU["key_search"])
     results = []
-    for block_n, warps in ((256, 4), (512, 4), (512, 8), (1024, 8)):
+    for block_n, warps in ((128, 4), (128, 8), (256, 4), (512, 8)):
         kernel_config._GPU["key_search"] = {"BLOCK_T": 16, "BLOCK_N": block_n, "BLOCK_D": 64, "num_warps": warps,
                                             "num_stages": 1}
         try:
