@@ -31,8 +31,8 @@ def run(block, x, rope):
                     if p.grad is not None}
 
 
-@pytest.mark.parametrize("key_search", ["torch", "triton"])
-@pytest.mark.parametrize("value_optimizer", ["adamw", "sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("value_optimizer, key_search", [("adamw", "triton"), ("sgd", "triton"), ("adagrad", "triton"),
+                                                         ("adam", "triton"), ("adagrad", "torch")])
 def test_a_memory_block_compiles_to_one_graph_and_matches_eager(value_optimizer, key_search):
     block, recorder, rope = memory_block(value_optimizer, key_search)
     x = torch.randn(2, 8, block.attention_norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(DEVICE)
