@@ -23,9 +23,10 @@ SEARCHES = ["torch", "triton"]
 
 
 def all_scores(query, subkeys):
-    """[T, heads, n_keys²] float64: the score of full key (K1[r], K2[c]) at r · n_keys + c, by concatenation."""
+    """[T, heads, n_keys²]: the score of full key (K1[r], K2[c]) at r · n_keys + c, by concatenation, in float64
+    on CPU (differentiable when the inputs already are float64 CPU leaves)."""
     heads, _, n_keys, half = subkeys.shape
-    query, subkeys = query.detach().cpu().double(), subkeys.detach().cpu().double()
+    query, subkeys = query.cpu().double(), subkeys.cpu().double()
     full = torch.cat(
         [subkeys[:, 0, :, None, :].expand(-1, -1, n_keys, -1), subkeys[:, 1, None, :, :].expand(-1, n_keys, -1, -1)],
         dim=-1,
@@ -38,7 +39,7 @@ def assert_exact_topk(indices, weights, query, subkeys, knn, atol):
     scores in the order given."""
     assert indices.shape == weights.shape == (*query.shape[:2], knn)
     assert indices.dtype == torch.int64 and weights.dtype == torch.float32
-    scores = all_scores(query, subkeys)
+    scores = all_scores(query.detach(), subkeys.detach())
     indices, weights = indices.cpu(), weights.cpu().double()
     assert bool((indices.sort(-1).values.diff(dim=-1) > 0).all()), "a key was chosen twice"
     kth = scores.topk(knn, dim=-1).values[..., -1:]
@@ -107,15 +108,9 @@ def reference_gradients(query, subkeys, indices, grad_weights):
     """Gradients of Σ grad_weights · softmax(scores of the chosen keys) in float64, through all n_keys² scores."""
     query64 = query.detach().cpu().double().requires_grad_(True)
     subkeys64 = subkeys.detach().cpu().double().requires_grad_(True)
-    chosen = all_scores_differentiable(query64, subkeys64).gather(-1, indices.cpu())
+    chosen = all_scores(query64, subkeys64).gather(-1, indices.cpu())
     (torch.softmax(chosen, dim=-1) * grad_weights.cpu().double()).sum().backward()
     return query64.grad, subkeys64.grad
-
-
-def all_scores_differentiable(query, subkeys):
-    halves = query.unflatten(-1, (2, -1))
-    scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
-    return (scores[:, :, 0, :, None] + scores[:, :, 1, None, :]).flatten(-2)
 
 
 @pytest.mark.parametrize("search", SEARCHES)

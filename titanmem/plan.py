@@ -163,12 +163,11 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
         raise ConfigError("memory.k_dim", f"must be even (the query is split in two halves), got {resolved.k_dim}")
     if resolved.knn > resolved.n_keys:
         raise ConfigError("memory.knn", f"must be at most n_keys ({resolved.n_keys}), got {resolved.knn}")
-    if memory.lookup != "auto" and memory.lookup not in available_lookups():
-        raise ConfigError("memory.lookup", f"{memory.lookup!r} is not available in this build; available: "
-                          f"{available_lookups()}")
-    if memory.key_search != "auto" and memory.key_search not in available_key_searches():
-        raise ConfigError("memory.key_search", f"{memory.key_search!r} is not available in this build; available: "
-                          f"{available_key_searches()}")
+    for field, choice, available in (("lookup", memory.lookup, available_lookups),
+                                     ("key_search", memory.key_search, available_key_searches)):
+        if choice != "auto" and choice not in available():
+            raise ConfigError(f"memory.{field}", f"{choice!r} is not available in this build; available: "
+                              f"{available()}")
     if key_search == "triton" and (resolved.n_keys > MAX_TRITON_KEYS or resolved.knn > MAX_TRITON_KNN):
         raise ConfigError("memory.key_search", f"'triton' handles n_keys up to {MAX_TRITON_KEYS} and knn up to "
                           f"{MAX_TRITON_KNN}, got n_keys {resolved.n_keys} and knn {resolved.knn}; use 'torch'")
