@@ -82,6 +82,14 @@ def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
             torch.testing.assert_close(got[name], expected[name], **TOLERANCE, msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
 
 
+def test_fused_adamw_with_the_device_side_skip_matches_one_process(tmp_path, small_config):
+    """Fused AdamW gets the step's non-finite flag as a device tensor (`found_inf`); on FSDP × TP parameters it must
+    take it as a replicated scalar and train as on one process."""
+    (losses, _, _, _), result = run_both(tmp_path, small_config, 4, {"tp": 2, "dp_shard": 2}, memory={},
+                                         optimizer={"implementation": "fused"})
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+
+
 @pytest.mark.parametrize("memory", [{"gated": True}, {"swilu": False}], ids=["gated-memory+", "plain-pkm"])
 def test_tensor_parallel_memory_variants_match_one_process(tmp_path, small_config, memory):
     """A gated Memory+ layer reduces W2 in full before its gate; a plain PKM layer runs whole on each tp rank."""

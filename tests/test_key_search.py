@@ -14,7 +14,7 @@ from titanmem.build import build_model
 from titanmem.config import ConfigError
 from titanmem.kernels.key_search import MAX_KEYS, MAX_KNN, key_search
 from titanmem.models.args import MemoryArgs, ModelArgs
-from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, get_key_search, product_key_topk
+from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, get_key_search, merge_candidates, product_key_topk
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
 from titanmem.models.init import init_weights
 
@@ -65,6 +65,18 @@ CASES = [
     (9, 2, 100, 24, 20),  # n_keys over one block of sub-keys (64 interpreted), not a multiple of it
     (1, 1, 130, 34, 3),  # one token, three blocks, half width 17
 ]
+
+
+@pytest.mark.parametrize("knn", [1, 2, 5, 32, 64])
+def test_the_merge_candidates_hold_the_best_sums_of_two_descending_lists(knn):
+    """Integer scores with many ties: the knn best of the candidate pairs' sums are the knn best of all knn² sums."""
+    pairs = merge_candidates(knn, torch.device("cpu"))
+    assert len(pairs) == sum(knn // (i + 1) for i in range(knn))  # 119 at knn = 32
+    generator = torch.Generator().manual_seed(knn)
+    for _ in range(20):
+        first, second = (torch.randint(0, 6, (knn,), generator=generator).sort(descending=True).values for _ in "ab")
+        sums = (first[:, None] + second[None, :]).flatten()
+        assert torch.equal(sums[pairs].topk(knn).values, sums.topk(knn).values)
 
 
 @pytest.mark.parametrize("search", SEARCHES)

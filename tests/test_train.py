@@ -100,31 +100,67 @@ def poison_gradients_at(trainer, bad_step):
     trainer.forward_backward = forward_backward
 
 
-def test_nonfinite_step_is_skipped_without_touching_the_weights(small_config):
-    trainer = Trainer(small_config(training={"steps": 3, "on_nonfinite_loss": "skip"}))
+# foreach: the host reads the loss and norms every step and decides; fused: the device drops the update itself
+# (`found_inf`) and the host reads the numbers only when it logs, evaluates or saves.
+IMPLEMENTATIONS = ["foreach", "fused"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_nonfinite_step_is_skipped_without_touching_the_weights(small_config, implementation):
+    trainer = Trainer(small_config(training={"steps": 3, "on_nonfinite_loss": "skip"},
+                                   optimizer={"implementation": implementation}))
     poison_gradients_at(trainer, 3)
     trainer.config.training.steps = 2
     trainer.train()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.optimizers.state_dict()["dense"].items()}
     trainer.config.training.steps = 3
     trainer.train()
     assert trainer.train_state.nonfinite_skips == 1
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed in a skipped step"
+    for name, value in trainer.optimizers.state_dict()["dense"].items():
+        assert torch.equal(value, moments[name]), f"optimizer {name} changed in a skipped step"
 
 
-def test_nonfinite_step_aborts_with_the_step_named(small_config):
-    trainer = Trainer(small_config(training={"steps": 4}))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_nonfinite_step_aborts_with_the_step_named(small_config, implementation):
+    trainer = Trainer(small_config(training={"steps": 4}, optimizer={"implementation": implementation}))
     poison_gradients_at(trainer, 2)
     with pytest.raises(NonFiniteLossError, match="step 2"):
         trainer.train()
 
 
-def test_too_many_skips_abort(small_config):
-    trainer = Trainer(small_config(training={"steps": 4, "on_nonfinite_loss": "skip", "max_nonfinite_skips": 0}))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_too_many_skips_abort(small_config, implementation):
+    trainer = Trainer(small_config(training={"steps": 4, "on_nonfinite_loss": "skip", "max_nonfinite_skips": 0},
+                                   optimizer={"implementation": implementation}))
     poison_gradients_at(trainer, 2)
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_skips"):
         trainer.train()
+
+
+def test_steps_read_late_train_exactly_as_steps_read_at_once(small_config, monkeypatch):
+    """The device-side skip and the late reads change when the host looks, not what is computed: the same losses,
+    skips, weights and checkpointed skip count as a run that reads and decides every step on the host."""
+    from titanmem.components.optimizer import Optimizers
+
+    def train(read_late):
+        monkeypatch.setattr(Optimizers, "skips_on_device", property(lambda self: read_late))
+        trainer = Trainer(small_config(training={"steps": 7, "on_nonfinite_loss": "skip"},
+                                       optimizer={"implementation": "fused"}, metrics={"log_freq": 5}))
+        poison_gradients_at(trainer, 3)
+        try:
+            losses = trainer.train()
+        finally:
+            trainer.close()
+        return losses, trainer.train_state.nonfinite_skips, trainer.model.state_dict()
+
+    late, at_once = train(True), train(False)
+    assert sorted(late[0]) == list(range(1, 8)) and late[0] == at_once[0]
+    assert late[1] == at_once[1] == 1
+    for name, value in late[2].items():
+        assert torch.equal(value, at_once[2][name]), name
 
 
 def test_tensorboard_gets_the_console_metrics(small_config):

@@ -8,7 +8,9 @@ and train. The life of one step is in docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,43 @@ logger = logging.getLogger("titanmem")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# Steps whose metrics may wait on the device before the trainer reads them anyway: bounds how late a non-finite step
+# is noticed when logging is rare.
+MAX_UNSETTLED_STEPS = 25
+
+
+class StepMetrics(Mapping):
+    """A step's scalar metrics (loss, grad_norm, value_grad_norm, lr), read from the device on first access. Reading
+    them settles every earlier step of the trainer too, so that skips are accounted in order."""
+
+    def __init__(self, trainer: "Trainer", step: int, lr: float):
+        self.trainer, self.step, self.lr = trainer, step, lr
+        self.scalars: torch.Tensor | None = None  # on the device until read
+        self.values: dict[str, float] | None = None
+        self.norms: list[float] = []
+        self.applied = True
+
+    def read(self, loss: float, norms: list[float], applied: bool) -> None:
+        self.scalars, self.norms, self.applied = None, norms, applied
+        self.values = {"loss": loss, "grad_norm": norms[0], "lr": self.lr}
+        if len(norms) > 1:
+            self.values["value_grad_norm"] = norms[1]
+
+    def _settled(self) -> dict[str, float]:
+        if self.values is None:
+            self.trainer.settle()
+        return self.values
+
+    def __getitem__(self, key: str) -> float:
+        return self._settled()[key]
+
+    def __iter__(self):
+        return iter(self._settled())
+
+    def __len__(self) -> int:
+        return len(self._settled())
 
 
 class Trainer:
@@ -88,6 +127,7 @@ class Trainer:
         self.evaluator: Evaluator | None = None  # built at the first evaluation
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
+        self._unsettled: list[StepMetrics] = []  # launched steps whose metrics are still on the device
         self._log_setup()
 
     def _build_telemetry(self) -> MemoryTelemetry | None:
@@ -142,8 +182,12 @@ class Trainer:
         (loss / self.plan.accumulation_steps).backward()
         return loss.detach()
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over the plan's accumulation steps; returns the step's scalar metrics."""
+    def train_step(self, batches) -> StepMetrics:
+        """One optimizer step over the plan's accumulation steps; returns the step's scalar metrics.
+
+        Where the device itself can skip a non-finite step (`Optimizers.skips_on_device`), nothing here waits for the
+        device: the metrics are read on first access, or when the loop settles a batch of steps, and so is the
+        decision, taken on the device, whether the update was applied."""
         self.optimizers.zero_grad()
         accumulation = self.plan.accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
@@ -158,19 +202,36 @@ class Trainer:
         if dp_group is not None:
             # Every rank holds the same number of tokens, so the mean of the rank means is the global mean.
             dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG, group=dp_group)
-        # One host sync per step: it decides between update and skip, and feeds the metrics.
-        loss, *norm_values = torch.stack([mean_loss, *norms]).tolist()
-        values = {"loss": loss, "grad_norm": norm_values[0], "lr": self.lr_scheduler.get_last_lr()[0]}
-        if len(norm_values) > 1:
-            values["value_grad_norm"] = norm_values[1]
-        if not self.optimizers.step(loss, norm_values):
-            self._handle_nonfinite(loss, norm_values)
+        scalars = torch.stack([mean_loss, *norms]).float()  # [loss, grad norm(, value grad norm)]
+        metrics = StepMetrics(self, self.train_state.step, self.lr_scheduler.get_last_lr()[0])
+        if self.optimizers.skips_on_device:
+            self.optimizers.step_unless_nonfinite(scalars)
+            metrics.scalars = scalars
+        else:
+            # A host sync: the row-wise value optimizer decides between update and skip on the host.
+            loss, *norm_values = scalars.tolist()
+            metrics.read(loss, norm_values, applied=self.optimizers.step(loss, norm_values))
+        self._unsettled.append(metrics)
         # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
         self.lr_scheduler.step()
-        return values
+        if metrics.scalars is None or len(self._unsettled) >= MAX_UNSETTLED_STEPS:
+            self.settle()
+        return metrics
 
-    def _handle_nonfinite(self, loss: float, norm: list[float]) -> None:
-        step = self.train_state.step
+    def settle(self) -> None:
+        """Read the metrics of the steps launched since the last call (one host sync for all of them), and account
+        their skips in order: a non-finite step counts as skipped, or stops the run as `training` says."""
+        unsettled, self._unsettled = self._unsettled, []
+        on_device = [m for m in unsettled if m.scalars is not None]
+        if on_device:
+            rows = torch.stack([m.scalars for m in on_device]).tolist()
+            for metrics, (loss, *norms) in zip(on_device, rows):
+                metrics.read(loss, norms, applied=all(math.isfinite(v) for v in (loss, *norms)))
+        for metrics in unsettled:
+            if not metrics.applied:
+                self._handle_nonfinite(metrics.step, metrics["loss"], metrics.norms)
+
+    def _handle_nonfinite(self, step: int, loss: float, norm: list[float]) -> None:
         training = self.config.training
         if training.on_nonfinite_loss == "abort":
             raise NonFiniteLossError(
@@ -202,19 +263,28 @@ class Trainer:
         self.model.train()
         # Throughput windows start here, after checkpoint loading and loader start-up.
         self.metrics.reset_window()
+        unread: list[StepMetrics] = []  # launched steps whose losses are not in loss_history yet
         while state.step < total:
             state.step += 1
-            values = self.train_step(batches)
+            unread.append(self.train_step(batches))
             crash_point("step", state.step)
             state.tokens_seen += self.plan.tokens_per_step
-            self.loss_history[state.step] = values["loss"]
-            values["nonfinite_skips"] = state.nonfinite_skips
+            interval = self.config.eval.interval
+            evaluate = interval and (state.step % interval == 0 or state.step == total)
+            values = None
+            # The host waits for the device only where it needs the numbers: to log them, and before an evaluation
+            # or a save, so that a checkpoint's skip count is that of its step.
+            if (self.metrics.should_log(state.step) or evaluate or self.checkpointer.due(state.step)
+                    or len(unread) >= MAX_UNSETTLED_STEPS):
+                for metrics in unread:
+                    self.loss_history[metrics.step] = metrics["loss"]  # the first read settles them all
+                values = {**unread[-1], "nonfinite_skips": state.nonfinite_skips}
+                unread = []
             # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
             self.metrics.step_done(state.step, self.plan.tokens_per_step // self.world_size, values)
             if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
                 self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
-            interval = self.config.eval.interval
-            if interval and (state.step % interval == 0 or state.step == total):
+            if evaluate:
                 self.evaluate()
             self.checkpointer.maybe_save(state.step)
         # The last save may still be writing in the background: the run is done once it is complete.

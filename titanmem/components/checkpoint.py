@@ -247,10 +247,13 @@ class CheckpointManager:
             self._summer.shutdown()
             self._summer = None
 
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save(step)` will save."""
+        return (self.config.enable and step != self.last_saved_step
+                and (step % self.config.interval == 0 or step == self.total_steps))
+
     def maybe_save(self, step: int) -> None:
-        if not self.config.enable or step == self.last_saved_step:
-            return
-        if step % self.config.interval == 0 or step == self.total_steps:
+        if self.due(step):
             self.save(step)
 
     def load(self, path: Path | None, fall_back: bool = True) -> int | None:

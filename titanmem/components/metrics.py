@@ -75,9 +75,10 @@ class MetricsLogger:
     def should_log(self, step: int) -> bool:
         return step % self.config.log_freq == 0 or step == self.total_steps or step == 1
 
-    def step_done(self, step: int, tokens: int, values: dict[str, float]) -> dict[str, float] | None:
+    def step_done(self, step: int, tokens: int, values: dict[str, float] | None) -> dict[str, float] | None:
         """Account one finished step of `tokens` tokens on this rank; on a logging step, emit and return the full
-        set of metrics (tokens/s and MFU are per rank, i.e. per GPU)."""
+        set of metrics (tokens/s and MFU are per rank, i.e. per GPU). `values` (the step's scalars) are needed on
+        logging steps only."""
         self._window_tokens += tokens
         self._window_steps += 1
         if not self.should_log(step):

@@ -148,6 +148,22 @@ class Optimizers:
             norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
         return norms
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the device itself can drop a non-finite step (fused AdamW's `found_inf`), so that a step needs no
+        host sync. A row-wise value optimizer decides on the host (`step`)."""
+        return self.values is None and bool(self.dense.defaults["fused"])
+
+    def step_unless_nonfinite(self, scalars: torch.Tensor) -> None:
+        """Apply the update unless a value of `scalars` (the loss and the norms, on the device) is not finite; the
+        device decides, the host does not wait. A dropped step leaves the weights, moments and step counts as they
+        were."""
+        self.dense.found_inf = (~scalars.isfinite().all()).float()
+        try:
+            self.dense.step()
+        finally:
+            del self.dense.found_inf
+
     def step(self, loss: float, norms: list[float]) -> bool:
         """Apply the update, or drop it when the loss or a norm is not finite; returns whether it was applied."""
         if not all(math.isfinite(v) for v in (loss, *norms)):

@@ -37,6 +37,17 @@ def get_key_search(name: str) -> KeySearch:
     return load(KEY_SEARCHES, name, "memory key search")
 
 
+def merge_candidates(knn: int, device: torch.device) -> torch.Tensor:
+    """Flat positions i · knn + j of the pairs (i, j) of two descending lists with (i + 1)(j + 1) ≤ knn (119 of
+    1024 at knn = 32): every other pair has at least knn pairs at least as good, since fp32 addition is monotone, so
+    the knn best sums are among these."""
+    rank = torch.arange(1, knn + 1, device=device)
+    dropped = ((rank[:, None] * rank[None, :]).flatten() > knn).to(torch.uint8)
+    # A stable sort puts the kept positions first, in order; their count is known on the host, so no sync and no
+    # data-dependent shape (which torch.compile would break the graph on).
+    return torch.argsort(dropped, stable=True)[: sum(knn // i for i in range(1, knn + 1))]
+
+
 def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the n_keys² product keys without forming them: scores [T, heads, knn] (descending, fp32 or
     wider) and value rows [T, heads, knn] (int64).
@@ -48,11 +59,17 @@ def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tu
     halves = query.unflatten(-1, (2, -1))  # [T, heads, 2, k_dim/2]
     # Both halves of every head in one batched product: [T, heads, 2, n_keys].
     scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
-    # Selection and softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn]
-    candidates = half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]  # [T, heads, knn, knn]
-    best_scores, best = candidates.flatten(-2).topk(knn, dim=-1)
+    # Each half's top-k in the GEMM's dtype: widening first would keep the same order and only cost a pass over all
+    # the scores (and a radix select over 16-bit keys takes half the passes of one over 32-bit keys).
+    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn], descending
+    # The merge and the softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
+    half_scores = half_scores.to(torch.promote_types(half_scores.dtype, torch.float32))
+    candidates = (half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]).flatten(-2)  # [T, heads, knn²]
+    pairs = merge_candidates(knn, query.device)
+    with torch.no_grad():
+        best = pairs[candidates[..., pairs].topk(knn, dim=-1).indices]
+    # Gathered again outside no_grad: the positions are distinct, so the gradient is a plain scatter.
+    best_scores = candidates.gather(-1, best)
     rows = half_indices[:, :, 0].gather(-1, torch.div(best, knn, rounding_mode="floor"))
     cols = half_indices[:, :, 1].gather(-1, best % knn)
     return best_scores, rows * n_keys + cols

@@ -21,21 +21,22 @@ _NORM = ParamInit.constant(1.0)
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """cos and sin of the rotation angles, concatenated: [max_seq_len, head_dim]."""
+    """cos and sin of the rotation angles, interleaved: [max_seq_len, head_dim] holding (cos θ_i, sin θ_i) pairs, so
+    that a slice of it views as the complex rotations e^{iθ} without a copy."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by position-dependent angles. x: [B, S, H, D]."""
-    seq_len, head_dim = x.shape[1], x.shape[-1]
-    cos, sin = cache[:seq_len, : head_dim // 2], cache[:seq_len, head_dim // 2 :]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    pairs = x.float().unflatten(-1, (head_dim // 2, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by position-dependent angles, in fp32. x: [B, S, H, D].
+
+    As one complex product: in eager mode that is 3 kernels where the real-arithmetic form takes 10, which made
+    rope a fifth of the 134m step."""
+    seq_len = x.shape[1]
+    rotation = torch.view_as_complex(cache[:seq_len].unflatten(-1, (-1, 2)))[None, :, None, :]
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
