@@ -63,12 +63,15 @@ def test_init_statistics_follow_the_recipe():
     assert all(torch.equal(block.ffn_norm.weight, torch.ones(256)) for block in model.layers.values())
 
 
-def test_rope_matches_complex_rotation_in_float64():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rope_matches_complex_rotation_in_float64(compiled):
+    """Eager mode multiplies complex numbers, compiled code does the real arithmetic: both against float64."""
     torch.manual_seed(2)
     head_dim, seq_len = 10, 13
     x = torch.randn(2, seq_len, 3, head_dim, dtype=torch.float64)
-    cache = rope_cache(head_dim, seq_len, theta=10000.0).double()
-    ours = apply_rope(x, cache)
+    cache = rope_cache(head_dim, seq_len + 4, theta=10000.0).double()
+    rope = torch.compile(apply_rope, backend="aot_eager", fullgraph=True) if compiled else apply_rope
+    ours = rope(x, cache)
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
     rotation = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]

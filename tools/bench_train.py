@@ -2,11 +2,12 @@
 
 Each run is a train_configs name, optionally followed by config overrides joined with ':' (e.g.
 `llama_134m_memory:--compile.enable:true`). For each, it builds the trainer as training does (no checkpoint, no
-eval), runs `--warmup` steps, then times `--steps` steps. A step is split, with CUDA events, into:
+eval), runs `--warmup` steps, then times `--steps` steps back to back (their mean). A step is split, with CUDA events
+(means over the same steps), into:
 - forward: the model's forward (the loss and the lookups included);
 - backward: the rest of forward + backward;
 - value update: the row-wise value optimizer (its norm, gathers and fused update);
-- optimizer: the rest of the optimizer step (norms, clipping, AdamW, the host sync);
+- optimizer: the rest of the optimizer step (norms, clipping, AdamW, and a row-wise optimizer's host sync);
 - exposed communication: from a profile of 3 more steps, the time NCCL kernels run while no compute kernel does.
 
 The bf16 GEMM ceiling of the same run (an 8192³ matmul) is printed first, so that MFU can be read against what this
@@ -18,7 +19,6 @@ GPU reaches today. docs/benchmarks.md has the runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,37 +143,39 @@ def bench(run: str, steps: int, warmup: int) -> dict:
         values.grad_norm = clock.timed("value update", values.grad_norm)
         values.step = clock.timed("value update", values.step)
     trainer.optimizers.step = clock.timed("optimizer step", trainer.optimizers.step)
+    trainer.optimizers.step_unless_nonfinite = clock.timed("optimizer step", trainer.optimizers.step_unless_nonfinite)
     trainer.optimizers.grad_norms = clock.timed("optimizer norms", trainer.optimizers.grad_norms)
     batches = iter(trainer.dataloader)
     trainer.model.train()
     try:
         for _ in range(warmup):
             trainer.train_step(batches)
+        trainer.settle()
         clock.seconds()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        walls, splits = [], []
+        # Back to back, as training runs them: the host waits only where the trainer does.
+        start = time.perf_counter()
         for _ in range(steps):
-            start = time.perf_counter()
             trainer.train_step(batches)
-            if cuda:
-                torch.cuda.synchronize()
-            walls.append(time.perf_counter() - start)
-            splits.append(clock.seconds())
+        trainer.settle()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+        totals = clock.seconds()
         exposed = exposed_communication(trainer, batches)
     finally:
         trainer.close()
-    wall = statistics.median(walls)
 
-    def median(key):
-        return statistics.median(split.get(key, 0.0) for split in splits)
+    def mean(key):
+        return totals.get(key, 0.0) / steps
 
-    value_update = median("value update")
-    split = {"forward": median("forward"),
-             "backward": median("forward+backward") - median("forward"),
+    value_update = mean("value update")
+    split = {"forward": mean("forward"),
+             "backward": mean("forward+backward") - mean("forward"),
              "value update": value_update,
-             "optimizer": median("optimizer step") + median("optimizer norms") - value_update}
+             "optimizer": mean("optimizer step") + mean("optimizer norms") - value_update}
     tokens = trainer.plan.tokens_per_step / trainer.world_size
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     return {"run": run.replace(":", " "), "tokens_per_gpu_s": tokens / wall, "step_s": wall,
