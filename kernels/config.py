@@ -23,6 +23,8 @@ _GPU = {
     "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
     "key_search": {"BLOCK_T": 16, "BLOCK_N": 512, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 8, "num_warps": 4},
+    # One warp per program: every row sum of the selection stays within the warp.
+    "row_topk": {"BLOCK_R": 4, "ELEMENTS": 4096, "num_warps": 1},
 }
 _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
@@ -31,6 +33,7 @@ _INTERPRETER = {
     "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
     "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 1, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 16, "num_warps": 1},
+    "row_topk": {"BLOCK_R": 16, "ELEMENTS": 1 << 16, "num_warps": 1},
 }
 
 

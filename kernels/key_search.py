@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from titanmem.kernels.config import INTERPRET, launch_config
+from titanmem.kernels.select import _kth_largest, _ordered, _select
 
 INTERPRETED = tl.constexpr(INTERPRET)
 
@@ -44,38 +45,6 @@ MAX_KNN = 64
 SHARED_MEMORY_BUDGET = 160 * 1024
 
 # ---------------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _ordered(scores):
-    """uint32 keys whose unsigned order is the order of the fp32 `scores`."""
-    bits = scores.to(tl.uint32, bitcast=True)
-    # Negative floats order backwards as integers: flip them whole; lift the others above them.
-    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-
-
-@triton.jit
-def _kth_largest(keys, valid, k):
-    """Per row of `keys` [R, M] (uint32): the largest threshold with at least k valid keys at or above it (0 when
-    fewer than k are valid). A radix select, from the top bit down."""
-    threshold = tl.zeros([keys.shape[0]], tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | (tl.full([], 1, tl.uint32) << bit)
-        count = tl.sum((valid & (keys >= candidate[:, None])).to(tl.int32), axis=1)
-        threshold = tl.where(count >= k, candidate, threshold)
-    return threshold
-
-
-@triton.jit
-def _select(keys, valid, k):
-    """The k largest `keys` [R, M] (uint32) of each row among `valid`, ties going to the lower position: (mask of
-    the chosen, how many per row: k, or all the valid ones when fewer)."""
-    threshold = _kth_largest(keys, valid, k)
-    above = valid & (keys > threshold[:, None])
-    tied = valid & (keys == threshold[:, None])
-    room = k - tl.sum(above.to(tl.int32), axis=1)
-    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
-    return chosen, tl.sum(chosen.to(tl.int32), axis=1)
 
 
 @triton.jit

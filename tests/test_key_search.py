@@ -19,7 +19,7 @@ from titanmem.models.memory import MemoryValues, ProductKeyMemory
 from titanmem.models.init import init_weights
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SEARCHES = ["torch", "triton"]
+SEARCHES = ["torch", "select", "triton"]
 
 
 def all_scores(query, subkeys):

@@ -144,8 +144,9 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
     flavor = config.model.flavor
     args, placement = FLAVORS[flavor], MEMORY_PLACEMENT[flavor]
     lookup = memory.lookup if memory.lookup != "auto" else ("triton" if device_type == "cuda" else "torch")
-    # The fused search is exact but not yet faster than torch's on an H200 (docs/benchmarks.md): auto keeps torch.
-    key_search = memory.key_search if memory.key_search != "auto" else "torch"
+    # On GPUs the fastest (docs/benchmarks.md); on CPU the Triton selection would only run interpreted.
+    key_search = memory.key_search if memory.key_search != "auto" else (
+        "select" if device_type == "cuda" and "select" in available_key_searches() else "torch")
     resolved = MemoryArgs(
         layers=tuple(memory.layers) or placement.layers,
         n_keys=memory.n_keys if memory.n_keys != -1 else placement.n_keys,

@@ -144,11 +144,12 @@ class Memory:
     """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels.
     `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
 
-    key_search: Literal["auto", "torch", "triton"] = "auto"
-    """Implementation of the search for each token's best keys: `torch` (scores against every sub-key in the compute
-    dtype, then top-k and the k×k merge as separate ops) or the fused Triton kernels, which score in fp32 and never
-    store the scores, so their top-k is exact under bf16 too. `auto` is torch: on an H200 the fused search is still
-    2-6% slower per memory layer (docs/benchmarks.md)."""
+    key_search: Literal["auto", "torch", "select", "triton"] = "auto"
+    """Implementation of the search for each token's best keys. `torch`: scores against every sub-key by one batched
+    GEMM in the compute dtype, then torch.topk per half and over the k×k merge's candidates. `select`: the same with
+    both top-k selections made by a Triton kernel, one warp per row (the fastest on an H200). `triton`: one fused
+    kernel that scores in fp32 and never stores the scores, so its top-k is exact also under bf16, but slower.
+    `auto` is select on CUDA and torch on CPU (docs/benchmarks.md)."""
 
     value_optimizer: Literal["auto", "adamw", "sgd", "adagrad", "adam"] = "auto"
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,

@@ -21,10 +21,13 @@ MAX_TRITON_KEYS = 46340
 MAX_TRITON_KNN = 64
 
 KeySearch = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# `x.topk(k, dim=-1)` or a function like it: the k largest of each last-dim row, largest first, and their positions.
+TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 KEY_SEARCHES: dict[str, tuple[str, str]] = {
     "torch": (__name__, "torch_key_search"),
     "triton": ("titanmem.kernels.key_search", "key_search"),
+    "select": ("titanmem.models.selected_key_search", "selected_key_search"),
 }
 
 
@@ -48,9 +51,14 @@ def merge_candidates(knn: int, device: torch.device) -> torch.Tensor:
     return torch.argsort(dropped, stable=True)[: sum(knn // i for i in range(1, knn + 1))]
 
 
-def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.topk(k, dim=-1)
+
+
+def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int,
+                     topk: TopK = torch_topk) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the n_keys² product keys without forming them: scores [T, heads, knn] (descending, fp32 or
-    wider) and value rows [T, heads, knn] (int64).
+    wider) and value rows [T, heads, knn] (int64). `topk` makes both selections (torch's by default).
 
     The top-k of a sum of two independent halves always lies among the sums of each half's top-k, so the k×k
     candidates contain the exact answer.
@@ -61,13 +69,13 @@ def product_key_topk(query: torch.Tensor, subkeys: torch.Tensor, knn: int) -> tu
     scores = torch.einsum("thsd,hsnd->thsn", halves, subkeys)
     # Each half's top-k in the GEMM's dtype: widening first would keep the same order and only cost a pass over all
     # the scores (and a radix select over 16-bit keys takes half the passes of one over 32-bit keys).
-    half_scores, half_indices = scores.topk(knn, dim=-1)  # [T, heads, 2, knn], descending
+    half_scores, half_indices = topk(scores, knn)  # [T, heads, 2, knn], descending
     # The merge and the softmax run in fp32 at least, also when the scoring GEMM ran in bf16 under autocast.
     half_scores = half_scores.to(torch.promote_types(half_scores.dtype, torch.float32))
     candidates = (half_scores[:, :, 0, :, None] + half_scores[:, :, 1, None, :]).flatten(-2)  # [T, heads, knn²]
     pairs = merge_candidates(knn, query.device)
     with torch.no_grad():
-        best = pairs[candidates[..., pairs].topk(knn, dim=-1).indices]
+        best = pairs[topk(candidates[..., pairs], knn)[1]]
     # Gathered again outside no_grad: the positions are distinct, so the gradient is a plain scatter.
     best_scores = candidates.gather(-1, best)
     rows = half_indices[:, :, 0].gather(-1, torch.div(best, knn, rounding_mode="floor"))
