@@ -7,6 +7,7 @@ import torch
 from helpers import check_command_line
 from titanmem.build import build_planned_model
 from titanmem.distributed.lookup import ReadRecorder
+from titanmem.models.llama import rope_rotations
 from titanmem.models.memory import ProductKeyMemory
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,7 +21,7 @@ def memory_block(value_optimizer: str, key_search: str):
     recorder = ReadRecorder() if value_optimizer != "adamw" else None
     model = build_planned_model(plan, torch.device(DEVICE), recorder)
     block = next(b for b in model.layers.values() if isinstance(b.feed_forward, ProductKeyMemory))
-    return block, recorder, model.rope[:8]
+    return block, recorder, rope_rotations(model.rope, 8)
 
 
 def run(block, x, rope):

@@ -7,7 +7,7 @@ import torch
 from titanmem.build import build_model
 from titanmem.models import FLAVORS, ModelArgs
 from titanmem.models.accounting import count_parameters, flops_per_token
-from titanmem.models.llama import apply_rope, rope_cache
+from titanmem.models.llama import apply_rope, rope_cache, rope_rotations
 
 CPU = torch.device("cpu")
 
@@ -71,7 +71,7 @@ def test_rope_matches_complex_rotation_in_float64(compiled):
     x = torch.randn(2, seq_len, 3, head_dim, dtype=torch.float64)
     cache = rope_cache(head_dim, seq_len + 4, theta=10000.0).double()
     rope = torch.compile(apply_rope, backend="aot_eager", fullgraph=True) if compiled else apply_rope
-    ours = rope(x, cache)
+    ours = rope(x, rope_rotations(cache, seq_len))
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
     rotation = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]

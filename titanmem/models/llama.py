@@ -28,21 +28,31 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> to
     return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
 
 
-def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by position-dependent angles, in fp32. x: [B, S, H, D].
+def rope_rotations(cache: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The complex rotations e^{iθ} of the first `seq_len` positions, [seq_len, head_dim / 2] complex64. The blocks
+    take them in this form because FSDP's mixed precision casts a block's floating-point inputs to bf16, which would
+    round cos and sin, and leaves complex ones alone. A new tensor, not a view of the cache: the compiler does not
+    trace a complex view of a real tensor passed in."""
+    pairs = cache[:seq_len].unflatten(-1, (-1, 2))
+    return torch.complex(pairs[..., 0], pairs[..., 1])
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by `rotations` (`rope_rotations`), in fp32.
+    x: [B, S, H, D].
 
     In eager mode as one complex product: 3 kernels where the real arithmetic takes 10, which made rope a fifth of
     the 134m step. Under torch.compile in real arithmetic, which the compiler fuses into one kernel (it does not
     generate code for complex numbers)."""
-    seq_len = x.shape[1]
-    cache = cache[:seq_len].unflatten(-1, (-1, 2))
+    rotations = rotations[: x.shape[1], None, :]  # [S, 1, D / 2], broadcast over batch and heads
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
-        cos, sin = cache[None, :, None, :, 0], cache[None, :, None, :, 1]
+        cos_sin = torch.view_as_real(rotations)
+        cos, sin = cos_sin[..., 0], cos_sin[..., 1]
         real, imag = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
     else:
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(cache)[None, :, None, :])
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotations)
     return rotated.flatten(-2).type_as(x)
 
 
@@ -56,13 +66,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # -1 heads: under tensor parallel each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
         k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
         v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
@@ -106,8 +116,8 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init of the residual-branch outputs keeps the residual stream's variance flat with depth.
         self.out_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotations)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def param_inits(self) -> dict[str, ParamInit]:
@@ -161,6 +171,7 @@ class Transformer(nn.Module):
         if tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
+        rotations = rope_rotations(self.rope, tokens.shape[1])
         for block in self.layers.values():
-            h = block(h, self.rope)
+            h = block(h, rotations)
         return self.output(self.norm(h))
