@@ -9,11 +9,11 @@ no autograd gradient, the read-out does. The rows are:
 - search only (the query projection and the key search), forward and forward + backward;
 - the whole layer (search, the weighted bag, W1 and W2), forward and forward + backward;
 
-for `key_search = torch` (the baseline) and `triton`, each the median of `triton.testing.do_bench`, with the
-dense FFN of the same block timed beside them. Before timing, both searches are checked on a sample of tokens
+for `key_search = torch` (the baseline), `select` and `triton`, each the median of `triton.testing.do_bench`, with
+the dense FFN of the same block timed beside them. Before timing, every search is checked on a sample of tokens
 against a float64 search over all n_keys² keys from the same bf16 inputs: the triton search must find exactly the
-top-k (ties aside), the torch search (which rounds its scores to bf16) is reported by its agreement. `--sweep` also
-times the fused search's launch configs.
+top-k (ties aside), the torch and select searches (which round their scores to bf16) are reported by their
+agreement. `--sweep` also times the fused search's launch configs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from titanmem.models import FLAVORS
 from titanmem.models.args import MemoryArgs
 from titanmem.models.init import init_weights
 from titanmem.models.key_search import get_key_search
+
+SEARCHES = ("torch", "select", "triton")
 from titanmem.models.llama import FeedForward
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
 
@@ -96,15 +98,15 @@ def run_flavor(flavor: str, batch: int, seq_len: int, n_keys: int, sweep: bool) 
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         query = layer.query(x.reshape(-1, args.dim)[:CHECK_TOKENS]).unflatten(-1, (-1, layer.args.k_dim))
     subkeys = layer.subkeys.detach().to(torch.bfloat16)
-    checks = {name: agreement(query, subkeys, layer.args.knn, name) for name in ("torch", "triton")}
-    for name in ("torch", "triton"):
+    checks = {name: agreement(query, subkeys, layer.args.knn, name) for name in SEARCHES}
+    for name in SEARCHES:
         layer.key_search = get_key_search(name)
         times[name] = (timed(search_output(layer), False, x), timed(search_output(layer), True, x),
                        timed(layer, False, x), timed(layer, True, x))
     dense_fwd, dense_fwdbwd = times["ffn"]
     print(f"| {flavor} ({tokens // 1024}k tokens) | dense FFN | — | — | {dense_fwd:.2f} | {dense_fwdbwd:.2f} | — "
           "| — |", flush=True)
-    for name in ("torch", "triton"):
+    for name in SEARCHES:
         search_fwd, search_fwdbwd, layer_fwd, layer_fwdbwd = times[name]
         exact, shortfall = checks[name]
         base = times["torch"][3]

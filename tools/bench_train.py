@@ -11,14 +11,16 @@ eval), runs `--warmup` steps, then times `--steps` steps back to back (their mea
 - exposed communication: from a profile of 3 more steps, the time NCCL kernels run while no compute kernel does.
 
 The bf16 GEMM ceiling of the same run (an 8192³ matmul) is printed first, so that MFU can be read against what this
-GPU reaches today. docs/benchmarks.md has the runs.
+GPU reaches today. docs/benchmarks.md has the runs. On several GPUs, launch it with torchrun, one run per launch:
 
     python tools/bench_train.py --steps 30 --warmup 10 llama_134m llama_134m_memory
+    torchrun --standalone --nproc_per_node 2 tools/bench_train.py llama_134m_memory:--parallelism.mp:2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,6 +190,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(args.runs) > 1:
+        # A second trainer in the same processes would start a second NCCL world after the first one's end.
+        parser.error("under torchrun, give one run per launch")
     ceiling = gemm_ceiling_tflops()
     if ceiling is not None:
         print(f"bf16 GEMM ceiling (8192³) now: {ceiling:,.0f} TFLOP/s on {torch.cuda.get_device_name()}\n")
