@@ -14,7 +14,8 @@ from titanmem.build import build_model
 from titanmem.config import ConfigError
 from titanmem.kernels.key_search import MAX_KEYS, MAX_KNN, key_search
 from titanmem.models.args import MemoryArgs, ModelArgs
-from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, get_key_search, merge_candidates, product_key_topk
+from titanmem.models.key_search import (MAX_TRITON_KEYS, MAX_TRITON_KNN, get_key_search, merge_candidates,
+                                        product_key_topk)
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
 from titanmem.models.init import init_weights
 

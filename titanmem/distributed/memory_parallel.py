@@ -3,9 +3,9 @@ v_dim / mp of their columns, and reads them for the whole group's tokens.
 
 Forward, on a group of M ranks with T tokens each:
 1. all-gather the (indices, weights) of the group's tokens: [M·T, L] each, small next to the rows they select;
-2. run the bag on this rank's column slice for all M·T tokens: [M·T, D/M];
-3. all-to-all: rank r sends token block j to rank j and gets back its own tokens' slice from every rank, which it
-   lays side by side: [T, D].
+2. run the bag on this rank's column slice for the other ranks' tokens: [(M-1)·T, D/M];
+3. all-to-all: rank r sends token block j to rank j and gets back its own tokens' slice from every other rank;
+   meanwhile it bags its own tokens' slice, which needs no transfer. It lays the M slices side by side: [T, D].
 
 Backward runs the mirror image: an all-to-all of the output gradient's column slices, the local bag backward on the
 group's tokens, and a sum over the group of the partial weight gradients (each rank saw only its columns), scattered
@@ -62,15 +62,23 @@ def _sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
 class ColumnParallelLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values_slice, indices, weights, group, lookup: Lookup, recorder):
-        size = dist.get_world_size(group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
         tokens = indices.shape[0]
         group_indices = all_gather_rows(indices, group)
         group_weights = all_gather_rows(weights.detach(), group)
+        start, stop = rank * tokens, (rank + 1) * tokens
         with torch.no_grad():
-            local = lookup(values_slice, group_indices, group_weights)  # [M·T, D/M]
-        # Token block j goes to rank j; what comes back is this rank's tokens, one column slice per rank.
-        received = _all_to_all(local, group)  # [M·T, D/M], rows ordered by the sending rank
-        out = received.view(size, tokens, -1).permute(1, 0, 2).reshape(tokens, -1)
+            # The other ranks' tokens first: their rows travel while this rank bags its own tokens' slice.
+            outgoing = lookup(values_slice, torch.cat([group_indices[:start], group_indices[stop:]]),
+                              torch.cat([group_weights[:start], group_weights[stop:]]))  # [(M-1)·T, D/M]
+            splits = [0 if peer == rank else tokens for peer in range(size)]
+            received = outgoing.new_empty(outgoing.shape)  # this rank's tokens, one column slice per peer
+            transfer = dist.all_to_all_single(received, outgoing, splits, splits, group=group, async_op=True)
+            mine = lookup(values_slice, group_indices[start:stop], group_weights[start:stop])  # [T, D/M]
+            transfer.wait()
+        slices = list(received.view(size - 1, tokens, -1).unbind(0))
+        slices.insert(rank, mine)
+        out = torch.cat(slices, dim=1)  # columns in rank order
         ctx.save_for_backward(values_slice, group_indices, group_weights)
         ctx.group, ctx.lookup, ctx.size, ctx.tokens, ctx.recorder = group, lookup, size, tokens, recorder
         return out
