@@ -1,7 +1,7 @@
 """Exact top-k selection in Triton: the k largest entries of each row, by a bitwise search for the k-th largest key.
 
-Floats become unsigned integer keys with the same order (-0 below +0; a NaN above +inf, or below -inf when its
-sign bit is set), so a row's k-th largest key is built bit by bit from the top: a bit stays set when at least k keys
+Floats become unsigned integer keys with the same order (-0 below +0, and every NaN above +inf, as torch.topk ranks
+them), so a row's k-th largest key is built bit by bit from the top: a bit stays set when at least k keys
 are at or above the threshold with it. That is one compare and one row sum per key bit (16 for bf16 and fp16, 32
 for fp32), whatever the row width; entries above the threshold are chosen, and ties at the threshold go to the lower
 positions.
@@ -28,17 +28,20 @@ MAX_WIDTH = 4096
 
 @triton.jit
 def _ordered(scores):
-    """uint32 keys whose unsigned order is the order of the fp32 `scores`."""
+    """uint32 keys whose unsigned order is the order of the fp32 `scores`, every NaN on top (as torch.topk has it)."""
     bits = scores.to(tl.uint32, bitcast=True)
     # Negative floats order backwards as integers: flip them whole; lift the others above them.
-    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    keys = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return tl.where(scores != scores, 0xFFFFFFFF, keys)
 
 
 @triton.jit
-def _ordered16(bits):
-    """uint32 keys below 2^16 whose order is the order of the 16-bit floats whose bits are `bits` (int16)."""
+def _ordered16(bits, INF: tl.constexpr):
+    """uint32 keys below 2^16 whose order is the order of the 16-bit floats whose bits are `bits` (int16), every NaN
+    on top. `INF` is the format's +inf bit pattern: a magnitude above it is a NaN."""
     bits = bits.to(tl.int32) & 0xFFFF
-    return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000).to(tl.uint32)
+    keys = tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
+    return tl.where((bits & 0x7FFF) > INF, 0xFFFF, keys).to(tl.uint32)
 
 
 @triton.jit
@@ -71,7 +74,7 @@ def _select(keys, valid, k, BITS: tl.constexpr = 32):
 @triton.jit
 def _row_topk_kernel(
     x_ptr, out_ptr, rows, width, k, stride_x, stride_out,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BITS: tl.constexpr, INF: tl.constexpr,
 ):
     """Positions of the k largest entries of BLOCK_R rows, in increasing order, into out[row, :k]."""
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -79,7 +82,7 @@ def _row_topk_kernel(
     valid = (row[:, None] < rows) & (column[None, :] < width)
     bits = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + column[None, :], mask=valid, other=0)
     if BITS == 16:
-        keys = _ordered16(bits)
+        keys = _ordered16(bits, INF)
     else:
         keys = _ordered(bits.to(tl.float32, bitcast=True))
     chosen, _ = _select(keys, valid, k, BITS)
@@ -90,8 +93,9 @@ def _row_topk_kernel(
 
 # ------------------------------------------------------------------------------------------------------- custom ops
 
-# The integer view of each float dtype the kernel reads.
+# The integer view of each float dtype the kernel reads, and the bits of +inf in the 16-bit ones.
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_INF16 = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0}
 
 
 @torch.library.custom_op("titanmem::row_topk_positions", mutates_args=())
@@ -111,7 +115,7 @@ def row_topk_positions(x: torch.Tensor, k: int) -> torch.Tensor:
     block_r = max(1, min(cfg["BLOCK_R"], cfg["ELEMENTS"] // block_w))  # about the same registers at any width
     _row_topk_kernel[(triton.cdiv(rows, block_r),)](
         bits, out, rows, width, k, bits.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_W=block_w, BITS=8 * x.element_size(), num_warps=cfg["num_warps"],
+        BLOCK_R=block_r, BLOCK_W=block_w, BITS=8 * x.element_size(), INF=_INF16[x.dtype], num_warps=cfg["num_warps"],
     )
     return out
 

@@ -47,14 +47,20 @@ def test_leading_dims_wide_rows_and_no_rows():
     assert row_topk_positions(torch.empty(0, 8, device=DEVICE), 3).shape == (0, 3)
 
 
-def test_nan_rows_still_give_distinct_positions():
-    x = torch.randn(4, 64, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_nan_ranks_first_as_in_torch_topk(dtype):
+    """Either sign of NaN (a sign-bit NaN would otherwise order below -inf) is taken first, like torch.topk does."""
+    x = torch.randn(4, 64, device=DEVICE).to(dtype)
     x[0] = float("nan")
     x[1, ::3] = float("nan")
+    x[2, [5, 40]] = float("nan")
+    x[2, [7, 50]] = -torch.tensor(float("nan"), dtype=dtype)  # sign bit set
     positions = row_topk(x, 16)[1]
     assert bool((positions.sort(-1).values.diff(dim=-1) > 0).all())
     assert bool(((positions >= 0) & (positions < 64)).all())
-    check_against_torch(x[2:], 16)
+    assert set(positions[2, :4].tolist()) == {5, 7, 40, 50}
+    torch.testing.assert_close(positions[2].sort().values, x[2].float().topk(16).indices.sort().values)
+    check_against_torch(x[3:], 16)
 
 
 def test_the_gradient_flows_to_the_chosen_positions_only():

@@ -140,6 +140,39 @@ def test_too_many_skips_abort(small_config, implementation):
         trainer.train()
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_train_reads_every_step_by_its_end_and_train_step_alone_reads_its_own(small_config, implementation):
+    """The run's length may change after the trainer is built (a resumed run with more steps): its last step is still
+    read, a non-finite one included; and a caller of train_step sees each step accounted when it returns."""
+    config = small_config(training={"steps": 5, "on_nonfinite_loss": "skip"}, metrics={"log_freq": 100},
+                          optimizer={"implementation": implementation})
+    trainer = Trainer(config)
+    trainer.config.training.steps = 2
+    poison_gradients_at(trainer, 2)
+    try:
+        assert sorted(trainer.train()) == [1, 2]
+        assert trainer.train_state.nonfinite_skips == 1
+        trainer.train_state.step = 2  # poisoned again: train_step alone, no loop around it
+        metrics = trainer.train_step(iter(trainer.dataloader))
+        assert trainer.train_state.nonfinite_skips == 2 and math.isnan(metrics["grad_norm"])
+    finally:
+        trainer.close()
+
+
+def test_a_save_after_only_skipped_steps_counts_no_adamw_step(small_config):
+    """Torch's state-dict helpers make a missing AdamW state with a zero-lr step; it must not count as a step."""
+    trainer = Trainer(small_config(training={"steps": 1, "on_nonfinite_loss": "skip"},
+                                   optimizer={"implementation": "foreach"}))
+    poison_gradients_at(trainer, 1)
+    try:
+        trainer.train()
+        trainer.optimizers.state_dict()
+        steps = [state["step"].item() for state in trainer.optimizers.dense.state.values()]
+        assert steps and set(steps) == {0.0}
+    finally:
+        trainer.close()
+
+
 def test_steps_read_late_train_exactly_as_steps_read_at_once(small_config, monkeypatch):
     """The device-side skip and the late reads change when the host looks, not what is computed: the same losses,
     skips, weights and checkpointed skip count as a run that reads and decides every step on the host."""

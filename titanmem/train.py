@@ -128,6 +128,9 @@ class Trainer:
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
         self._unsettled: list[StepMetrics] = []  # launched steps whose metrics are still on the device
+        # Whether train_step may leave a step's numbers on the device until they are needed (`settle`). `train` turns
+        # it on for its loop; a caller of train_step sees every step settled unless it turns it on too.
+        self.read_late = False
         self._log_setup()
 
     def _build_telemetry(self) -> MemoryTelemetry | None:
@@ -185,9 +188,9 @@ class Trainer:
     def train_step(self, batches) -> StepMetrics:
         """One optimizer step over the plan's accumulation steps; returns the step's scalar metrics.
 
-        Where the device itself can skip a non-finite step (`Optimizers.skips_on_device`), nothing here waits for the
-        device: the metrics are read on first access, or when the loop settles a batch of steps, and so is the
-        decision, taken on the device, whether the update was applied."""
+        With `read_late`, and where the device itself can skip a non-finite step (`Optimizers.skips_on_device`),
+        nothing here waits for the device: the metrics are read on first access or when the steps are settled, and so
+        is the decision, taken on the device, whether the update was applied."""
         self.optimizers.zero_grad()
         accumulation = self.plan.accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
@@ -214,7 +217,7 @@ class Trainer:
         self._unsettled.append(metrics)
         # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
         self.lr_scheduler.step()
-        if metrics.scalars is None or len(self._unsettled) >= MAX_UNSETTLED_STEPS:
+        if metrics.scalars is None or not self.read_late or len(self._unsettled) >= MAX_UNSETTLED_STEPS:
             self.settle()
         return metrics
 
@@ -264,29 +267,40 @@ class Trainer:
         # Throughput windows start here, after checkpoint loading and loader start-up.
         self.metrics.reset_window()
         unread: list[StepMetrics] = []  # launched steps whose losses are not in loss_history yet
-        while state.step < total:
-            state.step += 1
-            unread.append(self.train_step(batches))
-            crash_point("step", state.step)
-            state.tokens_seen += self.plan.tokens_per_step
-            interval = self.config.eval.interval
-            evaluate = interval and (state.step % interval == 0 or state.step == total)
-            values = None
-            # The host waits for the device only where it needs the numbers: to log them, and before an evaluation
-            # or a save, so that a checkpoint's skip count is that of its step.
-            if (self.metrics.should_log(state.step) or evaluate or self.checkpointer.due(state.step)
-                    or len(unread) >= MAX_UNSETTLED_STEPS):
-                for metrics in unread:
-                    self.loss_history[metrics.step] = metrics["loss"]  # the first read settles them all
-                values = {**unread[-1], "nonfinite_skips": state.nonfinite_skips}
-                unread = []
-            # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
-            self.metrics.step_done(state.step, self.plan.tokens_per_step // self.world_size, values)
-            if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
-                self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
-            if evaluate:
-                self.evaluate()
-            self.checkpointer.maybe_save(state.step)
+
+        def read_all() -> None:
+            self.settle()
+            for metrics in unread:
+                self.loss_history[metrics.step] = metrics["loss"]
+            unread.clear()
+
+        self.read_late = True
+        try:
+            while state.step < total:
+                state.step += 1
+                unread.append(self.train_step(batches))
+                crash_point("step", state.step)
+                state.tokens_seen += self.plan.tokens_per_step
+                interval = self.config.eval.interval
+                evaluate = interval and (state.step % interval == 0 or state.step == total)
+                values = None
+                # The host waits for the device only where it needs the numbers: to log them, and before an
+                # evaluation or a save, so that a checkpoint's skip count is that of its step.
+                if (self.metrics.should_log(state.step) or evaluate or self.checkpointer.due(state.step)
+                        or state.step == total or len(unread) >= MAX_UNSETTLED_STEPS):
+                    values = dict(unread[-1])
+                    read_all()
+                    values["nonfinite_skips"] = state.nonfinite_skips
+                # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
+                self.metrics.step_done(state.step, self.plan.tokens_per_step // self.world_size, values)
+                if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
+                    self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
+                if evaluate:
+                    self.evaluate()
+                self.checkpointer.maybe_save(state.step)
+            read_all()
+        finally:
+            self.read_late = False
         # The last save may still be writing in the background: the run is done once it is complete.
         self.checkpointer.wait()
         if self.rank == 0:

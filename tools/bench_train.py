@@ -136,6 +136,7 @@ def bench(run: str, steps: int, warmup: int) -> dict:
                               "--metrics.enable_tensorboard", "false", "--metrics.memory_telemetry_freq", "0",
                               "--job.dump_folder", f"/tmp/bench_train/{name}"])
     trainer = Trainer(config)
+    trainer.read_late = True  # as in training: no host sync per step where the device can skip a step itself
     cuda = trainer.device.type == "cuda"
     clock = PhaseClock(cuda)
     trainer.model.forward = clock.timed("forward", trainer.model.forward)

@@ -181,7 +181,16 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         # Only tensors (moments, step counts): the hyperparameters come from the config at every start.
+        fresh = not self.dense.state
         dense = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
+        if fresh:
+            # No update has been applied yet (every step so far was skipped): torch made the state with a zero-lr
+            # step, which leaves the moments at zero but counts as a step. Uncount it, or a resume would be one step
+            # ahead in AdamW's bias correction.
+            for step in [state["step"] for state in self.dense.state.values()] + [
+                    value for key, value in dense.items() if key.endswith(".step")]:
+                if isinstance(step, torch.Tensor):
+                    step.zero_()
         state = {"dense": {key: value for key, value in dense.items() if key.startswith("state.")}}
         if self.values is not None:
             state["values"] = self.values.state_dict()

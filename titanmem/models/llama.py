@@ -45,7 +45,7 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     the 134m step. Under torch.compile in real arithmetic, which the compiler fuses into one kernel (it does not
     generate code for complex numbers)."""
     rotations = rotations[: x.shape[1], None, :]  # [S, 1, D / 2], broadcast over batch and heads
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().contiguous().unflatten(-1, (-1, 2))  # a complex view needs even strides
     if torch.compiler.is_compiling():
         cos_sin = torch.view_as_real(rotations)
         cos, sin = cos_sin[..., 0], cos_sin[..., 1]
