@@ -93,29 +93,30 @@ def _row_topk_kernel(
 
 # ------------------------------------------------------------------------------------------------------- custom ops
 
-# The integer view of each float dtype the kernel reads, and the bits of +inf in the 16-bit ones.
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-_INF16 = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0}
+# Each float dtype the kernel reads: the integer view it loads, and the bits of +inf in the 16-bit ones.
+_FORMATS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+            torch.float32: (torch.int32, 0)}
 
 
 @torch.library.custom_op("titanmem::row_topk_positions", mutates_args=())
 def row_topk_positions(x: torch.Tensor, k: int) -> torch.Tensor:
     """Positions [R, k] (int64, increasing) of the k largest entries of each row of `x` [R, W] (bf16, fp16 or fp32,
     1 ≤ k ≤ W); among equal entries the lower positions win."""
-    if x.ndim != 2 or x.dtype not in _BITS or not 1 <= k <= x.shape[1]:
+    if x.ndim != 2 or x.dtype not in _FORMATS or not 1 <= k <= x.shape[1]:
         raise ValueError(f"row_topk needs a 2-D bf16, fp16 or fp32 tensor and 1 ≤ k ≤ its width; got "
                          f"{tuple(x.shape)} {x.dtype}, k {k}")
     rows, width = x.shape
     out = torch.empty(rows, k, device=x.device, dtype=torch.int64)
     if rows == 0:
         return out
-    bits = x.contiguous().view(_BITS[x.dtype])
+    view, inf = _FORMATS[x.dtype]
+    bits = x.contiguous().view(view)
     cfg = launch_config("row_topk", width)
     block_w = triton.next_power_of_2(width)
     block_r = max(1, min(cfg["BLOCK_R"], cfg["ELEMENTS"] // block_w))  # about the same registers at any width
     _row_topk_kernel[(triton.cdiv(rows, block_r),)](
         bits, out, rows, width, k, bits.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_W=block_w, BITS=8 * x.element_size(), INF=_INF16[x.dtype], num_warps=cfg["num_warps"],
+        BLOCK_R=block_r, BLOCK_W=block_w, BITS=8 * x.element_size(), INF=inf, num_warps=cfg["num_warps"],
     )
     return out
 
@@ -130,7 +131,7 @@ def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     (equal values in increasing position), and their positions. The values are gathered from `x`, so autograd sees a
     gather: its backward is a scatter to distinct positions. Rows wider than MAX_WIDTH, and dtypes the kernel does not
     read, take torch.topk."""
-    if x.shape[-1] > MAX_WIDTH or x.dtype not in _BITS:
+    if x.shape[-1] > MAX_WIDTH or x.dtype not in _FORMATS:
         return x.topk(k, dim=-1)
     positions = row_topk_positions(x.reshape(-1, x.shape[-1]), k).view(*x.shape[:-1], k)
     values = x.gather(-1, positions)

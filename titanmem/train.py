@@ -8,7 +8,6 @@ and train. The life of one step is in docs/architecture.md.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Mapping
 
@@ -21,7 +20,7 @@ from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder,
 from titanmem.components.faults import crash_point
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
-from titanmem.components.optimizer import Optimizers
+from titanmem.components.optimizer import Optimizers, all_finite
 from titanmem.components.states import DataLoaderState, ModelState, RNGState, SchedulerState, TrainState
 from titanmem.config import ConfigError, JobConfig
 from titanmem.config.manager import write_config
@@ -229,7 +228,7 @@ class Trainer:
         if on_device:
             rows = torch.stack([m.scalars for m in on_device]).tolist()
             for metrics, (loss, *norms) in zip(on_device, rows):
-                metrics.read(loss, norms, applied=all(math.isfinite(v) for v in (loss, *norms)))
+                metrics.read(loss, norms, applied=all_finite([loss, *norms]))
         for metrics in unsettled:
             if not metrics.applied:
                 self._handle_nonfinite(metrics.step, metrics["loss"], metrics.norms)

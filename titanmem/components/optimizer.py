@@ -84,6 +84,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
+def all_finite(values: list[float]) -> bool:
+    """Whether a step's loss and gradient norms allow its update."""
+    return all(math.isfinite(v) for v in values)
+
+
 class Optimizers:
     """AdamW plus, when `value_optimizer` is row-wise, the fused optimizer of the value table (Stateful)."""
 
@@ -166,7 +171,7 @@ class Optimizers:
 
     def step(self, loss: float, norms: list[float]) -> bool:
         """Apply the update, or drop it when the loss or a norm is not finite; returns whether it was applied."""
-        if not all(math.isfinite(v) for v in (loss, *norms)):
+        if not all_finite([loss, *norms]):
             if self.values is not None:
                 self.values.discard()
             self.zero_grad()

@@ -76,7 +76,7 @@ class ColumnParallelLookup(torch.autograd.Function):
             transfer = dist.all_to_all_single(received, outgoing, splits, splits, group=group, async_op=True)
             mine = lookup(values_slice, group_indices[start:stop], group_weights[start:stop])  # [T, D/M]
             transfer.wait()
-        slices = list(received.view(size - 1, tokens, -1).unbind(0))
+        slices = list(received.view(size - 1, tokens, mine.shape[1]).unbind(0))
         slices.insert(rank, mine)
         out = torch.cat(slices, dim=1)  # columns in rank order
         ctx.save_for_backward(values_slice, group_indices, group_weights)

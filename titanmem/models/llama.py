@@ -21,8 +21,8 @@ _NORM = ParamInit.constant(1.0)
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """cos and sin of the rotation angles, interleaved: [max_seq_len, head_dim] holding (cos θ_i, sin θ_i) pairs, so
-    that a slice of it views as the complex rotations e^{iθ} without a copy."""
+    """cos and sin of the rotation angles, interleaved: [max_seq_len, head_dim] holding (cos θ_i, sin θ_i) pairs, the
+    real and imaginary parts of the rotations e^{iθ} (`rope_rotations`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(-2)
