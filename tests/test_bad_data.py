@@ -223,6 +223,10 @@ def test_a_non_string_text_from_a_reader_without_marks_is_a_bad_record(tokenizer
     (b'{"relation": "capital", "subject": "X"}\n', "not a fact"),
     (b'{"relation": "no such relation", "subject": "X", "answer": "Y", "seen": true}\n', "unknown relation"),
     (b'{"relation": "capital", "subj', "a truncated last line"),
+    (b'{"relation": "capital", "subject": "X", "answer": "Y", "seen": true, "qa": "yes"}\n', "not a fact"),
+    (b'{"relation": "capital", "subject": "X", "answer": "Y", "seen": true, "extra": 1}\n', "not a fact"),
+    (b'{"relation": "capital", "subject": "X", "answer": "Y", "seen": false, "qa": true}\n', "an unseen fact marked qa"),
+    (b'["capital", "X", "Y", true]\n', "not a fact"),
 ])
 def test_a_bad_fact_file_names_the_setting_the_file_and_the_line(tmp_path, line, reason):
     from titanmem.data.facts import load_facts

@@ -231,3 +231,10 @@ def test_fact_statements_are_mixed_in_at_the_configured_share_and_resume_exactly
     # Another seed states other facts.
     other = PackedTokenDataset(documents, tokenizer, 32, facts=facts, facts_fraction=0.25, seed=6)
     assert [w["input"].tolist() for w in take(iter(other), 60)] != [w["input"].tolist() for w in windows]
+    assert "\nA: " not in text
+    # With a Q/A share, question-answer pairs of the facts marked qa join the statements.
+    asking = PackedTokenDataset(documents, tokenizer, 32, facts=facts, facts_fraction=0.25, facts_qa_share=0.5, seed=5)
+    asked = tokenizer.decode([t for w in take(iter(asking), 60) for t in w["input"].tolist()])
+    pairs = {RELATIONS[f.relation].qa_pair(f.subject, f.answer): f for f in facts}
+    found = [fact for pair, fact in pairs.items() if pair in asked]
+    assert found and all(fact.qa for fact in found)

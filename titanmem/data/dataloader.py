@@ -37,6 +37,7 @@ def build_dataloader(
         dp_world_size=dp_world_size,
         facts=facts,
         facts_fraction=config.data.facts_fraction,
+        facts_qa_share=config.data.facts_qa_share,
         seed=config.training.seed,
         on_bad_record=config.data.on_bad_record,
     )

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Data as DataConfig
-from titanmem.data.facts import Fact, fact_statements
+from titanmem.data.facts import Fact, FactText
 from titanmem.data.files import DataSource
 from titanmem.data.position import ShardState, is_consumed
 from titanmem.data import records
@@ -211,15 +211,16 @@ class PackedTokenDataset(IterableDataset):
         dp_world_size: int = 1,
         facts: list[Fact] | None = None,
         facts_fraction: float = 0.0,
+        facts_qa_share: float = 0.0,
         seed: int = 0,
         on_bad_record: str = "stop",
     ):
         self.documents = documents
         self.on_bad_record = on_bad_record
         self.bad_records_skipped = 0
-        # Only seen facts are ever stated; the rest stay unseen for the recall eval.
-        self.facts = [fact for fact in facts or [] if fact.seen]
-        self.facts_fraction = facts_fraction if self.facts else 0.0
+        # Only seen facts are ever trained on; the rest stay unseen for the recall eval.
+        self.fact_text = FactText(facts or [], facts_qa_share)
+        self.facts_fraction = facts_fraction if self.fact_text.seen else 0.0
         self.seed = seed
         self.tokenizer = tokenizer
         self.seq_len = seq_len
@@ -302,13 +303,14 @@ class PackedTokenDataset(IterableDataset):
             yield shard[index]
 
     def _fact_tokens(self, document_tokens: int) -> list[int]:
-        """The fact statements that follow the current document: about facts_fraction / (1 - facts_fraction) of its
-        length. They depend only on (seed, epoch, shard, document index), so a resumed stream repeats them."""
+        """The fact text that follows the current document, one item per line: about facts_fraction / (1 -
+        facts_fraction) of its length. It depends only on (seed, epoch, shard, document index), so a resumed stream
+        repeats it."""
         rng = random.Random(f"facts:{self.seed}:{self._epoch}:{self._shard_id}:{self._next_document}")
         wanted = document_tokens * self.facts_fraction / (1 - self.facts_fraction)
         tokens: list[int] = []
         while len(tokens) < wanted:
-            tokens.extend(self.tokenizer.encode(fact_statements(self.facts, rng, 1) + " "))
+            tokens.extend(self.tokenizer.encode(self.fact_text.item(rng) + "\n"))
         return tokens
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

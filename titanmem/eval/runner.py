@@ -2,9 +2,11 @@
 
 Results go to `results.jsonl` in the results folder (one JSON object per evaluation, with per-relation detail): in
 training `<job.dump_folder>/eval`, and TensorBoard under `eval/`; from a checkpoint, `eval.results_folder`, if set.
-Fact recall is reported as `eval/recall/<seen|unseen>/<train|heldout>`:
-the share of facts answered exactly by greedy completion of the first training template's prompt (`train`) and of
-the held-out prompts (`heldout`, averaged over them).
+Fact recall is reported as `eval/recall/<split>/<phrasing>`: the share of facts answered exactly by greedy completion
+of the first training template's prompt (`train`), of the Q/A template's (`qa`) and of the held-out prompts
+(`heldout`, averaged over them). The splits are `seen` and `unseen` (the guessing floor), and the seen facts again
+as `seen_qa` (also trained as Q/A pairs) and `seen_stated` (stated only: their `qa` recall is the transfer from
+statements to questions).
 """
 
 from __future__ import annotations
@@ -35,10 +37,39 @@ logger = logging.getLogger(__name__)
 
 
 def sample_facts(facts: list[Fact], limit: int) -> list[Fact]:
-    """A fixed sample of `limit` facts (all when 0 or more than there are), the same at every call."""
+    """A fixed sample of `limit` facts (all when 0 or more than there are), the same at every call: half seen and half
+    unseen, as far as there are, and within each half an equal share per relation (a relation with fewer facts gives
+    all of them and leaves the rest to the others), so that no relation dominates the sample and every relation's
+    guessing floor is measured on as many unseen facts as the half allows."""
     if limit == 0 or limit >= len(facts):
         return list(facts)
-    return sorted(random.Random(0).sample(facts, limit), key=lambda f: (f.relation, f.subject))
+    halves = [[f for f in facts if f.seen], [f for f in facts if not f.seen]]
+    quotas = _water_fill([len(half) for half in halves], limit)
+    rng = random.Random(0)
+    sample: list[Fact] = []
+    for half, quota in zip(halves, quotas):
+        by_relation: dict[str, list[Fact]] = defaultdict(list)
+        for fact in sorted(half, key=lambda f: (f.relation, f.subject)):
+            by_relation[fact.relation].append(fact)
+        names = sorted(by_relation)
+        for name, count in zip(names, _water_fill([len(by_relation[n]) for n in names], quota)):
+            sample.extend(rng.sample(by_relation[name], count))
+    return sorted(sample, key=lambda f: (f.relation, f.subject))
+
+
+def _water_fill(sizes: list[int], total: int) -> list[int]:
+    """Counts that sum to min(total, sum(sizes)), none above its size, as equal as the sizes allow (the first groups
+    take the remainder)."""
+    counts = [0] * len(sizes)
+    left, open_groups = total, [i for i, size in enumerate(sizes) if size > 0]
+    while left > 0 and open_groups:
+        share, extra = divmod(left, len(open_groups))
+        for rank, i in enumerate(open_groups):
+            take = min(sizes[i] - counts[i], share + (rank < extra))
+            counts[i] += take
+            left -= take
+        open_groups = [i for i in open_groups if counts[i] < sizes[i]]
+    return counts
 
 
 def heldout_tokens(path: str, tokenizer: Tokenizer, count: int, text_field: str = "text") -> list[int]:
@@ -102,8 +133,8 @@ class Evaluator:
         prompts, keys = [], []
         for fact in self.facts:
             relation = RELATIONS[fact.relation]
-            prompts.append(relation.training_prompt(fact.subject))
-            keys.append((fact, "train"))
+            prompts += [relation.training_prompt(fact.subject), relation.qa_prompt(fact.subject)]
+            keys += [(fact, "train"), (fact, "qa")]
             for prompt in relation.heldout(fact.subject):
                 prompts.append(prompt)
                 keys.append((fact, "heldout"))
@@ -115,9 +146,10 @@ class Evaluator:
         hits: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
         for (fact, phrasing), completion in zip(keys, completions):
             correct = is_exact_match(self.tokenizer.decode(completion), fact.answer)
-            split = "seen" if fact.seen else "unseen"
-            hits[(split, phrasing, "all")].append(correct)
-            hits[(split, phrasing, fact.relation)].append(correct)
+            splits = ["seen", "seen_qa" if fact.qa else "seen_stated"] if fact.seen else ["unseen"]
+            for split in splits:
+                hits[(split, phrasing, "all")].append(correct)
+                hits[(split, phrasing, fact.relation)].append(correct)
         return {f"{split}/{phrasing}/{relation}": sum(v) / len(v) for (split, phrasing, relation), v in
                 sorted(hits.items())}
 
