@@ -1,0 +1,221 @@
+"""Report the [quality] experiment from the files tools/run_experiment.sh leaves (<arm>.seed<k>.log, .eval.jsonl,
+.wall): the protocol's metrics per arm as a mean over seeds with their min-max spread, the success criteria met or
+missed, per-relation recall above the floor, and plots (PNG) of recall and perplexity against steps.
+
+    pip install -e ".[plot]"   # matplotlib: only the plots need it
+    python tools/report_experiment.py --runs /tmp/quality --out docs/experiments/quality
+
+Recall above the floor, for one relation and phrasing, is the recall on the seen facts minus the same model's recall
+on the unseen facts. A is its average over the relations in the training phrasing (docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STEP_LINE = re.compile(r"step +(\d+) \| loss ([\d.]+) .*?tok/s ([\d,]+)")
+RUN_FILE = re.compile(r"(?P<arm>.+)\.seed(?P<seed>\d+)\.eval\.jsonl")
+ARMS = {
+    "quality_dense_134m": "dense 134m",
+    "quality_memory_134m": "Memory+ 134m",
+    "quality_dense_373m": "dense 373m",
+    "quality_memory_pkm_134m": "PKM 134m",
+    "quality_memory_adamw_134m": "Memory+ 134m, AdamW values",
+}
+# (name in the tables, split of the seen facts, phrasing): each is read against unseen facts in the same phrasing.
+MEASURES = (("A: training phrasing", "seen", "train"), ("held-out phrasings", "seen", "heldout"),
+            ("Q/A, trained as Q/A", "seen_qa", "qa"), ("Q/A, stated only (transfer)", "seen_stated", "qa"))
+
+
+def above_floor(recall: dict[str, float], split: str, phrasing: str) -> dict[str, float]:
+    """Per relation: recall of `split` facts minus recall of unseen facts, in `phrasing` (relations with both)."""
+    relations = {key.split("/")[2] for key in recall if key.count("/") == 2} - {"all"}
+    return {relation: recall[f"{split}/{phrasing}/{relation}"] - recall[f"unseen/{phrasing}/{relation}"]
+            for relation in sorted(relations)
+            if f"{split}/{phrasing}/{relation}" in recall and f"unseen/{phrasing}/{relation}" in recall}
+
+
+def macro_average(values: dict[str, float]) -> float | None:
+    return statistics.fmean(values.values()) if values else None
+
+
+def read_run(folder: Path, arm: str, seed: int) -> dict:
+    name = f"{arm}.seed{seed}"
+    evals = [json.loads(line) for line in (folder / f"{name}.eval.jsonl").read_text().splitlines() if line.strip()]
+    log = folder / f"{name}.log"
+    speeds = [float(m.group(3).replace(",", "")) for m in map(STEP_LINE.search, log.read_text().splitlines()) if m] \
+        if log.exists() else []
+    wall = folder / f"{name}.wall"
+    seconds = re.search(r": (\d+) s wall", wall.read_text()) if wall.exists() else None
+    return {"evals": evals, "tokens_per_second": statistics.median(speeds[len(speeds) // 2:]) if speeds else None,
+            "wall_seconds": int(seconds.group(1)) if seconds else None}
+
+
+def find_runs(folder: Path) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(folder.glob("*.eval.jsonl")):
+        match = RUN_FILE.fullmatch(path.name)
+        if match:
+            runs.setdefault(match["arm"], {})[int(match["seed"])] = read_run(folder, match["arm"], int(match["seed"]))
+    return runs
+
+
+def final_metrics(run: dict) -> dict:
+    last = run["evals"][-1]
+    metrics = {"step": last["step"], "perplexity": last["perplexity"]}
+    for name, split, phrasing in MEASURES:
+        metrics[name] = macro_average(above_floor(last["recall"], split, phrasing))
+    return metrics
+
+
+def spread(values: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
+    """ "mean [min–max] (n)" over the seeds that have the value."""
+    present = [v * scale for v in values if v is not None]
+    if not present:
+        return "n/a"
+    text = f"{statistics.fmean(present):.{digits}f}"
+    if len(present) > 1:
+        text += f" [{min(present):.{digits}f}–{max(present):.{digits}f}]"
+    return f"{text} ({len(present)})"
+
+
+def arm_means(runs: dict[int, dict]) -> dict:
+    finals = [final_metrics(run) for run in runs.values()]
+    means = {key: statistics.fmean([f[key] for f in finals if f[key] is not None] or [float("nan")])
+             for key in finals[0]}
+    return {"finals": finals, "means": means}
+
+
+def flops_per_token(arm: str) -> float | None:
+    """FLOPs per token of an arm's config, counted on a meta-device model (None if titanmem cannot build it)."""
+    try:
+        import torch
+
+        from titanmem.config import build_config
+        from titanmem.models.accounting import count_parameters, flops_per_token as count_flops
+        from titanmem.models.llama import Transformer
+        from titanmem.plan import resolve_plan
+    except ImportError:
+        return None
+    config_path = Path(__file__).resolve().parents[1] / "train_configs" / f"{arm}.toml"
+    if not config_path.is_file():
+        return None
+    config, _ = build_config(["--job.config_file", str(config_path)])
+    plan = resolve_plan(config, "dry_run", world_size=1, device_type="cuda", tokenizer_vocab_size=4097)
+    with torch.device("meta"):
+        counts = count_parameters(Transformer(plan.model_args))
+    return float(count_flops(plan.model_args, counts, config.training.seq_len))
+
+
+def summary_table(runs: dict[str, dict[int, dict]], flops: dict[str, float | None]) -> str:
+    header = ["arm", "seeds", *[f"{name} (points)" for name, _, _ in MEASURES], "held-out perplexity", "tokens/s",
+              "wall (s)", "FLOPs per token"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for arm, by_seed in runs.items():
+        finals = [final_metrics(run) for run in by_seed.values()]
+        cells = [ARMS.get(arm, arm), ", ".join(str(s) for s in sorted(by_seed))]
+        cells += [spread([f[name] for f in finals], 100) for name, _, _ in MEASURES]
+        cells.append(spread([f["perplexity"] for f in finals], digits=2))
+        cells.append(spread([run["tokens_per_second"] for run in by_seed.values()], digits=0))
+        cells.append(spread([run["wall_seconds"] for run in by_seed.values()], digits=0))
+        cells.append(f"{flops[arm]:.3g}" if flops.get(arm) else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def relation_table(runs: dict[str, dict[int, dict]]) -> str:
+    """Recall above the floor per relation in the training phrasing (points, mean over seeds), and each arm's floor."""
+    per_arm = {}
+    for arm, by_seed in runs.items():
+        tables = [above_floor(run["evals"][-1]["recall"], "seen", "train") for run in by_seed.values()]
+        floors = [{k.split("/")[2]: v for k, v in run["evals"][-1]["recall"].items() if k.startswith("unseen/train/")}
+                  for run in by_seed.values()]
+        per_arm[arm] = ({r: statistics.fmean(t[r] for t in tables if r in t) for r in tables[0]},
+                        {r: statistics.fmean(f[r] for f in floors if r in f) for r in floors[0]})
+    relations = sorted({r for table, _ in per_arm.values() for r in table})
+    header = ["relation", *[f"{ARMS.get(arm, arm)} (floor)" for arm in per_arm]]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for relation in relations:
+        cells = [relation]
+        for table, floors in per_arm.values():
+            cells.append(f"{100 * table[relation]:.1f} ({100 * floors[relation]:.1f})" if relation in table else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def criteria(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """The protocol's three success criteria, each met or missed, on seed means."""
+    means = {arm: arm_means(by_seed)["means"] for arm, by_seed in runs.items()}
+    lines = []
+    memory, dense, large = (means.get(k) for k in ("quality_memory_134m", "quality_dense_134m", "quality_dense_373m"))
+    key = MEASURES[0][0]
+    if memory and dense:
+        ratio = memory[key] / dense[key] if dense[key] > 0 else float("inf")
+        lines.append(f"1. A(Memory+ 134m) = {100 * memory[key]:.1f} points, {ratio:.2f}× A(dense 134m) = "
+                     f"{100 * dense[key]:.1f}: target ≥ 2×, **{'met' if ratio >= 2 else 'missed'}**")
+    if memory and large:
+        lines.append(f"2. A(Memory+ 134m) = {100 * memory[key]:.1f} against A(dense 373m) = {100 * large[key]:.1f}: "
+                     f"**{'met' if memory[key] >= large[key] else 'missed'}**")
+    if memory and dense:
+        ratio = memory["perplexity"] / dense["perplexity"]
+        lines.append(f"3. held-out perplexity {memory['perplexity']:.2f} against {dense['perplexity']:.2f} "
+                     f"({ratio:.3f}×; target ≤ 1.02×): **{'met' if ratio <= 1.02 else 'missed'}**")
+    return lines
+
+
+def plot(runs: dict[str, dict[int, dict]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, ylabel, value in (
+        ("recall_above_floor.png", "recall above the floor, training phrasing (points)",
+         lambda e: 100 * (macro_average(above_floor(e["recall"], "seen", "train")) or 0)),
+        ("perplexity.png", "held-out perplexity", lambda e: e["perplexity"]),
+    ):
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for arm, by_seed in runs.items():
+            steps = sorted({e["step"] for run in by_seed.values() for e in run["evals"]})
+            series = [[value(e) for run in by_seed.values() for e in run["evals"] if e["step"] == s] for s in steps]
+            mean = [statistics.fmean(v) for v in series]
+            line, = axis.plot(steps, mean, marker="o", label=ARMS.get(arm, arm))
+            axis.fill_between(steps, [min(v) for v in series], [max(v) for v in series], color=line.get_color(),
+                              alpha=0.15)
+        axis.set(xlabel="step", ylabel=ylabel, title="mean over seeds, band: min to max")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)
+        paths.append(out / name)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, required=True, help="OUT_DIR of tools/run_experiment.sh")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (none: no plots)")
+    args = parser.parse_args()
+    runs = find_runs(args.runs)
+    if not runs:
+        sys.exit(f"error: no <arm>.seed<k>.eval.jsonl files in {args.runs}")
+    runs = {arm: runs[arm] for arm in [*[a for a in ARMS if a in runs], *sorted(set(runs) - set(ARMS))]}
+    flops = {arm: flops_per_token(arm) for arm in runs}
+    print(summary_table(runs, flops), "", relation_table(runs), "", *criteria(runs), sep="\n")
+    if args.out is not None:
+        for path in plot(runs, args.out):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
