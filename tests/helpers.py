@@ -278,3 +278,26 @@ def local_shapes_worker(rank: int, world: int, port: int, folder: str, argv: lis
             torch.save(shapes, os.path.join(folder, "shapes.pt"))
 
     run_as_rank(rank, world, port, body)
+
+
+def decode_worker(rank: int, world: int, port: int, folder: str, sections: dict, prompts: list) -> None:
+    """One rank: greedy decoding of `prompts` with the KV cache by the plan's model (collective); rank 0 saves the
+    tokens, the model's full weights and its args, for a one-process reference."""
+
+    def body():
+        import torch
+
+        from titanmem.eval.decode import generate
+        from titanmem.train import Trainer
+
+        trainer = Trainer(make_config(folder, **sections))
+        trainer.model.eval()
+        decoded = generate(trainer.model, prompts, 6, trainer.run.tokenizer.eos_id, trainer.device, batch_size=3,
+                           sequence_multiple=trainer.dims.tp)
+        weights = full_weights(trainer.model)
+        if rank == 0:
+            torch.save({"decoded": decoded, "weights": weights, "args": trainer.plan.model_args,
+                        "eos_id": trainer.run.tokenizer.eos_id}, os.path.join(folder, "decoded.pt"))
+        trainer.close()
+
+    run_as_rank(rank, world, port, body)

@@ -23,7 +23,7 @@ def test_top_p_keeps_the_smallest_nucleus_and_greedy_takes_the_argmax():
 class _Counter(torch.nn.Module):
     """Predicts token (last + 1) mod 7: a model whose greedy continuation is known."""
 
-    def forward(self, tokens):
+    def forward(self, tokens, cache=None):
         return torch.nn.functional.one_hot((tokens + 1) % 7, 8).float() * 10
 
 

@@ -26,6 +26,7 @@ from titanmem.config import ConfigError, JobConfig
 from titanmem.config.manager import write_config
 from titanmem.eval.runner import Evaluator
 from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
+from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
 from titanmem.utils import autocast, setup_logging
@@ -127,6 +128,7 @@ class Trainer:
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
         self.loss_history: dict[int, float] = {}
         self._unsettled: list[StepMetrics] = []  # launched steps whose metrics are still on the device
+        self._unread_losses: list[StepMetrics] = []  # launched steps of train() whose losses are not recorded yet
         # Whether train_step may leave a step's numbers on the device until they are needed (`settle`). `train` turns
         # it on for its loop; a caller of train_step sees every step settled unless it turns it on too.
         self.read_late = False
@@ -265,46 +267,57 @@ class Trainer:
         self.model.train()
         # Throughput windows start here, after checkpoint loading and loader start-up.
         self.metrics.reset_window()
-        unread: list[StepMetrics] = []  # launched steps whose losses are not in loss_history yet
-
-        def read_all() -> None:
-            self.settle()
-            for metrics in unread:
-                self.loss_history[metrics.step] = metrics["loss"]
-            unread.clear()
-
         self.read_late = True
+        profiler = step_profiler(self.config.profiling, self.config.job.dump_folder, self.rank, state.step)
+        snapshot = memory_snapshot(self.config.profiling, self.config.job.dump_folder, self.rank, self.device)
         try:
-            while state.step < total:
-                state.step += 1
-                unread.append(self.train_step(batches))
-                crash_point("step", state.step)
-                state.tokens_seen += self.plan.tokens_per_step
-                interval = self.config.eval.interval
-                evaluate = interval and (state.step % interval == 0 or state.step == total)
-                values = None
-                # The host waits for the device only where it needs the numbers: to log them, and before an
-                # evaluation or a save, so that a checkpoint's skip count is that of its step.
-                if (self.metrics.should_log(state.step) or evaluate or self.checkpointer.due(state.step)
-                        or state.step == total or len(unread) >= MAX_UNSETTLED_STEPS):
-                    values = dict(unread[-1])
-                    read_all()
-                    values["nonfinite_skips"] = state.nonfinite_skips
-                # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
-                self.metrics.step_done(state.step, self.plan.tokens_per_step // self.world_size, values)
-                if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
-                    self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
-                if evaluate:
-                    self.evaluate()
-                self.checkpointer.maybe_save(state.step)
-            read_all()
+            with profiler:
+                self._loop(total, batches, profiler, snapshot)
+            self._read_losses()
+        except torch.cuda.OutOfMemoryError as error:
+            raise out_of_memory(state.step, error, snapshot.dump_oom(state.step)) from error
         finally:
             self.read_late = False
+            snapshot.close()
         # The last save may still be writing in the background: the run is done once it is complete.
         self.checkpointer.wait()
         if self.rank == 0:
             logger.info("training done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
         return self.loss_history
+
+    def _read_losses(self) -> None:
+        """Settle the launched steps and record their losses in loss_history."""
+        self.settle()
+        for metrics in self._unread_losses:
+            self.loss_history[metrics.step] = metrics["loss"]
+        self._unread_losses.clear()
+
+    def _loop(self, total: int, batches, profiler, snapshot) -> None:
+        state = self.train_state
+        while state.step < total:
+            state.step += 1
+            self._unread_losses.append(self.train_step(batches))
+            crash_point("step", state.step)
+            state.tokens_seen += self.plan.tokens_per_step
+            interval = self.config.eval.interval
+            evaluate = interval and (state.step % interval == 0 or state.step == total)
+            values = None
+            # The host waits for the device only where it needs the numbers: to log them, and before an
+            # evaluation or a save, so that a checkpoint's skip count is that of its step.
+            if (self.metrics.should_log(state.step) or evaluate or self.checkpointer.due(state.step)
+                    or state.step == total or len(self._unread_losses) >= MAX_UNSETTLED_STEPS):
+                values = dict(self._unread_losses[-1])
+                self._read_losses()
+                values["nonfinite_skips"] = state.nonfinite_skips
+            # Per GPU: tensor-parallel ranks share their data-parallel rank's tokens.
+            self.metrics.step_done(state.step, self.plan.tokens_per_step // self.world_size, values)
+            if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
+                self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
+            if evaluate:
+                self.evaluate()
+            self.checkpointer.maybe_save(state.step)
+            profiler.step()
+            snapshot.step(state.step)
 
     def _initial_load(self, path) -> None:
         """A new run's start from another run's checkpoint or an exported model (`checkpoint.initial_load_path`)."""
@@ -353,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         # Some settings can only be checked against a checkpoint or the data stream, after start-up.
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RunOutOfMemory) as e:
         logger.error("%s", e)
         return 1
     finally:

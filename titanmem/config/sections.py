@@ -337,6 +337,42 @@ class Metrics:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Record torch.profiler traces of `profiler_active` steps every `profile_freq` steps, one file per rank (open them
+    in Perfetto, chrome://tracing or TensorBoard's profiler plugin). Off: nothing is recorded and nothing runs."""
+
+    save_traces_folder: str = "profile_traces"
+    """Folder under job.dump_folder for the traces: `iteration_<step>/rank<r>.pt.trace.json`."""
+
+    profile_freq: int = bounded(100, ge=1)
+    """Profile the `profiler_active` steps that end at every multiple of this step."""
+
+    profiler_warmup: int = bounded(3, ge=0)
+    """Steps traced but thrown away before the active ones (the first steps of a trace carry its start-up cost)."""
+
+    profiler_active: int = bounded(1, ge=1)
+    """Steps recorded in each trace."""
+
+    enable_memory_snapshot: bool = False
+    """Record the CUDA caching allocator's history and dump a snapshot every `profile_freq` steps, and on a CUDA
+    out-of-memory error before the run stops (drag the file onto https://pytorch.org/memory_viz). CUDA only; on
+    another device it is ignored with a warning."""
+
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Folder under job.dump_folder for the snapshots: `iteration_<step>/rank<r>_memory_snapshot.pickle`, and
+    `iteration_<step>_oom/` for the one taken on running out of memory."""
+
+    def check(self, config: "JobConfig") -> None:
+        if self.enable_profiling and self.profiler_warmup + self.profiler_active > self.profile_freq:
+            raise ConfigError(
+                "profiling.profile_freq",
+                f"must be at least profiler_warmup + profiler_active = {self.profiler_warmup} + "
+                f"{self.profiler_active}, got {self.profile_freq}; raise it or shorten the warm-up",
+            )
+
+
+@dataclass
 class Parallelism:
     dp_replicate: int = bounded(1, ge=1)
     """Data-parallel replicas (the replicate dim of HSDP)."""
@@ -462,6 +498,7 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)

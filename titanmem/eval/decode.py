@@ -1,17 +1,21 @@
 """Autoregressive decoding for eval and `python -m titanmem.generate`: greedy or nucleus (top-p) sampling.
 
-The model has no padding mask and no KV cache, so prompts are batched only with prompts of the same token length, and
-each new token re-runs the forward over the whole prefix. Eval prompts are short (tens of tokens), so this costs
-little and keeps the model code free of inference-only paths. Under a sharded model every rank must call this with the
-same prompts: the forward passes are collective.
+Prompts of any lengths batch together: each batch is left-padded to its longest prompt, and a KV cache
+(`titanmem.models.kv_cache`) keeps every attention layer's keys and values, so a new token costs one forward over
+one position. `use_cache=False` re-runs the whole prefix for every new token instead, batching only prompts of equal
+length: the plain reference the cached path is tested against. Under a sharded model every rank must call this with
+the same prompts: the forward passes are collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
+from titanmem.models.kv_cache import KVCache
 from titanmem.utils import autocast
 
 
@@ -42,31 +46,98 @@ def generate(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     vocab_size: int | None = None,
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    sequence_multiple: int = 1,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without the prompt; cut after the first end-of-text token, which is dropped).
-    `vocab_size` limits the choice to the tokenizer's ids (the model's output is padded beyond them)."""
-    by_length: dict[int, list[int]] = defaultdict(list)
+    `vocab_size` limits the choice to the tokenizer's ids (the model's output is padded beyond them). `progress`, if
+    given, is called with (prompts done, prompts) after each batch. `sequence_multiple`: every forward covers a
+    multiple of this many tokens (the tensor-parallel degree, whose sequence parallel splits the tokens), with filler
+    where needed; it needs the cache."""
     for index, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {index} is empty")
-        by_length[len(prompt)].append(index)
+    if sequence_multiple > 1 and not use_cache:
+        raise ValueError("decoding without the KV cache cannot pad a sequence-parallel model's tokens")
     outputs: list[list[int]] = [[] for _ in prompts]
-    for length in sorted(by_length):
-        members = by_length[length]
-        for start in range(0, len(members), batch_size):
-            batch = members[start : start + batch_size]
-            tokens = torch.tensor([prompts[i] for i in batch], dtype=torch.long, device=device)
-            finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                with autocast(device, autocast_dtype):
-                    logits = model(tokens)[:, -1, :vocab_size].float()
-                next_tokens = pick_next_token(logits, temperature, top_p, generator)
-                next_tokens = torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
-                tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-                finished |= next_tokens == eos_id
-                if bool(finished.all()):
-                    break
-            for row, index in enumerate(batch):
-                new = tokens[row, length:].tolist()
+    batches = _cached_batches(prompts, batch_size) if use_cache else _equal_length_batches(prompts, batch_size)
+    done = 0
+    # Compiled blocks run eagerly here: decoding's changing shapes would only make them recompile.
+    with _eager():
+        for batch in batches:
+            decode = _decode_cached if use_cache else _decode_uncached
+            new_tokens = decode(model, [prompts[i] for i in batch], max_new_tokens, eos_id, device, temperature,
+                                top_p, generator, autocast_dtype, vocab_size, sequence_multiple)
+            for index, new in zip(batch, new_tokens):
                 outputs[index] = new[: new.index(eos_id)] if eos_id in new else new
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(prompts))
     return outputs
+
+
+def _eager():
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _cached_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar lengths (sorted by length, so that little padding is needed)."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _equal_length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(index)
+    return [members[start : start + batch_size] for length in sorted(by_length)
+            for members in [by_length[length]] for start in range(0, len(members), batch_size)]
+
+
+def _next_tokens(logits, finished, eos_id, temperature, top_p, generator):
+    next_tokens = pick_next_token(logits, temperature, top_p, generator)
+    return torch.where(finished, torch.full_like(next_tokens, eos_id), next_tokens)
+
+
+def _decode_cached(model, prompts, max_new_tokens, eos_id, device, temperature, top_p, generator, autocast_dtype,
+                   vocab_size, multiple) -> list[list[int]]:
+    longest = -(-max(len(prompt) for prompt in prompts) // multiple) * multiple
+    # Left padding puts every row's last prompt token in the same column; the padding id is masked out.
+    rows = [[eos_id] * (longest - len(prompt)) + prompt for prompt in prompts]
+    tokens = torch.tensor(rows, dtype=torch.long, device=device)
+    pad = torch.tensor([longest - len(prompt) for prompt in prompts], dtype=torch.long, device=device)
+    cache = KVCache(pad, longest + max_new_tokens * multiple)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated = []
+    column = -1  # where the token to pick from sits in the forward's output: the last prompt token, then the first
+    for _ in range(max_new_tokens):
+        with autocast(device, autocast_dtype):
+            logits = model(tokens, cache=cache)[:, column, :vocab_size].float()
+        new = _next_tokens(logits, finished, eos_id, temperature, top_p, generator)[:, None]
+        generated.append(new)
+        finished |= new[:, 0] == eos_id
+        if bool(finished.all()):
+            break
+        tokens, column = new, 0
+        if multiple > 1:
+            tokens = torch.cat([new, new.new_full((len(prompts), multiple - 1), eos_id)], dim=1)
+            cache.mark_filler(cache.length + 1, cache.length + multiple)
+    return torch.cat(generated, dim=1).tolist()
+
+
+def _decode_uncached(model, prompts, max_new_tokens, eos_id, device, temperature, top_p, generator, autocast_dtype,
+                     vocab_size, multiple) -> list[list[int]]:
+    length = len(prompts[0])
+    tokens = torch.tensor(prompts, dtype=torch.long, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        with autocast(device, autocast_dtype):
+            logits = model(tokens)[:, -1, :vocab_size].float()
+        next_tokens = _next_tokens(logits, finished, eos_id, temperature, top_p, generator)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        finished |= next_tokens == eos_id
+        if bool(finished.all()):
+            break
+    return tokens[:, length:].tolist()

@@ -11,10 +11,12 @@ statements to questions).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,6 +93,24 @@ def heldout_tokens(path: str, tokenizer: Tokenizer, count: int, text_field: str 
     return tokens[: count + 1]
 
 
+class Progress:
+    """Logs how far a long eval phase has come and an estimate of the time left, at most every `interval` seconds
+    (on rank 0); a phase that ends within the first interval logs nothing."""
+
+    def __init__(self, label: str, unit: str, enabled: bool, interval: float = 30.0, clock=time.monotonic):
+        self.label, self.unit, self.enabled, self.interval, self.clock = label, unit, enabled, interval, clock
+        self.started = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if not self.enabled or now - self.last < self.interval or done >= total:
+            return
+        self.last = now
+        left = (now - self.started) * (total - done) / max(done, 1)
+        logger.info("%s: %s / %s %s, %s left", self.label, f"{done:,}", f"{total:,}", self.unit,
+                    datetime.timedelta(seconds=round(left)))
+
+
 class Evaluator:
     def __init__(self, config: JobConfig, tokenizer: Tokenizer, device: torch.device,
                  autocast_dtype: torch.dtype | None, rank: int = 0, results_folder: str | Path | None = None):
@@ -107,7 +127,7 @@ class Evaluator:
         self.facts = sample_facts(load_facts(facts_path), config.eval.facts_limit) if facts_path.is_file() else []
 
     @torch.no_grad()
-    def perplexity(self, model: torch.nn.Module) -> tuple[float, int]:
+    def perplexity(self, model: torch.nn.Module, step: int | None = None) -> tuple[float, int]:
         """Mean next-token loss over non-overlapping windows of training.seq_len, and the tokens scored."""
         seq_len = self.config.training.seq_len
         windows = (len(self.tokens) - 1) // seq_len
@@ -118,7 +138,9 @@ class Evaluator:
         labels = data[1:].view(windows, seq_len)
         total, count = 0.0, 0
         batch = self.config.eval.batch_size
+        progress = Progress(f"eval step {step}: perplexity", "windows", self.rank == 0)
         for start in range(0, windows, batch):
+            progress(start, windows)
             x = inputs[start : start + batch].to(self.device)
             y = labels[start : start + batch].to(self.device)
             with autocast(self.device, self.autocast_dtype):
@@ -128,7 +150,7 @@ class Evaluator:
         return total / count, count
 
     @torch.no_grad()
-    def recall(self, model: torch.nn.Module) -> dict:
+    def recall(self, model: torch.nn.Module, step: int | None = None) -> dict:
         """Exact-match recall of the sampled facts, by split and phrasing, overall and per relation."""
         prompts, keys = [], []
         for fact in self.facts:
@@ -142,6 +164,8 @@ class Evaluator:
             model, [self.tokenizer.encode(p) for p in prompts], self.config.eval.max_new_tokens,
             self.tokenizer.eos_id, self.device, batch_size=self.config.eval.batch_size,
             autocast_dtype=self.autocast_dtype, vocab_size=self.tokenizer.vocab_size,
+            progress=Progress(f"eval step {step}: recall", "prompts", self.rank == 0),
+            sequence_multiple=self.config.parallelism.tp,
         )
         hits: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
         for (fact, phrasing), completion in zip(keys, completions):
@@ -160,14 +184,14 @@ class Evaluator:
         model.eval()
         dump = self._start_dump(model) if self.config.eval.dump_memory else None
         try:
-            loss, scored = self.perplexity(model)
+            loss, scored = self.perplexity(model, step)
         finally:
             if dump is not None:
                 model.memory_values.observer = dump["previous"]
         try:
             if dump is not None:
                 self._save_dump(dump, step)
-            recall = self.recall(model) if self.facts else {}
+            recall = self.recall(model, step) if self.facts else {}
         finally:
             model.train(was_training)
         results = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens_scored": scored,

@@ -13,6 +13,7 @@ from torch import nn
 
 from titanmem.models.args import ModelArgs
 from titanmem.models.init import ParamInit, prefixed
+from titanmem.models.kv_cache import KVCache, LayerKVCache
 from titanmem.models.memory import MemoryValues, ProductKeyMemory
 
 # Attention and FFN input projections: torchtitan's truncated normal (bounds ±2, absolute).
@@ -37,14 +38,24 @@ def rope_rotations(cache: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.complex(pairs[..., 0], pairs[..., 1])
 
 
+def rope_rotations_at(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The complex rotations of the given [B, S] positions, [B, S, head_dim / 2] (each row its own positions, as
+    left-padded decoding needs)."""
+    pairs = cache[positions].unflatten(-1, (-1, 2))
+    return torch.complex(pairs[..., 0], pairs[..., 1])
+
+
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by `rotations` (`rope_rotations`), in fp32.
-    x: [B, S, H, D].
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by `rotations` (`rope_rotations`, the first S
+    positions, or `rope_rotations_at`, per row), in fp32. x: [B, S, H, D].
 
     In eager mode as one complex product: 3 kernels where the real arithmetic takes 10, which made rope a fifth of
     the 134m step. Under torch.compile in real arithmetic, which the compiler fuses into one kernel (it does not
     generate code for complex numbers)."""
-    rotations = rotations[: x.shape[1], None, :]  # [S, 1, D / 2], broadcast over batch and heads
+    if rotations.dim() == 3:
+        rotations = rotations[:, :, None, :]  # [B, S, 1, D / 2], broadcast over heads
+    else:
+        rotations = rotations[: x.shape[1], None, :]  # [S, 1, D / 2], broadcast over batch and heads
     pairs = x.float().contiguous().unflatten(-1, (-1, 2))  # a complex view needs even strides
     if torch.compiler.is_compiling():
         cos_sin = torch.view_as_real(rotations)
@@ -66,17 +77,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # -1 heads: under tensor parallel each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
         k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
         v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(k, v)
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def param_inits(self, out_std: float) -> dict[str, ParamInit]:
@@ -116,8 +131,9 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init of the residual-branch outputs keeps the residual stream's variance flat with depth.
         self.out_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rotations)
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        # The cache goes by keyword: tensor parallel's input hooks lay out the positional inputs only.
+        h = x + self.attention(self.attention_norm(x), rotations, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def param_inits(self) -> dict[str, ParamInit]:
@@ -167,11 +183,20 @@ class Transformer(nn.Module):
         """Recompute the buffers, e.g. after `to_empty` from the meta device."""
         self.rope.copy_(rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[1] > self.args.max_seq_len:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """[B, S] tokens -> [B, S, vocab] logits. With a `cache` (decoding), the tokens follow those of the earlier
+        calls with the same cache, and their keys and values join it."""
+        if cache is None and tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.args.max_seq_len}")
+        if cache is not None and cache.capacity > self.args.max_seq_len:
+            raise ValueError(f"a KV cache of {cache.capacity} tokens exceeds max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
-        rotations = rope_rotations(self.rope, tokens.shape[1])
-        for block in self.layers.values():
-            h = block(h, rotations)
+        if cache is None:
+            rotations = rope_rotations(self.rope, tokens.shape[1])
+        else:
+            rotations = rope_rotations_at(self.rope, cache.positions(tokens.shape[1]))
+        for name, block in self.layers.items():
+            h = block(h, rotations) if cache is None else block(h, rotations, cache=cache.layer(int(name)))
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         return self.output(self.norm(h))

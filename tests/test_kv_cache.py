@@ -1,0 +1,101 @@
+"""Decoding with a KV cache against the plain reference that re-runs the whole prefix: the same logits (float64) for
+left-padded rows of mixed lengths, and the same tokens, greedy or sampled, on dense, grouped-query and memory
+models."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from titanmem.build import build_model
+from titanmem.eval.decode import generate
+from titanmem.models import ModelArgs
+from titanmem.models.args import MemoryArgs
+from titanmem.models.kv_cache import KVCache
+
+CPU = torch.device("cpu")
+VOCAB = 61
+
+
+def model_for(kind: str, seed: int) -> torch.nn.Module:
+    args = ModelArgs(dim=32, n_layers=3, n_heads=4, ffn_hidden_dim=48, vocab_size=VOCAB, max_seq_len=48)
+    if kind == "gqa":
+        args = dataclasses.replace(args, n_kv_heads=2)
+    if kind == "memory":
+        args = dataclasses.replace(args, memory=MemoryArgs(layers=(1,), n_keys=8, k_dim=8, v_dim=32, heads=2, knn=4))
+    torch.manual_seed(seed)
+    return build_model(args, CPU).double().eval()
+
+
+def random_prompts(seed: int, count: int, longest: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(1, longest))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["dense", "gqa", "memory"])
+def test_cached_logits_of_left_padded_rows_equal_each_row_run_alone(kind):
+    model = model_for(kind, seed=11)
+    prompts = random_prompts(seed=5, count=4, longest=9)
+    continuation = [random.Random(6).randrange(VOCAB) for _ in range(5)]
+    longest = max(map(len, prompts))
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    cache = KVCache(pad, longest + len(continuation))
+    with torch.no_grad():
+        steps = [model(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]), cache=cache)[:, -1]]
+        for token in continuation:
+            steps.append(model(torch.full((len(prompts), 1), token), cache=cache)[:, -1])
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt + continuation]))[0]
+            expected = alone[len(prompt) - 1 :]
+            torch.testing.assert_close(torch.stack([s[row] for s in steps]), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["dense", "gqa", "memory"])
+def test_cached_generation_matches_the_reference_token_for_token(kind):
+    model = model_for(kind, seed=3)
+    prompts = random_prompts(seed=8, count=11, longest=13)
+    common = dict(max_new_tokens=9, eos_id=VOCAB - 1, device=CPU)
+    reference = generate(model, prompts, batch_size=4, use_cache=False, **common)
+    assert generate(model, prompts, batch_size=4, **common) == reference
+    assert generate(model, prompts, batch_size=len(prompts), **common) == reference
+    # Filler columns (as a sequence-parallel plan needs) change nothing.
+    assert generate(model, prompts, batch_size=4, sequence_multiple=3, **common) == reference
+    assert any(len(set(tokens)) > 1 for tokens in reference), "a constant continuation would prove little"
+    # Sampling draws in the same order when both paths take one prompt at a time (both go by length).
+    sampled = [generate(model, prompts, batch_size=1, temperature=0.9, top_p=0.8, use_cache=use_cache,
+                        generator=torch.Generator().manual_seed(4), **common) for use_cache in (False, True)]
+    assert sampled[0] == sampled[1] and sampled[0] != reference
+
+
+def test_progress_is_reported_per_batch_and_a_cache_beyond_max_seq_len_is_refused():
+    model = model_for("dense", seed=1)
+    calls = []
+    generate(model, random_prompts(2, 5, 4), 3, VOCAB - 1, CPU, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    with pytest.raises(ValueError, match="exceeds max_seq_len 48"):
+        generate(model, [[1] * 40], 9, VOCAB - 1, CPU)
+    with pytest.raises(ValueError, match="do not fit"):
+        cache = KVCache(torch.zeros(1, dtype=torch.long), 4)
+        model(torch.ones(1, 3, dtype=torch.long), cache=cache)
+        model(torch.ones(1, 2, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("parallelism", [{"dp_shard": 2, "mp": 2}, {"tp": 2}], ids=["fsdp-mp", "tp-sp"])
+def test_cached_generation_under_a_parallel_plan_matches_the_reference(tmp_path, parallelism):
+    import torch.multiprocessing as mp
+
+    from helpers import decode_worker, free_port
+
+    prompts = random_prompts(seed=9, count=5, longest=7)
+    sections = {"memory": {"enabled": True}, "parallelism": parallelism}
+    mp.start_processes(decode_worker, args=(2, free_port(), str(tmp_path), sections, prompts), nprocs=2, join=True,
+                       start_method="spawn")
+    saved = torch.load(tmp_path / "decoded.pt", weights_only=False)
+    # The reference: the same weights in one process, decoded without a cache.
+    model = build_model(saved["args"], CPU)
+    model.load_state_dict(saved["weights"])
+    reference = generate(model.eval(), prompts, 6, saved["eos_id"], CPU, use_cache=False)
+    assert saved["decoded"] == reference and any(reference)

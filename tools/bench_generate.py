@@ -1,0 +1,77 @@
+"""Time greedy generation with and without the KV cache, on a GPU, for train_configs presets; prints one markdown
+table.
+
+    python tools/bench_generate.py [--configs llama_134m_memory,llama_1.3b_memory] [--prompts 64]
+        [--new-tokens 64] [--batch-size 32]
+
+Each config's model is built as its preset says (random weights: speed does not depend on them), in bf16 autocast.
+The prompts are random token strings of 8 to 48 tokens. Both decoders run the same prompts; the table gives new tokens
+per second, the speed-up, and the share of prompts whose greedy continuations agree token for token (both paths
+compute in bf16 with different kernels, so near-ties may break differently; in float64 they agree exactly, which
+tests/test_kv_cache.py checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from titanmem.build import build_model  # noqa: E402
+from titanmem.config import build_config  # noqa: E402
+from titanmem.eval.decode import generate  # noqa: E402
+from titanmem.plan import resolve_plan  # noqa: E402
+
+VOCAB = 4097  # the bundled tokenizer's ids; the last, 4096, is end-of-text
+EOS = VOCAB - 1
+
+
+def timed(model, prompts, args, use_cache: bool) -> tuple[list[list[int]], float]:
+    # Choosing among the ids below end-of-text: every prompt generates all its new tokens, so both paths do the same
+    # work.
+    common = dict(max_new_tokens=args.new_tokens, eos_id=EOS, device=torch.device("cuda"),
+                  batch_size=args.batch_size, autocast_dtype=torch.bfloat16, vocab_size=EOS, use_cache=use_cache)
+    generate(model, prompts[: args.batch_size], **{**common, "max_new_tokens": 2})  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = generate(model, prompts, **common)
+    torch.cuda.synchronize()
+    return outputs, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="llama_134m_memory,llama_1.3b_memory")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_generate.py times a GPU; none is visible")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(EOS) for _ in range(rng.randint(8, 48))] for _ in range(args.prompts)]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| config | prompts × new tokens | without cache tok/s | with cache tok/s | speed-up | same continuation |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name in args.configs.split(","):
+        config, _ = build_config(["--job.config_file", f"train_configs/{name}.toml"])
+        plan = resolve_plan(config, "dry_run", world_size=1, device_type="cuda", tokenizer_vocab_size=VOCAB)
+        model = build_model(plan.model_args, torch.device("cuda")).eval()
+        uncached, slow = timed(model, prompts, args, use_cache=False)
+        cached, fast = timed(model, prompts, args, use_cache=True)
+        new = sum(len(tokens) for tokens in cached)
+        same = sum(a == b for a, b in zip(cached, uncached)) / len(prompts)
+        print(f"| {name} | {args.prompts} × {args.new_tokens} | {new / slow:,.0f} | {new / fast:,.0f} | "
+              f"{slow / fast:.1f}× | {same:.0%} |", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
