@@ -99,3 +99,26 @@ def test_cached_generation_under_a_parallel_plan_matches_the_reference(tmp_path,
     model.load_state_dict(saved["weights"])
     reference = generate(model.eval(), prompts, 6, saved["eos_id"], CPU, use_cache=False)
     assert saved["decoded"] == reference and any(reference)
+
+
+def test_eval_decoding_follows_eval_kv_cache_and_refuses_no_cache_under_tensor_parallel(monkeypatch):
+    from titanmem.config import ConfigError, build_config
+    from titanmem.eval import runner
+
+    with pytest.raises(ConfigError) as info:
+        build_config(["--eval.kv_cache", "false", "--parallelism.tp", "2"])
+    assert info.value.field == "eval.kv_cache"
+    seen = []
+
+    def fake_generate(*args, use_cache, sequence_multiple, **kwargs):
+        seen.append((use_cache, sequence_multiple))
+        return [[] for _ in args[1]]
+
+    monkeypatch.setattr(runner, "generate", fake_generate)
+    from titanmem.data.tokenizer import build_tokenizer
+
+    for flag in ("true", "false"):
+        config, _ = build_config(["--eval.kv_cache", flag, "--eval.facts_limit", "4", "--training.device", "cpu"])
+        evaluator = runner.Evaluator(config, build_tokenizer(config.tokenizer), CPU, None)
+        evaluator.recall(torch.nn.Identity())
+    assert seen == [(True, 1), (False, 1)]

@@ -436,6 +436,11 @@ class Eval:
     max_new_tokens: int = bounded(12, ge=1)
     """Greedy tokens generated per fact prompt before scoring."""
 
+    kv_cache: bool = True
+    """Decode the fact prompts with a KV cache, prompts of all lengths batched together (left-padded). False re-runs
+    the whole prefix for every token, batching prompts of equal length only: the same greedy answers up to rounding
+    (bf16 can break a near-tie the other way), slower."""
+
     batch_size: int = bounded(64, ge=1)
     """Sequences per eval forward."""
 
@@ -447,6 +452,11 @@ class Eval:
     """Where `python -m titanmem.eval` appends results.jsonl (and memory dumps); empty prints the results only. It must
     lie outside `job.dump_folder`: reading a run never writes into it. In training, results go to
     `<job.dump_folder>/eval`."""
+
+    def check(self, config: "JobConfig") -> None:
+        if not self.kv_cache and config.parallelism.tp > 1:
+            raise ConfigError("eval.kv_cache", "must be true with parallelism.tp > 1: sequence parallel splits each "
+                              "forward's tokens over the tp ranks, and only the cached decoder pads them to fit")
 
 
 @dataclass

@@ -165,7 +165,7 @@ class Evaluator:
             self.tokenizer.eos_id, self.device, batch_size=self.config.eval.batch_size,
             autocast_dtype=self.autocast_dtype, vocab_size=self.tokenizer.vocab_size,
             progress=Progress(f"eval step {step}: recall", "prompts", self.rank == 0),
-            sequence_multiple=self.config.parallelism.tp,
+            use_cache=self.config.eval.kv_cache, sequence_multiple=self.config.parallelism.tp,
         )
         hits: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
         for (fact, phrasing), completion in zip(keys, completions):
