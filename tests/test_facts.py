@@ -90,14 +90,39 @@ def test_prompts_end_before_the_answer():
 
 
 @pytest.mark.parametrize("sizes, total", [([5, 1, 9], 10), ([0, 3], 2), ([2, 2], 9), ([7, 7, 7], 20), ([], 4),
-                                          ([1000, 3, 1], 0), ([4, 11, 6, 2, 30], 37)])
-def test_water_fill_is_as_even_as_the_sizes_allow(sizes, total):
+                                          ([1000, 3, 1], 0), ([4, 11, 6, 2, 30], 37), ([1, 3, 2], 5)])
+def test_water_fill_gives_each_group_its_equal_share_or_all_it_has(sizes, total):
     counts = _water_fill(sizes, total)
     assert sum(counts) == min(total, sum(sizes))
     assert all(0 <= c <= s for c, s in zip(counts, sizes))
-    unfilled = [c for c, s in zip(counts, sizes) if c < s]
-    # A group left short holds at least as many as any other group, within one.
-    assert all(c + 1 >= max(counts) for c in unfilled)
+    if sizes:
+        assert all(c >= min(s, total // len(sizes)) for c, s in zip(counts, sizes))
+
+
+def test_water_fill_on_every_small_case_against_its_rounds_done_by_hand():
+    """Brute force over all sizes up to 3 groups of 0-5 and every total: the invariants, and the result of the
+    rounds replayed one fact at a time (each round deals its equal share, the remainder to the first groups)."""
+    import itertools
+
+    def by_hand(sizes, total):
+        counts, left = [0] * len(sizes), total
+        while left and any(c < s for c, s in zip(counts, sizes)):
+            open_groups = [i for i, (c, s) in enumerate(zip(counts, sizes)) if c < s]
+            share, extra = divmod(left, len(open_groups))
+            for rank, i in enumerate(open_groups):
+                for _ in range(share + (rank < extra)):
+                    if counts[i] < sizes[i]:
+                        counts[i] += 1
+                        left -= 1
+        return counts
+
+    for n in range(1, 4):
+        for sizes in itertools.product(range(6), repeat=n):
+            for total in range(sum(sizes) + 2):
+                counts = _water_fill(list(sizes), total)
+                assert counts == by_hand(list(sizes), total), (sizes, total)
+                assert sum(counts) == min(total, sum(sizes))
+                assert all(c >= min(s, total // n) for c, s in zip(counts, sizes)), (sizes, total)
 
 
 def test_the_eval_sample_is_fixed_half_unseen_and_spread_over_the_relations(facts):

@@ -79,3 +79,22 @@ def test_eval_of_a_checkpoint_writes_perplexity_and_recall(trained_run):
     dump = torch.load(results_folder / "memory-step-3.pt")
     assert set(dump["indices"]) == {"layer1", "layer3", "layer5"}
     assert dump["indices"]["layer1"].shape == (256, 4 * 32)
+
+
+def test_eval_reads_are_not_counted_as_training_reads(tmp_path):
+    from helpers import make_config
+    from titanmem.train import Trainer
+
+    trainer = Trainer(make_config(tmp_path, memory={"enabled": True}, training={"seq_len": 32},
+                                  eval={"facts_limit": 4, "perplexity_tokens": 64, "dump_memory": True}))
+    try:
+        calls = []
+        trainer.model.memory_values.observer = lambda layer, indices, weights: calls.append(indices.shape)
+        observer = trainer.model.memory_values.observer
+        trainer.evaluate()
+        assert calls == [] and trainer.model.memory_values.observer is observer
+        # The eval's own dump of the memory reads still sees them.
+        dump = torch.load(tmp_path / "eval" / "memory-step-0.pt")
+        assert dump["indices"] and all(t.numel() for t in dump["indices"].values())
+    finally:
+        trainer.close()

@@ -75,8 +75,15 @@ def test_progress_is_reported_per_batch_and_a_cache_beyond_max_seq_len_is_refuse
     calls = []
     generate(model, random_prompts(2, 5, 4), 3, VOCAB - 1, CPU, batch_size=2, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
-    with pytest.raises(ValueError, match="exceeds max_seq_len 48"):
-        generate(model, [[1] * 40], 9, VOCAB - 1, CPU)
+    # The same lengths as the reference accepts: 40 + 9 needs 48 positions (the last token is never fed back).
+    assert generate(model, [[1] * 40], 9, VOCAB - 1, CPU) == generate(model, [[1] * 40], 9, VOCAB - 1, CPU,
+                                                                       use_cache=False)
+    assert generate(model, [[1] * 45], 2, VOCAB - 1, CPU, sequence_multiple=2) == generate(
+        model, [[1] * 45], 2, VOCAB - 1, CPU, use_cache=False)  # filler columns take no position
+    for use_cache in (False, True):
+        with pytest.raises(ValueError, match="exceeds max_seq_len 48"):
+            generate(model, [[1] * 41], 9, VOCAB - 1, CPU, use_cache=use_cache)
+    assert generate(model, [[1, 2], [3]], 0, VOCAB - 1, CPU) == [[], []]
     with pytest.raises(ValueError, match="do not fit"):
         cache = KVCache(torch.zeros(1, dtype=torch.long), 4)
         model(torch.ones(1, 3, dtype=torch.long), cache=cache)

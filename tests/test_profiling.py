@@ -140,3 +140,37 @@ def test_eval_progress_reports_what_is_done_and_the_time_left(caplog):
     caplog.clear()
     quiet(1, 2)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("freq, warmup, active, start, end", [(3, 2, 1, 2, 12), (4, 1, 2, 6, 12), (4, 1, 1, 0, 7)])
+def test_a_resumed_run_traces_the_same_steps_and_a_cut_window_leaves_no_trace(tmp_path, freq, warmup, active, start,
+                                                                              end):
+    """The profiler driven as the training loop drives it, from step `start` (a resume) to `end`: each trace holds
+    the `active` steps that end at a multiple of freq, as an uninterrupted run's would, and a window the run does not
+    finish is not saved."""
+    config = make_config(tmp_path, profiling={"enable_profiling": True, "profile_freq": freq,
+                                              "profiler_warmup": warmup, "profiler_active": active}).profiling
+    with profiling.step_profiler(config, str(tmp_path), 0, start) as profiler:
+        for step in range(start + 1, end + 1):
+            with torch.profiler.record_function(f"titanmem_step_{step}"):
+                torch.ones(8, 8) @ torch.ones(8, 8)
+            profiler.step()
+    expected = {s: [f"titanmem_step_{t}" for t in range(s - active + 1, s + 1)]
+                for s in range(freq, end + 1, freq) if s - active >= start}
+    found = {}
+    for path in (tmp_path / "profile_traces").glob("iteration_*/rank0.pt.trace.json"):
+        events = json.loads(path.read_text())["traceEvents"]
+        found[int(path.parent.name.split("_")[1])] = sorted(
+            {e["name"] for e in events if e.get("name", "").startswith("titanmem_step_")}, key=lambda n: int(n[14:]))
+    assert found == expected
+
+
+def test_running_out_of_memory_in_the_eval_names_the_eval_batch(tmp_path, monkeypatch):
+    from titanmem.eval.runner import Evaluator
+
+    def failing_eval(self, model, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(Evaluator, "run", failing_eval)
+    with pytest.raises(profiling.RunOutOfMemory, match="in the eval at step 2 .*eval.batch_size"):
+        train(tmp_path, 3, eval={"interval": 2})

@@ -75,3 +75,26 @@ def test_tables_show_every_arm_with_its_spread(runs):
     # Columns in the order of the runs given (file order here: dense 134m, dense 373m, Memory+ 134m).
     assert "| a | 25.0 (10.0) | 80.0 (10.0) | 55.0 (10.0) |" in relations
     assert "| b | 0.0 (15.0) | 0.0 (30.0) | 5.0 (20.0) |" in relations
+
+
+def test_hostile_run_files_are_left_out_or_not_judged(tmp_path, capsys):
+    # An empty eval file, an eval with no recall, a dense arm at its floor, and relations only some seeds have.
+    (tmp_path / "quality_dense_373m.seed0.eval.jsonl").write_text("")
+    (tmp_path / "quality_memory_pkm_134m.seed0.eval.jsonl").write_text(json.dumps({"step": 8, "perplexity": 9.0})
+                                                                       + "\n")
+    write_run(tmp_path, "quality_dense_134m", 0, recall(0.1, 0.1, 0.2, 0.3), 50.0, 400_000)  # A = -0.05
+    write_run(tmp_path, "quality_memory_134m", 0, recall(0.5, 0.1, 0.2, 0.2), 51.0, 250_000)
+    only_in_seed1 = recall(0.6, 0.1, 0.3, 0.2) | {"seen/train/c": 0.5, "unseen/train/c": 0.0}
+    write_run(tmp_path, "quality_memory_134m", 1, only_in_seed1, 52.0, 260_000)
+    runs = report.find_runs(tmp_path)
+    assert "left out" in capsys.readouterr().err
+    assert set(runs) == {"quality_dense_134m", "quality_memory_134m", "quality_memory_pkm_134m"}
+    lines = report.criteria(runs)
+    assert "ratio is undefined" in lines[0] and "**met**" in lines[0]  # Memory+ above its floor, dense below
+    assert "not judged" in lines[1]  # no dense 373m figures
+    assert report.final_metrics(runs["quality_memory_pkm_134m"][0])["A: training phrasing"] is None
+    assert "| c |" in report.relation_table(runs)
+    # A Memory+ arm below its floor does not pass against a dense arm below its floor.
+    write_run(tmp_path, "quality_memory_134m", 0, recall(0.0, 0.2, 0.1, 0.2), 51.0, 250_000)
+    write_run(tmp_path, "quality_memory_134m", 1, recall(0.0, 0.2, 0.1, 0.2), 51.0, 250_000)
+    assert "**missed**" in report.criteria(report.find_runs(tmp_path))[0]

@@ -129,6 +129,7 @@ class Trainer:
         self.loss_history: dict[int, float] = {}
         self._unsettled: list[StepMetrics] = []  # launched steps whose metrics are still on the device
         self._unread_losses: list[StepMetrics] = []  # launched steps of train() whose losses are not recorded yet
+        self._evaluating = False  # for the out-of-memory message: was it the eval that ran out?
         # Whether train_step may leave a step's numbers on the device until they are needed (`settle`). `train` turns
         # it on for its loop; a caller of train_step sees every step settled unless it turns it on too.
         self.read_late = False
@@ -275,7 +276,7 @@ class Trainer:
                 self._loop(total, batches, profiler, snapshot)
             self._read_losses()
         except torch.cuda.OutOfMemoryError as error:
-            raise out_of_memory(state.step, error, snapshot.dump_oom(state.step)) from error
+            raise out_of_memory(state.step, error, snapshot.dump_oom(state.step), self._evaluating) from error
         finally:
             self.read_late = False
             snapshot.close()
@@ -336,7 +337,10 @@ class Trainer:
         if self.evaluator is None:
             self.evaluator = Evaluator(self.config, self.run.tokenizer, self.device, self.plan.autocast_dtype,
                                        self.rank, results_folder=f"{self.config.job.dump_folder}/eval")
+        # Left set if the eval fails: the error that ends the run then says where it happened.
+        self._evaluating = True
         results = self.evaluator.run(self.model, self.train_state.step)
+        self._evaluating = False
         self.metrics.log_scalars(self.train_state.step, self.evaluator.scalars(results))
         return results
 

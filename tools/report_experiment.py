@@ -49,6 +49,8 @@ def macro_average(values: dict[str, float]) -> float | None:
 def read_run(folder: Path, arm: str, seed: int) -> dict:
     name = f"{arm}.seed{seed}"
     evals = [json.loads(line) for line in (folder / f"{name}.eval.jsonl").read_text().splitlines() if line.strip()]
+    for evaluation in evals:
+        evaluation.setdefault("recall", {})
     log = folder / f"{name}.log"
     speeds = [float(m.group(3).replace(",", "")) for m in map(STEP_LINE.search, log.read_text().splitlines()) if m] \
         if log.exists() else []
@@ -59,11 +61,16 @@ def read_run(folder: Path, arm: str, seed: int) -> dict:
 
 
 def find_runs(folder: Path) -> dict[str, dict[int, dict]]:
+    """Every run with at least one evaluation, by arm and seed; the others are named on stderr and left out."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(folder.glob("*.eval.jsonl")):
         match = RUN_FILE.fullmatch(path.name)
         if match:
-            runs.setdefault(match["arm"], {})[int(match["seed"])] = read_run(folder, match["arm"], int(match["seed"]))
+            run = read_run(folder, match["arm"], int(match["seed"]))
+            if run["evals"]:
+                runs.setdefault(match["arm"], {})[int(match["seed"])] = run
+            else:
+                print(f"warning: {path} holds no evaluation; left out", file=sys.stderr)
     return runs
 
 
@@ -87,9 +94,12 @@ def spread(values: list[float | None], scale: float = 1.0, digits: int = 1) -> s
 
 
 def arm_means(runs: dict[int, dict]) -> dict:
+    """Per metric, the mean over the seeds that have it (None if none has)."""
     finals = [final_metrics(run) for run in runs.values()]
-    means = {key: statistics.fmean([f[key] for f in finals if f[key] is not None] or [float("nan")])
-             for key in finals[0]}
+    means = {}
+    for key in finals[0]:
+        present = [f[key] for f in finals if f[key] is not None]
+        means[key] = statistics.fmean(present) if present else None
     return {"finals": finals, "means": means}
 
 
@@ -115,12 +125,14 @@ def flops_per_token(arm: str) -> float | None:
 
 
 def summary_table(runs: dict[str, dict[int, dict]], flops: dict[str, float | None]) -> str:
-    header = ["arm", "seeds", *[f"{name} (points)" for name, _, _ in MEASURES], "held-out perplexity", "tokens/s",
-              "wall (s)", "FLOPs per token"]
+    header = ["arm", "seeds", "step", *[f"{name} (points)" for name, _, _ in MEASURES], "held-out perplexity",
+              "tokens/s", "wall (s)", "FLOPs per token"]
     rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for arm, by_seed in runs.items():
         finals = [final_metrics(run) for run in by_seed.values()]
-        cells = [ARMS.get(arm, arm), ", ".join(str(s) for s in sorted(by_seed))]
+        # The step of each seed's last eval: a run cut short shows here rather than being averaged in silently.
+        cells = [ARMS.get(arm, arm), ", ".join(str(s) for s in sorted(by_seed)),
+                 "/".join(sorted({str(f["step"]) for f in finals}))]
         cells += [spread([f[name] for f in finals], 100) for name, _, _ in MEASURES]
         cells.append(spread([f["perplexity"] for f in finals], digits=2))
         cells.append(spread([run["tokens_per_second"] for run in by_seed.values()], digits=0))
@@ -137,8 +149,11 @@ def relation_table(runs: dict[str, dict[int, dict]]) -> str:
         tables = [above_floor(run["evals"][-1]["recall"], "seen", "train") for run in by_seed.values()]
         floors = [{k.split("/")[2]: v for k, v in run["evals"][-1]["recall"].items() if k.startswith("unseen/train/")}
                   for run in by_seed.values()]
-        per_arm[arm] = ({r: statistics.fmean(t[r] for t in tables if r in t) for r in tables[0]},
-                        {r: statistics.fmean(f[r] for f in floors if r in f) for r in floors[0]})
+        relations = set().union(*tables, *floors)
+        per_arm[arm] = ({r: statistics.fmean(t[r] for t in tables if r in t) for r in relations
+                         if any(r in t for t in tables)},
+                        {r: statistics.fmean(f[r] for f in floors if r in f) for r in relations
+                         if any(r in f for f in floors)})
     relations = sorted({r for table, _ in per_arm.values() for r in table})
     header = ["relation", *[f"{ARMS.get(arm, arm)} (floor)" for arm in per_arm]]
     rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -151,22 +166,38 @@ def relation_table(runs: dict[str, dict[int, dict]]) -> str:
 
 
 def criteria(runs: dict[str, dict[int, dict]]) -> list[str]:
-    """The protocol's three success criteria, each met or missed, on seed means."""
+    """The protocol's three success criteria on seed means, each met, missed, or not judged where a number is
+    missing."""
     means = {arm: arm_means(by_seed)["means"] for arm, by_seed in runs.items()}
-    lines = []
-    memory, dense, large = (means.get(k) for k in ("quality_memory_134m", "quality_dense_134m", "quality_dense_373m"))
+    memory, dense, large = (means.get(k) or {} for k in ("quality_memory_134m", "quality_dense_134m",
+                                                         "quality_dense_373m"))
     key = MEASURES[0][0]
-    if memory and dense:
-        ratio = memory[key] / dense[key] if dense[key] > 0 else float("inf")
-        lines.append(f"1. A(Memory+ 134m) = {100 * memory[key]:.1f} points, {ratio:.2f}× A(dense 134m) = "
-                     f"{100 * dense[key]:.1f}: target ≥ 2×, **{'met' if ratio >= 2 else 'missed'}**")
-    if memory and large:
-        lines.append(f"2. A(Memory+ 134m) = {100 * memory[key]:.1f} against A(dense 373m) = {100 * large[key]:.1f}: "
-                     f"**{'met' if memory[key] >= large[key] else 'missed'}**")
-    if memory and dense:
-        ratio = memory["perplexity"] / dense["perplexity"]
-        lines.append(f"3. held-out perplexity {memory['perplexity']:.2f} against {dense['perplexity']:.2f} "
-                     f"({ratio:.3f}×; target ≤ 1.02×): **{'met' if ratio <= 1.02 else 'missed'}**")
+
+    def points(arm_means_: dict) -> str:
+        return f"{100 * arm_means_[key]:.1f}" if arm_means_.get(key) is not None else "n/a"
+
+    lines = []
+    a_memory, a_dense, a_large = memory.get(key), dense.get(key), large.get(key)
+    if a_memory is None or a_dense is None:
+        verdict = "not judged: a number is missing"
+    elif a_dense <= 0:
+        # Twice a non-positive number is no bar: only a positive Memory+ figure over a non-positive dense one meets it.
+        verdict = "met" if a_memory > 0 else "missed"
+        verdict = f"**{verdict}** (dense is at or below its floor, so the ratio is undefined)"
+    else:
+        verdict = f"{a_memory / a_dense:.2f}×: **{'met' if a_memory >= 2 * a_dense else 'missed'}**"
+    lines.append(f"1. A(Memory+ 134m) = {points(memory)} points against A(dense 134m) = {points(dense)}, target ≥ 2×: "
+                 f"{verdict}")
+    verdict = ("not judged: a number is missing" if a_memory is None or a_large is None
+               else f"**{'met' if a_memory >= a_large else 'missed'}**")
+    lines.append(f"2. A(Memory+ 134m) = {points(memory)} against A(dense 373m) = {points(large)}: {verdict}")
+    p_memory, p_dense = memory.get("perplexity"), dense.get("perplexity")
+    if p_memory is None or p_dense is None:
+        lines.append("3. held-out perplexity: not judged: a number is missing")
+    else:
+        ratio = p_memory / p_dense
+        lines.append(f"3. held-out perplexity {p_memory:.2f} against {p_dense:.2f} ({ratio:.3f}×; target ≤ 1.02×): "
+                     f"**{'met' if ratio <= 1.02 else 'missed'}**")
     return lines
 
 
@@ -180,13 +211,15 @@ def plot(runs: dict[str, dict[int, dict]], out: Path) -> list[Path]:
     paths = []
     for name, ylabel, value in (
         ("recall_above_floor.png", "recall above the floor, training phrasing (points)",
-         lambda e: 100 * (macro_average(above_floor(e["recall"], "seen", "train")) or 0)),
+         lambda e: None if (a := macro_average(above_floor(e["recall"], "seen", "train"))) is None else 100 * a),
         ("perplexity.png", "held-out perplexity", lambda e: e["perplexity"]),
     ):
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for arm, by_seed in runs.items():
             steps = sorted({e["step"] for run in by_seed.values() for e in run["evals"]})
-            series = [[value(e) for run in by_seed.values() for e in run["evals"] if e["step"] == s] for s in steps]
+            series = [[v for run in by_seed.values() for e in run["evals"] if e["step"] == s
+                       if (v := value(e)) is not None] for s in steps]
+            steps, series = zip(*[(s, v) for s, v in zip(steps, series) if v]) if any(series) else ((), ())
             mean = [statistics.fmean(v) for v in series]
             line, = axis.plot(steps, mean, marker="o", label=ARMS.get(arm, arm))
             axis.fill_between(steps, [min(v) for v in series], [max(v) for v in series], color=line.get_color(),

@@ -23,7 +23,11 @@ for seed in $SEEDS; do
     CONFIG_FILE="$ROOT/train_configs/$arm.toml" "$ROOT/run_train.sh" --job.dump_folder "$dump" \
       --training.seed "$seed" "$@" > "$OUT_DIR/$name.log" 2>&1 || { tail -30 "$OUT_DIR/$name.log"; exit 1; }
     echo "$name: $(( $(date +%s) - start )) s wall, including start-up and evals" | tee "$OUT_DIR/$name.wall"
-    cp "$dump/eval/results.jsonl" "$OUT_DIR/$name.eval.jsonl"
-    grep -E "eval step" "$OUT_DIR/$name.log" | tail -1 | cut -c1-240
+    if [ -f "$dump/eval/results.jsonl" ]; then
+      cp "$dump/eval/results.jsonl" "$OUT_DIR/$name.eval.jsonl"
+      grep -E "eval step" "$OUT_DIR/$name.log" | tail -1 | cut -c1-240
+    else
+      echo "$name: no eval results (is eval.interval 0?); the report leaves this run out" >&2
+    fi
   done
 done

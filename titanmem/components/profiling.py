@@ -2,7 +2,8 @@
 
 - Traces: torch.profiler records `profiler_active` steps (after `profiler_warmup` thrown-away ones) ending at every
   multiple of `profile_freq`, and each rank writes `<dump>/<save_traces_folder>/iteration_<step>/rank<r>.pt.trace.json`
-  (Chrome trace JSON: Perfetto, chrome://tracing, TensorBoard's profiler plugin).
+  (Chrome trace JSON: Perfetto, chrome://tracing, TensorBoard's profiler plugin). A recorded step includes what the
+  loop does after it: an eval or a checkpoint save at that step shows in its trace.
 - Memory snapshots (CUDA): the caching allocator records its history from the start, and each rank pickles a
   snapshot every `profile_freq` steps and when the run runs out of memory, into
   `<dump>/<save_memory_snapshot_folder>/iteration_<step>[_oom]/rank<r>_memory_snapshot.pickle`
@@ -52,18 +53,19 @@ class StepProfiler:
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         wait = config.profile_freq - config.profiler_warmup - config.profiler_active
+        cycle = torch.profiler.schedule(wait=wait, warmup=config.profiler_warmup, active=config.profiler_active)
+        self.freq, self.start_step = config.profile_freq, start_step
+        # The profiler counts the steps it has seen; the schedule is read at the global step (that count plus the
+        # step resumed from), so that a resumed run traces the same steps as an uninterrupted one.
         self.profiler = torch.profiler.profile(
             activities=activities,
-            schedule=torch.profiler.schedule(wait=wait, warmup=config.profiler_warmup, active=config.profiler_active),
+            schedule=lambda seen: cycle(seen + start_step),
             on_trace_ready=self._save,
             record_shapes=True,
         )
-        self.start_step = start_step
 
     def __enter__(self):
         self.profiler.__enter__()
-        # The schedule counts completed steps: starting from the resumed step keeps its cycle on multiples of freq.
-        self.profiler.step_num = self.start_step
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,12 +75,18 @@ class StepProfiler:
         self.profiler.step()
 
     def _save(self, profiler) -> None:
-        folder = self.folder / f"iteration_{profiler.step_num}"
+        step = profiler.step_num + self.start_step
+        if step % self.freq:
+            # The run ended (or failed) inside a warm-up or recording window: a partial trace would mislead.
+            if self.rank == 0:
+                logger.info("profiler: the partial trace of the window ending at step %d is not saved", step)
+            return
+        folder = self.folder / f"iteration_{step}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rank{self.rank}.pt.trace.json"
         profiler.export_chrome_trace(str(path))
         if self.rank == 0:
-            logger.info("profile trace of step %d written to %s", profiler.step_num, path)
+            logger.info("profile trace of step %d written to %s", step, path)
 
 
 def step_profiler(config: Profiling, dump_folder: str, rank: int, start_step: int) -> StepProfiler | NoProfiler:
@@ -143,11 +151,15 @@ def memory_snapshot(config: Profiling, dump_folder: str, rank: int,
     return MemorySnapshot(config, dump_folder, rank, backend)
 
 
-def out_of_memory(step: int, error: BaseException, snapshot_path: Path | None) -> RunOutOfMemory:
+def out_of_memory(step: int, error: BaseException, snapshot_path: Path | None,
+                  in_eval: bool = False) -> RunOutOfMemory:
     """The one-line error a run that ran out of device memory stops with."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = (f"memory snapshot in {snapshot_path} (open it at https://pytorch.org/memory_viz)" if snapshot_path
              else "set profiling.enable_memory_snapshot = true to record where the memory went")
+    if in_eval:
+        return RunOutOfMemory(f"out of device memory in the eval at step {step} ({first_line}); {where}. Lower "
+                              "eval.batch_size")
     return RunOutOfMemory(
         f"out of device memory at step {step} ({first_line}); {where}. Lower training.local_batch_size, set "
         "activation_checkpoint.mode, or check the plan's memory with tools/plan.py")

@@ -105,7 +105,7 @@ class Data:
     """Share of the training tokens that are fact text: after each document, statements of random seen facts, in
     random training templates, one per line, follow as a document of their own. 0 trains on the corpus alone."""
 
-    facts_qa_share: float = bounded(0.25, ge=0.0, le=1.0)
+    facts_qa_share: float = bounded(0.25, ge=0.0, lt=1.0)
     """Share of the fact text's items that are question-answer pairs ("Q: What is the capital of Botswana?\nA:
     Gaborone.") of the seen facts marked `qa`; the other items are statements of any seen fact. 0 trains statements
     only. Ignored when no fact is marked `qa`."""

@@ -61,6 +61,8 @@ def generate(
     if sequence_multiple > 1 and not use_cache:
         raise ValueError("decoding without the KV cache cannot pad a sequence-parallel model's tokens")
     outputs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0:
+        return outputs
     batches = _cached_batches(prompts, batch_size) if use_cache else _equal_length_batches(prompts, batch_size)
     done = 0
     # Compiled blocks run eagerly here: decoding's changing shapes would only make them recompile.
@@ -103,12 +105,14 @@ def _next_tokens(logits, finished, eos_id, temperature, top_p, generator):
 
 def _decode_cached(model, prompts, max_new_tokens, eos_id, device, temperature, top_p, generator, autocast_dtype,
                    vocab_size, multiple) -> list[list[int]]:
-    longest = -(-max(len(prompt) for prompt in prompts) // multiple) * multiple
+    real_longest = max(len(prompt) for prompt in prompts)
+    longest = -(-real_longest // multiple) * multiple
     # Left padding puts every row's last prompt token in the same column; the padding id is masked out.
     rows = [[eos_id] * (longest - len(prompt)) + prompt for prompt in prompts]
     tokens = torch.tensor(rows, dtype=torch.long, device=device)
     pad = torch.tensor([longest - len(prompt) for prompt in prompts], dtype=torch.long, device=device)
-    cache = KVCache(pad, longest + max_new_tokens * multiple)
+    # The last new token is picked but never fed back: it needs no room.
+    cache = KVCache(pad, longest + (max_new_tokens - 1) * multiple, row_tokens=real_longest + max_new_tokens - 1)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated = []
     column = -1  # where the token to pick from sits in the forward's output: the last prompt token, then the first

@@ -14,11 +14,15 @@ import torch
 
 class KVCache:
     """Keys and values of every attention layer for a batch of `pad.numel()` left-padded rows, up to `capacity`
-    tokens each. `pad[b]` counts the padding tokens that start row b. A forward call of the model with the cache
-    writes its tokens' keys and values after those of the calls before it."""
+    tokens each (padding and filler included), of which at most `row_tokens` real. `pad[b]` counts the padding tokens
+    that start row b. A forward call of the model with the cache writes its tokens' keys and values after those of
+    the calls before it."""
 
-    def __init__(self, pad: torch.Tensor, capacity: int):
+    def __init__(self, pad: torch.Tensor, capacity: int, row_tokens: int | None = None):
         self.capacity = capacity
+        # The most real tokens any row will hold (the rope positions it needs); at most `capacity` when no column
+        # will be filler.
+        self.row_tokens = capacity if row_tokens is None else row_tokens
         self.length = 0  # tokens of each row written so far (padding and filler included)
         # Which columns hold real tokens: the only ones attended to, and the only ones that count as positions.
         self.real = torch.arange(capacity, device=pad.device)[None, :] >= pad[:, None]

@@ -188,8 +188,9 @@ class Transformer(nn.Module):
         calls with the same cache, and their keys and values join it."""
         if cache is None and tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.args.max_seq_len}")
-        if cache is not None and cache.capacity > self.args.max_seq_len:
-            raise ValueError(f"a KV cache of {cache.capacity} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        if cache is not None and cache.row_tokens > self.args.max_seq_len:
+            raise ValueError(f"sequence length {cache.row_tokens} (prompt and new tokens) exceeds max_seq_len "
+                             f"{self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
         if cache is None:
             rotations = rope_rotations(self.rope, tokens.shape[1])
