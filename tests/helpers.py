@@ -62,7 +62,11 @@ def run_as_rank(rank: int, world: int, port: int, body) -> None:
     """Run `body()` as rank `rank` of a gloo group on this host, then leave the process at once."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    import torch
     import torch.distributed as dist
+
+    # The ranks share this machine's cores: more threads each than cores to go round only contend.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     code = 0
     try:
