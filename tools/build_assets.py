@@ -643,6 +643,24 @@ def notice_field(label: str, value: str) -> str:
                          subsequent_indent=" " * 12) + "\n"
 
 
+def notice_source(pin: SourcePin, derived: str | None = None) -> list[str]:
+    """A pinned source's NOTICE block; `derived` replaces the pin's own description."""
+    return [f"\n{pin.package} {pin.version}\n", notice_field("registry", pin.registry),
+            notice_field("archive", pin.archive), notice_field("sha256", pin.sha256),
+            notice_field("license", pin.license), notice_field("derived", derived or pin.derived)]
+
+
+def source_entries(pins) -> list[dict]:
+    """The manifest's record of each pinned source."""
+    return [{"package": p.package, "version": p.version, "registry": p.registry, "archive": p.archive,
+             "sha256": p.sha256} for p in pins]
+
+
+def print_files(result: dict) -> None:
+    for rel, entry in result["files"].items():
+        print(f"  {entry['bytes']:>12,}  {entry['sha256'][:16]}  {rel}")
+
+
 def notice_text(vocab_size: int, name: str) -> str:
     parts = [
         "titanmem bundled assets\n"
@@ -652,10 +670,7 @@ def notice_text(vocab_size: int, name: str) -> str:
         "rebuild it and compare.\n"
     ]
     for pin in SOURCES:
-        parts.append(f"\n{pin.package} {pin.version}\n")
-        parts += [notice_field("registry", pin.registry), notice_field("archive", pin.archive),
-                  notice_field("sha256", pin.sha256), notice_field("license", pin.license),
-                  notice_field("derived", pin.derived)]
+        parts += notice_source(pin)
     parts.append(f"\nrustbpe {RUSTBPE_VERSION}\n")
     parts += [
         notice_field("registry", "PyPI"),
@@ -696,11 +711,7 @@ def describe_file(path: Path) -> dict:
 def manifest(out: Path, outputs: list[str], vocab_size: int, stats: dict) -> dict:
     return {
         "files": {rel: describe_file(out / rel) for rel in sorted(outputs)},
-        "sources": [
-            {"package": p.package, "version": p.version, "registry": p.registry,
-             "archive": p.archive, "sha256": p.sha256}
-            for p in SOURCES
-        ],
+        "sources": source_entries(SOURCES),
         "build": {
             "vocab_size": vocab_size,
             "special_tokens": {END_OF_TEXT: vocab_size},
@@ -770,13 +781,8 @@ def large_corpus_notice(bytes_per_token: float) -> str:
         f"assets/{LARGE_CORPUS_MANIFEST}, and `--verify` rebuilds and compares it.\n"
     ]
     for pin in LARGE_CORPUS_SOURCES:
-        parts.append(f"\n{pin.package} {pin.version}\n")
-        parts += [notice_field("registry", pin.registry), notice_field("archive", pin.archive),
-                  notice_field("sha256", pin.sha256), notice_field("license", pin.license)]
-        if pin in (SHAKESPEARE, BROWN):
-            parts.append(notice_field("derived", "As in the bundled corpus (assets/NOTICE)."))
-        else:
-            parts.append(notice_field("derived", pin.derived))
+        parts += notice_source(pin, "As in the bundled corpus (assets/NOTICE)." if pin in (SHAKESPEARE, BROWN)
+                               else None)
     parts.append("\nSplits\n")
     parts.append(notice_field("derived", (
         f"train.jsonl.gz and validation.jsonl.gz hold the documents of all these sources, cut and split as the "
@@ -812,8 +818,7 @@ def build_large_corpus(out: Path, work_dir: Path, assets: Path) -> dict:
     outputs = ["train.jsonl.gz", "validation.jsonl.gz", "NOTICE"]
     result = {
         "files": {rel: describe_file(out / rel) for rel in outputs},
-        "sources": [{"package": p.package, "version": p.version, "registry": p.registry, "archive": p.archive,
-                     "sha256": p.sha256} for p in LARGE_CORPUS_SOURCES],
+        "sources": source_entries(LARGE_CORPUS_SOURCES),
         "build": {"shuffle_seed": SHUFFLE_SEED, "holdout_fraction": HOLDOUT_FRACTION,
                   "target_doc_bytes": TARGET_DOC_BYTES, "min_doc_bytes": MIN_DOC_BYTES,
                   "tokenizer": f"{tokenizer_name(DEFAULT_VOCAB_SIZE)}"},
@@ -823,8 +828,7 @@ def build_large_corpus(out: Path, work_dir: Path, assets: Path) -> dict:
                   "validation_tokens": validation_tokens},
     }
     write_json(out / "MANIFEST.json", result)
-    for rel, entry in result["files"].items():
-        print(f"  {entry['bytes']:>12,}  {entry['sha256'][:16]}  {rel}")
+    print_files(result)
     print(f"large corpus: {len(train)} train and {len(validation)} validation documents, "
           f"{result['stats']['train_tokens']:,} train tokens {tokens_by_source}; built in "
           f"{time.monotonic() - started:.1f} s")
@@ -848,8 +852,7 @@ def check_budget(result: dict) -> None:
 
 
 def print_summary(result: dict, seconds: float) -> None:
-    for rel, entry in result["files"].items():
-        print(f"  {entry['bytes']:>10,}  {entry['sha256'][:16]}  {rel}")
+    print_files(result)
     total = sum(entry["bytes"] for entry in result["files"].values())
     stats = result["stats"]
     print(f"total {total:,} bytes; {stats['train_documents']} train and "

@@ -9,7 +9,6 @@ the same prompts: the forward passes are collective.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -64,11 +63,11 @@ def generate(
     if max_new_tokens <= 0:
         return outputs
     batches = _cached_batches(prompts, batch_size) if use_cache else _equal_length_batches(prompts, batch_size)
+    decode = _decode_cached if use_cache else _decode_uncached
     done = 0
     # Compiled blocks run eagerly here: decoding's changing shapes would only make them recompile.
-    with _eager():
+    with torch.compiler.set_stance("force_eager"):
         for batch in batches:
-            decode = _decode_cached if use_cache else _decode_uncached
             new_tokens = decode(model, [prompts[i] for i in batch], max_new_tokens, eos_id, device, temperature,
                                 top_p, generator, autocast_dtype, vocab_size, sequence_multiple)
             for index, new in zip(batch, new_tokens):
@@ -77,11 +76,6 @@ def generate(
             if progress is not None:
                 progress(done, len(prompts))
     return outputs
-
-
-def _eager():
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _cached_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:

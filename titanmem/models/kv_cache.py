@@ -27,6 +27,7 @@ class KVCache:
         # Which columns hold real tokens: the only ones attended to, and the only ones that count as positions.
         self.real = torch.arange(capacity, device=pad.device)[None, :] >= pad[:, None]
         self._layers: dict[int, LayerKVCache] = {}
+        self._mask: tuple[int, int, torch.Tensor] | None = None  # (length, count, mask) of the current forward
 
     def mark_filler(self, start: int, end: int) -> None:
         """Columns [start, end) of every row hold filler tokens, not to be attended to."""
@@ -46,6 +47,20 @@ class KVCache:
             self._layers[layer_id] = LayerKVCache(self)
         return self._layers[layer_id]
 
+    def mask(self, count: int) -> torch.Tensor:
+        """[B, 1, count, length + count]: what each of the next `count` tokens may attend to: the real tokens up to
+        itself, and itself (so that a padding or filler token's attention stays finite). Built once per forward call
+        and shared by its layers."""
+        if self._mask is None or self._mask[:2] != (self.length, count):
+            end = self.length + count
+            key_columns = torch.arange(end, device=self.real.device)
+            query_columns = torch.arange(self.length, end, device=self.real.device)
+            causal = key_columns[None, :] <= query_columns[:, None]  # [count, end]
+            itself = key_columns[None, :] == query_columns[:, None]
+            mask = (causal[None] & self.real[:, None, :end]) | itself[None]
+            self._mask = (self.length, count, mask[:, None])
+        return self._mask[2]
+
     def advance(self, count: int) -> None:
         """Mark the last forward call's `count` tokens as written (after every layer has stored them)."""
         self.length += count
@@ -59,8 +74,7 @@ class LayerKVCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor):
         """Store the new tokens' [B, n, heads, head_dim] keys and values; return all keys and values so far,
-        [B, length + n, heads, head_dim], and the [B, 1, n, length + n] mask of what each new token may attend to:
-        the real tokens up to itself, and itself (so that a padding or filler token's attention stays finite)."""
+        [B, length + n, heads, head_dim], and the attention mask of the new tokens (`KVCache.mask`)."""
         owner = self.owner
         start, count = owner.length, keys.shape[1]
         if self.keys is None:
@@ -70,9 +84,4 @@ class LayerKVCache:
         end = start + count
         self.keys[:, start:end] = keys
         self.values[:, start:end] = values
-        key_columns = torch.arange(end, device=keys.device)
-        query_columns = torch.arange(start, end, device=keys.device)
-        causal = key_columns[None, :] <= query_columns[:, None]  # [n, end]
-        real = owner.real[:, :end]  # [B, end]
-        mask = (causal[None] & real[:, None]) | (key_columns[None, :] == query_columns[:, None])[None]
-        return self.keys[:, :end], self.values[:, :end], mask[:, None]
+        return self.keys[:, :end], self.values[:, :end], owner.mask(count)
