@@ -1,6 +1,7 @@
 """Report the [quality] experiment from the files tools/run_experiment.sh leaves (<arm>.seed<k>.log, .eval.jsonl,
 .wall): the protocol's metrics per arm as a mean over seeds with their min-max spread, the success criteria met or
-missed, per-relation recall above the floor, and plots (PNG) of recall and perplexity against steps.
+missed, per-relation recall above the floor, and plots (PNG): recall and perplexity against steps, recall above the
+floor per relation in three phrasings, and recall against FLOPs per token and wall time.
 
     pip install -e ".[plot]"   # matplotlib: only the plots need it
     python tools/report_experiment.py --runs /tmp/quality --out docs/experiments/quality
@@ -201,7 +202,12 @@ def criteria(runs: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
-def plot(runs: dict[str, dict[int, dict]], out: Path) -> list[Path]:
+# The phrasings of the per-relation plot: (title, split of the seen facts, phrasing).
+RELATION_PANELS = (("training phrasing", "seen", "train"), ("held-out phrasings", "seen", "heldout"),
+                   ("Q/A, facts trained as Q/A", "seen_qa", "qa"))
+
+
+def plot(runs: dict[str, dict[int, dict]], flops: dict[str, float | None], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +237,71 @@ def plot(runs: dict[str, dict[int, dict]], out: Path) -> list[Path]:
         figure.savefig(out / name, dpi=120)
         plt.close(figure)
         paths.append(out / name)
+    paths.append(_plot_relations(plt, runs, out / "recall_per_relation.png"))
+    paths.append(_plot_compute(plt, runs, flops, out / "recall_vs_compute.png"))
     return paths
+
+
+def _whiskers(values: list[float]) -> tuple[float, float, float]:
+    """(mean - min, mean, max - mean), never below 0: matplotlib's error bars, where rounding could make it so."""
+    mean = statistics.fmean(values)
+    return max(0.0, mean - min(values)), mean, max(0.0, max(values) - mean)
+
+
+def _plot_relations(plt, runs: dict[str, dict[int, dict]], path: Path) -> Path:
+    """Grouped bars: per relation and arm, recall above the floor at the last eval (mean, whiskers min to max)."""
+    relations = sorted({r for by_seed in runs.values() for run in by_seed.values()
+                        for r in above_floor(run["evals"][-1]["recall"], "seen", "train")})
+    figure, axes = plt.subplots(len(RELATION_PANELS), 1, figsize=(12, 3.2 * len(RELATION_PANELS)), sharex=True)
+    width = 0.8 / len(runs)
+    for axis, (title, split, phrasing) in zip(axes, RELATION_PANELS):
+        for index, (arm, by_seed) in enumerate(runs.items()):
+            per_seed = [above_floor(run["evals"][-1]["recall"], split, phrasing) for run in by_seed.values()]
+            xs, low, mean, high = [], [], [], []
+            for position, relation in enumerate(relations):
+                values = [100 * table[relation] for table in per_seed if relation in table]
+                if values:
+                    below, mid, above = _whiskers(values)
+                    xs.append(position + (index - (len(runs) - 1) / 2) * width)
+                    low.append(below), mean.append(mid), high.append(above)
+            axis.bar(xs, mean, width, yerr=[low, high], capsize=2, label=ARMS.get(arm, arm))
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set(ylabel="points above floor", title=title)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=len(runs))
+    axes[-1].set_xticks(range(len(relations)), relations, rotation=30, ha="right")
+    figure.suptitle("recall above the floor per relation at the last eval (mean over seeds, whiskers: min to max)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _plot_compute(plt, runs: dict[str, dict[int, dict]], flops: dict[str, float | None], path: Path) -> Path:
+    """A at the last eval against each arm's FLOPs per token (the arms train on equal tokens) and its wall time."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, by_seed in runs.items():
+        scores = [100 * f["A: training phrasing"] for f in map(final_metrics, by_seed.values())
+                  if f["A: training phrasing"] is not None]
+        walls = [run["wall_seconds"] for run in by_seed.values() if run["wall_seconds"] is not None]
+        if not scores:
+            continue
+        below, mid, above = _whiskers(scores)
+        for axis, x in ((axes[0], flops.get(arm)), (axes[1], statistics.fmean(walls) if walls else None)):
+            if x is not None:
+                axis.errorbar([x], [mid], yerr=[[below], [above]], marker="o", capsize=3,
+                              label=ARMS.get(arm, arm))
+    axes[0].set(xscale="log", xlabel="FLOPs per token (equal tokens for every arm)")
+    axes[1].set(xlabel="wall time per run (s), mean over seeds, with evals")
+    for axis in axes:
+        axis.set(ylabel="A: recall above the floor (points)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle("A at the last eval against compute (mean over seeds, whiskers: min to max)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def main() -> None:
@@ -246,7 +316,7 @@ def main() -> None:
     flops = {arm: flops_per_token(arm) for arm in runs}
     print(summary_table(runs, flops), "", relation_table(runs), "", *criteria(runs), sep="\n")
     if args.out is not None:
-        for path in plot(runs, args.out):
+        for path in plot(runs, flops, args.out):
             print(f"wrote {path}")
 
 
