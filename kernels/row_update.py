@@ -43,15 +43,18 @@ def _summed_row_grad(
 
 @triton.jit
 def _row_grad_sq_kernel(
-    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, row_sq_ptr,
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, selected_ptr, row_sq_ptr,
     L, D, stride_grad,
-    ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    SELECTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     begin = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
+    if SELECTED:
+        # A row left out of the update reads none of its pairs: its gradient, and its share of the norm, are 0.
+        end = tl.where(tl.load(selected_ptr + segment) != 0, end, begin)
     grad = _summed_row_grad(
         grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
     )
@@ -65,16 +68,23 @@ def _row_grad_sq_kernel(
 @triton.jit
 def _row_update_kernel(
     values_ptr, first_ptr, second_ptr,
-    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr,
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr, selected_ptr,
     L, D, stride_values, stride_first, stride_second, stride_grad,
     lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed,
-    OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, SELECTED: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     begin = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
+    if SELECTED:
+        # A row left out reads nothing and writes nothing: its value and its moments stay as they are, bit for bit
+        # (no decay of either, unlike a zero gradient).
+        keep = tl.load(selected_ptr + segment) != 0
+        end = tl.where(keep, end, begin)
+        col_mask = col_mask & keep
     row = tl.load(rows_ptr + segment).to(tl.int64)
     grad = clip * _summed_row_grad(
         grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
@@ -149,8 +159,10 @@ def row_grad_sq(
     pair_order: torch.Tensor,
     offsets: torch.Tensor,
     deterministic: bool,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Squared norm [U] (fp32) of each touched row's summed gradient; rows as grouped by `row_segments`."""
+    """Squared norm [U] (fp32) of each touched row's summed gradient; rows as grouped by `row_segments`. `selected`
+    ([U] bool, per touched row), when given, leaves the other rows out: their squared norm is 0."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = offsets.numel() - 1
     dim = grad_out.shape[1]
@@ -159,14 +171,25 @@ def row_grad_sq(
     row_sq = (torch.zeros if atomic else torch.empty)(segments, device=grad_out.device, dtype=torch.float32)
     if segments:
         _row_grad_sq_kernel[(segments, column_blocks)](
-            grad_out, weights, pair_order, offsets, row_sq, weights.shape[1], dim, grad_out.stride(0),
-            ATOMIC=atomic, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            grad_out, weights, pair_order, offsets, _selection(selected, segments), row_sq, weights.shape[1], dim,
+            grad_out.stride(0), SELECTED=selected is not None, ATOMIC=atomic, BLOCK_P=cfg["BLOCK_P"],
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
     return row_sq
 
 
+def _selection(selected: torch.Tensor | None, segments: int) -> torch.Tensor | None:
+    """The per-touched-row selection as the kernels read it (one byte per row), checked against the rows."""
+    if selected is None:
+        return None
+    if selected.shape != (segments,):
+        raise ValueError(f"selected must hold one flag per touched row ({segments}), got shape "
+                         f"{tuple(selected.shape)}")
+    return selected.to(torch.uint8).contiguous()
+
+
 @row_grad_sq.register_fake
-def _(grad_out, weights, pair_order, offsets, deterministic):
+def _(grad_out, weights, pair_order, offsets, deterministic, selected=None):
     return grad_out.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
 
 
@@ -190,11 +213,13 @@ def row_update_(
     beta2: float,
     step: int,
     rounding_seed: int = -1,
+    selected: torch.Tensor | None = None,
 ) -> None:
     """Apply one optimizer step, in place, to the touched rows of `values` (and their state `first`/`second`:
     unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam). The update is computed
     in fp32; a bf16 table is rounded back stochastically when `rounding_seed` >= 0 (seeded by it and the row), else
-    to nearest."""
+    to nearest. `selected` ([U] bool, per touched row), when given, updates only those rows: the others, with their
+    state, are left untouched (their `row_sq` must be 0, as `row_grad_sq` gives it with the same selection)."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = rows.numel()
     if not segments:
@@ -206,16 +231,16 @@ def row_update_(
         first[rows] += row_sq * (clip * clip / dim)
     cfg, column_blocks = _launch_shape(dim, deterministic=False)
     _row_update_kernel[(segments, column_blocks)](
-        values, first, second, grad_out, weights, pair_order, offsets, rows,
+        values, first, second, grad_out, weights, pair_order, offsets, rows, _selection(selected, segments),
         weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
         lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
-        OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), BLOCK_P=cfg["BLOCK_P"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), SELECTED=selected is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
 
 
 @row_update_.register_fake
 def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay,
-      clip, eps, beta1, beta2, step, rounding_seed=-1):
+      clip, eps, beta1, beta2, step, rounding_seed=-1, selected=None):
     return None

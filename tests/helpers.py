@@ -52,6 +52,18 @@ def train_tiny_run(folder, **sections) -> None:
     trainer.close()
 
 
+def crash_after(trainer, step: int) -> None:
+    """Make `trainer` raise KeyboardInterrupt at the start of its first step past `step`: a crash between steps."""
+    original = trainer.train_step
+
+    def crashing(batches):
+        if trainer.train_state.step > step:
+            raise KeyboardInterrupt
+        return original(batches)
+
+    trainer.train_step = crashing
+
+
 def reader_argv(folder, *extra) -> list[str]:
     """The command line of a reader (eval, generate) of a `train_tiny_run` folder."""
     return ["--job.dump_folder", str(folder), "--memory.enabled", "--training.device", "cpu", "--training.seq_len",

@@ -29,13 +29,14 @@ def single_process_reference(small_config, sections, batches_path):
     return initial, losses, grads, table, value_norms
 
 
-def run_both(tmp_path, small_config, world, plan, memory, optimizer=None):
+def run_both(tmp_path, small_config, world, plan, memory, optimizer=None, finetune=None):
     """The same 3 steps of the debug Memory+ model on one process and under `plan`, each from its own
     initialisation with the same seed: (reference, result). The initial full weights must be equal bit for bit."""
     sections = dict(
         training={"steps": STEPS, "seq_len": SEQ, "local_batch_size": GLOBAL_BATCH},
         memory=dict(memory, enabled=True),
         optimizer={"lr": 1e-3, **(optimizer or {})},
+        finetune=finetune or {},
     )
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1), generator=generator) for _ in range(STEPS)]
@@ -126,6 +127,38 @@ def test_row_wise_value_optimizer_matches_one_process(tmp_path, small_config, wo
     assert "memory_values.weight" not in grads[0]
     for name in grads[-1]:
         torch.testing.assert_close(result["grads"][-1][name], grads[-1][name], **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "plan, memory, finetune",
+    [({"dp_shard": 2}, {}, {"mode": "values_only"}),
+     ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adagrad", "n_keys": 16, "knn": 4},
+      {"mode": "sparse_memory", "top_t": 40})],
+    ids=["fsdp2-values-only", "mp2-sparse-memory"],
+)
+def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, finetune):
+    """Frozen parameters under FSDP, the read-out gradients of a frozen key path exchanged over mp, and a row
+    selection that every rank must make alike: the same losses, gradients and table as one process."""
+    from titanmem.components.read_counts import ReadCounts, save_read_counts
+
+    if finetune["mode"] == "sparse_memory":
+        rows = memory["n_keys"] ** 2
+        generator = torch.Generator().manual_seed(0)
+        batches_reading = torch.randint(0, 11, (rows,), generator=generator)
+        save_read_counts(ReadCounts(batches_reading * 3, batches_reading, 10), tmp_path / "background.safetensors")
+        finetune = dict(finetune, background_counts=str(tmp_path / "background.safetensors"))
+    (losses, grads, table, _), result = run_both(tmp_path, small_config, 2, plan, memory=memory, finetune=finetune)
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    torch.testing.assert_close(result["table"], table, **TOLERANCE)
+    moved = (result["table"] != result["initial"]["memory_values.weight"]).any(dim=1)
+    if finetune["mode"] == "sparse_memory":  # at most top_t rows a step, of the 256 the steps read
+        assert 0 < int(moved.sum()) <= STEPS * finetune["top_t"] < moved.numel()
+    for step, (got, expected) in enumerate(zip(result["grads"], grads), start=1):
+        # values_only: the table's gradient alone; sparse_memory: none (the row-wise optimizer trains from reads).
+        assert got.keys() == expected.keys() == ({"memory_values.weight"} if finetune["mode"] == "values_only"
+                                                 else set())
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], **TOLERANCE)
 
 
 @pytest.mark.parametrize(

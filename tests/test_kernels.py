@@ -168,6 +168,56 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
     assert untouched.any()
 
 
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dim", [37, 300])
+def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bit_identical(kind, dim):
+    """With `selected`, the fused passes equal the optimizer on the gradient restricted to the selected rows (norm
+    included), and every other row, touched or not, keeps its value and state bit for bit: no decay, no moment
+    update, although weight decay and Adam's moments would move a row with a zero gradient."""
+    code = OPTIMIZERS[kind]
+    values, indices, weights, grad_out = random_case(11, 7, 9, 50, dim, hot_rows=30)
+    generator = torch.Generator().manual_seed(3)
+    first = torch.rand(50, generator=generator) if code == ADAGRAD else torch.rand(50, dim, generator=generator) \
+        if code == ADAM else torch.zeros(0)
+    second = torch.rand(50, dim, generator=generator) if code == ADAM else torch.zeros(0)
+    first, second = first.to(DEVICE), second.to(DEVICE)
+    expected = (cpu64(values), cpu64(first), cpu64(second))
+    betas, eps, lr, wd = (0.9, 0.95), 1e-8, 0.05, 0.1
+    for step in (1, 2):
+        grad_out = grad_out.roll(1, dims=0) * 0.7
+        before = (values.clone(), first.clone(), second.clone())
+        dense_grad, _ = reference_grads(values, indices, weights, grad_out)
+        pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])
+        # A fresh random half of the touched rows each step, at least one in and one out.
+        selected = torch.rand(rows.numel(), generator=generator) < 0.5
+        selected[0], selected[-1] = True, False
+        chosen = rows.cpu().long()[selected]
+        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True, selected.to(DEVICE))
+        torch.testing.assert_close(cpu64(row_sq), (dense_grad[rows.cpu().long()] ** 2).sum(1) * selected,
+                                   rtol=1e-5, atol=1e-5)
+        row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
+                    1.0, eps, betas[0], betas[1], step, -1, selected.to(DEVICE))
+        expected = reference_row_update(code, *expected, dense_grad[chosen], chosen, lr, wd, 1.0, eps, betas, step)
+        torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
+        left_out = torch.ones(50, dtype=torch.bool)
+        left_out[chosen] = False
+        assert torch.equal(values.cpu()[left_out], before[0].cpu()[left_out])
+        if code != SGD:
+            torch.testing.assert_close(cpu64(first), expected[1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(first.cpu()[left_out], before[1].cpu()[left_out])
+        if code == ADAM:
+            assert torch.equal(second.cpu()[left_out], before[2].cpu()[left_out])
+        # The selection really left out rows that the step touched.
+        assert (~selected).any() and selected.any()
+
+
+def test_a_row_selection_of_the_wrong_length_is_refused():
+    values, indices, weights, grad_out = random_case(1, 3, 4, 20, 8)
+    pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])
+    with pytest.raises(ValueError, match="one flag per touched row"):
+        row_grad_sq(grad_out, weights, pair_order, offsets, True, torch.ones(rows.numel() + 1, dtype=torch.bool))
+
+
 def test_triton_lookup_in_the_memory_layer_matches_the_torch_lookup():
     import dataclasses
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import crash_after
 from titanmem.config import ConfigError
 from titanmem.train import Trainer
 
@@ -84,14 +85,7 @@ def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config)
     crashed = small_config(**sections)
     crashed.job.dump_folder = str(tmp_path / "crashed")
     trainer = Trainer(crashed)
-    original = trainer.train_step
-
-    def crash_after_three(batches):
-        if trainer.train_state.step > 4:
-            raise KeyboardInterrupt
-        return original(batches)
-
-    trainer.train_step = crash_after_three
+    crash_after(trainer, 4)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     resumed = Trainer(crashed).train()

@@ -22,6 +22,7 @@ import torch
 
 from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps, saved_step
 from titanmem.components.export import is_export
+from titanmem.components.read_counts import load_read_counts
 from titanmem.config.errors import ConfigError
 from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
 from titanmem.config.sections import JobConfig
@@ -222,6 +223,31 @@ def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | No
     return dims, sharding
 
 
+def _check_finetune(config: JobConfig, memory: MemoryArgs | None, value_optimizer: str | None) -> None:
+    """A finetuning mode other than `full` needs a memory to train, and `sparse_memory` a row-wise value optimizer
+    and read counts of this model's table."""
+    finetune = config.finetune
+    if finetune.mode == "full":
+        return
+    if memory is None:
+        raise ConfigError("finetune.mode", f"{finetune.mode!r} trains the memory value table, and this model has "
+                          "none; set memory.enabled = true, or finetune.mode = 'full'")
+    if finetune.mode != "sparse_memory":
+        return
+    if value_optimizer == "adamw":
+        raise ConfigError("memory.value_optimizer", "finetune.mode 'sparse_memory' updates its selected rows inside "
+                          "the fused row-wise value optimizers; set it to 'adagrad', 'adam' or 'sgd'")
+    counts = [("background_counts", "the background read counts that rank the rows")]
+    if finetune.selection == "per_dataset":
+        counts.append(("dataset_counts", "the read counts of the finetuning data that fix the rows"))
+    for name, what in counts:
+        path = getattr(finetune, name)
+        if not path:
+            raise ConfigError(f"finetune.{name}", f"is empty; sparse_memory needs {what}: make them with "
+                              "tools/count_memory_reads.py")
+        load_read_counts(path, f"finetune.{name}", memory.n_values)
+
+
 def _check_checkpoint_folder(config: JobConfig) -> None:
     """The checkpoints live inside the dump folder, which the run's lock covers: a folder elsewhere could be shared
     by two runs unnoticed."""
@@ -392,6 +418,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     if purpose == "train":
         _check_dump_folder(config)
         _check_checkpoint_folder(config)
+        _check_finetune(config, memory, value_optimizer)
     _check_files(config, purpose, world_size)
     checkpoint_to_load = resolve_checkpoint(config, purpose)
     initial_load = None

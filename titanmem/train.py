@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from titanmem.build import build_run
 from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder, load_model_weights
 from titanmem.components.faults import crash_point
+from titanmem.components.finetune import build_row_selector, freeze_for_finetune
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers, all_finite
@@ -96,11 +97,17 @@ class Trainer:
         self.param_counts = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.plan.model_args, self.param_counts, config.training.seq_len)
 
+        # Before the optimizers: what is frozen gets no optimizer state.
+        self.frozen_params = freeze_for_finetune(self.model, config.finetune.mode)
         self.optimizers = Optimizers(
             self.model, config, self.dims, value_optimizer=self.plan.value_optimizer, value_lr=self.plan.value_lr,
             implementation=self.plan.optimizer_implementation,
             replicate_value_slices=self.plan.value_slice_sharding == "replicate", recorder=self.run.recorder,
         )
+        self.row_selector = None
+        if self.optimizers.values is not None:
+            self.row_selector = build_row_selector(config.finetune, self.plan.model_args.memory.n_values, self.device)
+            self.optimizers.values.row_selector = self.row_selector
         self.lr_scheduler = build_lr_scheduler(self.optimizers.dense, config.lr_scheduler, self.plan.lr_decay_steps)
         self.train_state = TrainState()
         self.metrics = MetricsLogger(
@@ -173,6 +180,9 @@ class Trainer:
                           f"each slice {'row-sharded by FSDP' if plan.value_slice_sharding == 'fsdp' else 'replicated'}"
                           f" over {copies} ranks")
                 logger.info("value table: columns split over mp = %d; %s", self.dims.mp, layout)
+        if self.config.finetune.mode != "full":
+            logger.info("finetune %s: %d parameters frozen; the value table trains%s", self.config.finetune.mode,
+                        self.frozen_params, f", {self.row_selector.describe()}" if self.row_selector else "")
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
             self.device, "bf16 autocast" if plan.autocast_dtype else "fp32", f"{plan.tokens_per_step:,}",

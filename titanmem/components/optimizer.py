@@ -64,8 +64,9 @@ def build_param_groups(model: nn.Module, config: OptimizerConfig, value_lr: floa
     return groups
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total gradient norm of `params` (fp32, over every rank's shards), clipped to `max_norm` unless it is 0."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, device: torch.device | None = None) -> torch.Tensor:
+    """Total gradient norm of `params` (fp32, over every rank's shards), clipped to `max_norm` unless it is 0; 0 on
+    `device` when none has a gradient (every parameter frozen)."""
     by_mesh: dict = {}
     for p in params:
         if p.grad is not None:
@@ -78,7 +79,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
             # Sharded gradients give a partial norm per rank; the full tensor reduces it over the mesh.
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=device)
     for group in by_mesh.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm or math.inf, total, foreach=True)
     return total
@@ -129,7 +130,9 @@ class Optimizers:
         value_ids = {id(p) for p in memory_value_parameters(model)}
         # The table's gradient, when autograd makes one (dense AdamW); a row-wise optimizer trains it without one.
         self.value_params = [p for p in model.parameters() if id(p) in value_ids and p.requires_grad]
-        self.dense_params = [p for p in model.parameters() if id(p) not in value_ids]
+        # Frozen parameters (finetuning) have no gradient to clip and no state.
+        self.dense_params = [p for p in model.parameters() if id(p) not in value_ids and p.requires_grad]
+        self.device = next(model.parameters()).device
         # A table slice that FSDP leaves whole on each rank gets its gradient averaged over the slice's copies here.
         self.replica_group = dims.get_group("mp_replicas") if replicate_value_slices else None
 
@@ -145,12 +148,12 @@ class Optimizers:
                 if param.grad is not None:
                     torch.distributed.all_reduce(local_tensor(param.grad), op=torch.distributed.ReduceOp.AVG,
                                                  group=self.replica_group)
-        norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm)]
+        norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm, self.device)]
         # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
         if self.values is not None:
             norms.append(self.values.grad_norm(self.config.training.deterministic).float())
         elif self.value_params:
-            norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm))
+            norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm, self.device))
         return norms
 
     @property
@@ -184,8 +187,15 @@ class Optimizers:
                              clip_coefficient(norms[1], self.config.memory.value_max_norm))
         return True
 
+    @property
+    def dense_trains(self) -> bool:
+        """Whether AdamW trains anything (not when finetuning freezes all but a row-wise trained table)."""
+        return any(group["params"] for group in self.dense.param_groups)
+
     def state_dict(self) -> dict:
         # Only tensors (moments, step counts): the hyperparameters come from the config at every start.
+        if not self.dense_trains:
+            return {"dense": {}, **({"values": self.values.state_dict()} if self.values is not None else {})}
         fresh = not self.dense.state
         dense = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
         if fresh:
@@ -203,8 +213,9 @@ class Optimizers:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore moments and step counts; the hyperparameters stay those of the current config."""
-        current = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
-        current.update(state["dense"])
-        set_optimizer_state_dict(self.model, self.dense, current, options=_STATE_OPTIONS)
+        if self.dense_trains:
+            current = get_optimizer_state_dict(self.model, self.dense, options=_STATE_OPTIONS)
+            current.update(state["dense"])
+            set_optimizer_state_dict(self.model, self.dense, current, options=_STATE_OPTIONS)
         if self.values is not None:
             self.values.load_state_dict(state.get("values", {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -47,9 +48,13 @@ class SchedulerState:
         return {"last_epoch": torch.tensor(self.scheduler.last_epoch, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
-        # Put the scheduler at the saved position, and its lrs into the optimizer.
+        # Put the scheduler at the saved position, and its lrs into the optimizer. This step only moves the position:
+        # torch's warning about a scheduler step before any optimizer step does not apply (it shows when AdamW trains
+        # nothing, as in sparse memory finetuning, whose optimizer state load then runs no step of its own).
         self.scheduler.last_epoch = int(state["last_epoch"]) - 1
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
 
 
 @dataclass

@@ -76,6 +76,9 @@ class RowWiseValueOptimizer:
         else:
             self.first, self.second = empty, empty
         self._prepared = None
+        # Sparse memory finetuning (`titanmem.components.row_selection.RowSelector`): which of a step's touched rows
+        # train, as a flag per touched row; None trains them all.
+        self.row_selector = None
         # The table is trained here, not by autograd: no layer may ask for its dense gradient.
         values.weight.requires_grad_(False)
 
@@ -106,13 +109,15 @@ class RowWiseValueOptimizer:
             return torch.zeros((), device=table.device)
         indices, weights, grad_out = merged
         pair_order, offsets, rows = row_segments(indices, table.shape[0])
-        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic)
+        # Every replica and every rank of the slice group ranks the same merged reads alike: they select the same rows.
+        selected = self.row_selector(rows, offsets) if self.row_selector is not None else None
+        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected)
         if self.slice_group is not None:
             # Every rank of the group grouped the same rows in the same order: sum their column parts.
             dist.all_reduce(row_sq, group=self.slice_group)
         # The update kernel averages the row statistic over the table's local width; make that the whole row's mean.
         local_row_sq = row_sq * (table.shape[1] / self.full_width)
-        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq)
+        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq, selected)
         return row_sq.sum().sqrt()
 
     def step(self, lr_multiplier: float, clip: float = 1.0) -> None:
@@ -121,13 +126,13 @@ class RowWiseValueOptimizer:
 
         if self._prepared is None:
             return
-        indices, weights, grad_out, pair_order, offsets, rows, row_sq = self._prepared
+        indices, weights, grad_out, pair_order, offsets, rows, row_sq, selected = self._prepared
         self._prepared = None
         self.steps += 1
         row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
             self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
-            self.steps, rounding_seed(self.rounding_seed, self.steps),
+            self.steps, rounding_seed(self.rounding_seed, self.steps), selected,
         )
 
     def discard(self) -> None:

@@ -320,6 +320,31 @@ class Checkpoint:
 
 
 @dataclass
+class Finetune:
+    mode: Literal["full", "values_only", "sparse_memory"] = "full"
+    """What trains. `full`: every parameter (ordinary training). `values_only`: the memory value table alone; every
+    other parameter is frozen and gets no gradient and no optimizer state. `sparse_memory`: only the `top_t` value
+    rows of highest TF-IDF (their reads on the new data against `background_counts`), inside the fused row-wise
+    value optimizer; the other rows, with their optimizer state, and every other parameter stay as they are. Start
+    the run from the model to finetune with `checkpoint.initial_load_path`."""
+
+    top_t: int = bounded(1000, ge=1)
+    """With `sparse_memory`: the rows trained per step (`selection = "per_step"`), or in all (`per_dataset`)."""
+
+    selection: Literal["per_step", "per_dataset"] = "per_step"
+    """With `sparse_memory`: `per_step` ranks the rows each step reads by their reads in that step; `per_dataset`
+    fixes the top_t rows once, by their reads over the whole finetuning set (`dataset_counts`), and each step trains
+    those of them it reads."""
+
+    background_counts: str = ""
+    """With `sparse_memory`: the read counts of the model being finetuned over a sample of its pretraining data
+    (`tools/count_memory_reads.py` writes them): the inverse document frequency of each row."""
+
+    dataset_counts: str = ""
+    """With `selection = "per_dataset"`: the same model's read counts over the finetuning data, from the same tool."""
+
+
+@dataclass
 class Metrics:
     log_freq: int = bounded(10, ge=1)
     """Print a metrics line and write TensorBoard scalars every this many steps."""
@@ -507,6 +532,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    finetune: Finetune = field(default_factory=Finetune)
     metrics: Metrics = field(default_factory=Metrics)
     profiling: Profiling = field(default_factory=Profiling)
     parallelism: Parallelism = field(default_factory=Parallelism)

@@ -51,6 +51,10 @@ class DistributedLookup:
         self.tp_mesh = tp_mesh
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.recorder is not None and torch.is_grad_enabled() and not weights.requires_grad:
+            # Finetuning with the key path frozen: nothing before the read needs a gradient, but the read-out's
+            # gradient is what the value optimizer trains from. A leaf that asks for one makes backward reach it.
+            weights = weights.detach().requires_grad_()
         if self.tp_mesh is not None:
             indices, weights = _gather_heads(indices, weights, self.tp_mesh)
         local_table = local_tensor(table)

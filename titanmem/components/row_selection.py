@@ -1,0 +1,74 @@
+"""Which value rows a sparse memory finetuning step trains: the top-t by TF-IDF (Lin et al., 2025).
+
+A row's score is tf × idf, with
+- tf = the row's reads in the new data / all reads of the new data (per step: the step's reads, all memory layers,
+  micro-batches and data-parallel ranks; per dataset: the reads counted over the whole finetuning set);
+- idf = log((B + 1) / (b + 1)), B the background batches counted and b those that read the row.
+
+A row that the pretraining data reads in every batch scores near 0 however often the new data reads it; a row the
+new data reads and the background never did scores highest. Ties go to the lower row, so every rank that ranks the
+same reads picks the same rows.
+
+Rows outside the step's reads have no gradient and are never candidates: the selection is a flag per touched row,
+never a mask of the whole table (`titanmem.kernels.row_update` takes it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titanmem.components.read_counts import ReadCounts
+
+
+def tfidf_scores(reads: torch.Tensor, batches_reading: torch.Tensor, background_batches: int) -> torch.Tensor:
+    """[U] float64 TF-IDF of rows read `reads` times in the new data and by `batches_reading` of the
+    `background_batches` background batches."""
+    reads = reads.double()
+    tf = reads / reads.sum().clamp(min=1)
+    idf = torch.log((background_batches + 1) / (batches_reading.double() + 1))
+    return tf * idf
+
+
+def top_rows(scores: torch.Tensor, t: int) -> torch.Tensor:
+    """[U] bool: the `t` highest scores (all when there are fewer); among equal scores the earlier position wins."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    chosen[order[:t]] = True
+    return chosen
+
+
+class RowSelector:
+    """The rows a step trains, as a flag per touched row. Per step, it ranks the step's touched rows by their reads
+    in the step; per dataset (`dataset` counts given), the top-t rows of the whole set are fixed at the start and a
+    step trains those it touches."""
+
+    def __init__(self, top_t: int, background: ReadCounts, dataset: ReadCounts | None = None):
+        if dataset is not None and dataset.n_values != background.n_values:
+            raise ValueError(f"the dataset counts ({dataset.n_values} rows) and the background ({background.n_values})"
+                             " count different tables")
+        self.top_t = top_t
+        self.background = background
+        self.fixed_rows: torch.Tensor | None = None
+        if dataset is not None:
+            read = dataset.reads.nonzero().flatten()
+            scores = tfidf_scores(dataset.reads[read], background.batches_reading.to(read.device)[read],
+                                  background.batches)
+            self.fixed_rows = read[top_rows(scores, top_t)].sort().values  # ascending, for searchsorted
+
+    def __call__(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[U] bool for the touched `rows` (ascending), grouped as `offsets` ([U + 1] into the step's reads)."""
+        if self.fixed_rows is None:
+            reads = offsets[1:] - offsets[:-1]
+            scores = tfidf_scores(reads, self.background.batches_reading[rows.long()], self.background.batches)
+            return top_rows(scores, self.top_t)
+        fixed = self.fixed_rows
+        if fixed.numel() == 0:
+            return torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+        position = torch.searchsorted(fixed, rows.to(fixed.dtype)).clamp(max=fixed.numel() - 1)
+        return fixed[position] == rows.to(fixed.dtype)
+
+    def describe(self) -> str:
+        how = (f"the {self.top_t:,} rows of highest TF-IDF in each step" if self.fixed_rows is None else
+               f"{self.fixed_rows.numel():,} rows fixed by their TF-IDF over the finetuning set")
+        return f"{how}, against {self.background.batches:,} background batches"
+
