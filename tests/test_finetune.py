@@ -273,3 +273,32 @@ def test_finetune_settings_are_checked_before_anything_is_built(tmp_path):
     plan = check_command_line(base + [*memory, "--finetune.mode", "sparse_memory", "--memory.value_optimizer",
                                       "adagrad", "--finetune.background_counts", str(tmp_path / "right.safetensors")])
     assert plan.value_optimizer == "adagrad"
+
+
+def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path):
+    import json
+
+    from titanmem.data.facts import RELATIONS, Fact
+
+    facts = [Fact("capital", "Botswana", "Gaborone", seen=False), Fact("capital", "France", "Paris", seen=True),
+             Fact("currency", "Japan", "Japanese yen", seen=False)]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f.to_json()) + "\n" for f in facts))
+    out = tmp_path / "new.jsonl"
+
+    def tool(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools/build_finetune_facts.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    assert tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl")).returncode == 0
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    expected = []
+    for fact in facts[0], facts[2]:
+        relation = RELATIONS[fact.relation]
+        expected += [relation.statement(fact.subject, fact.answer, t) for t in range(len(relation.train_templates))]
+        expected.append(relation.qa_pair(fact.subject, fact.answer))
+    assert sorted(texts) == sorted(expected)
+    assert not any("France" in text for text in texts)
+    again = tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl"))
+    assert again.returncode == 2 and "exists" in again.stderr
+    missing = tool("--out", str(tmp_path / "other.jsonl"), "--facts", str(tmp_path / "none.jsonl"))
+    assert missing.returncode == 2 and "--facts" in missing.stderr

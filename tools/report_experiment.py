@@ -75,6 +75,11 @@ def find_runs(folder: Path) -> dict[str, dict[int, dict]]:
     return runs
 
 
+def in_order(runs: dict[str, dict], names: dict[str, str]) -> dict[str, dict]:
+    """`runs` with the arms of `names` first, in its order, then any others by name."""
+    return {arm: runs[arm] for arm in [*[a for a in names if a in runs], *sorted(set(runs) - set(names))]}
+
+
 def final_metrics(run: dict) -> dict:
     last = run["evals"][-1]
     metrics = {"step": last["step"], "perplexity": last["perplexity"]}
@@ -312,7 +317,7 @@ def main() -> None:
     runs = find_runs(args.runs)
     if not runs:
         sys.exit(f"error: no <arm>.seed<k>.eval.jsonl files in {args.runs}")
-    runs = {arm: runs[arm] for arm in [*[a for a in ARMS if a in runs], *sorted(set(runs) - set(ARMS))]}
+    runs = in_order(runs, ARMS)
     flops = {arm: flops_per_token(arm) for arm in runs}
     print(summary_table(runs, flops), "", relation_table(runs), "", *criteria(runs), sep="\n")
     if args.out is not None:
