@@ -2,7 +2,6 @@
 `[finetune] mode` trains and freezes, a mid-finetune resume, the counting tool, and the config checks."""
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from titanmem.config import ConfigError
 from titanmem.kernels import row_segments
 from titanmem.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 # A table of 8² = 64 rows of 32 and one head of 4 slots: the interpreted Triton kernels stay quick on CPU.
 TINY_MEMORY = {"enabled": True, "n_keys": 8, "heads": 1, "knn": 4, "v_dim": 32}
 N_VALUES = 64
@@ -217,7 +216,8 @@ def test_a_resume_mid_finetune_is_bitwise_in_deterministic_mode(tmp_path, small_
     trainer.close()
 
 
-def test_the_counting_tool_counts_a_checkpoint_over_its_data_and_refuses_to_write_into_a_run(tmp_path, small_config):
+def test_the_counting_tool_counts_a_checkpoint_over_its_data_and_refuses_to_write_into_a_run(tmp_path, small_config,
+                                                                                             capsys):
     pretrain = small_config(training={"steps": 1, "seq_len": 16, "local_batch_size": 2},
                             memory=TINY_MEMORY, checkpoint={"enable": True, "interval": 1})
     pretrain.job.dump_folder = str(tmp_path / "run")
@@ -227,22 +227,24 @@ def test_the_counting_tool_counts_a_checkpoint_over_its_data_and_refuses_to_writ
             "--checkpoint.initial_load_path", str(tmp_path / "run/checkpoint/step-1"),
             "--job.dump_folder", str(tmp_path / "elsewhere")]
 
-    def tool(*args):
-        return subprocess.run([sys.executable, str(ROOT / "tools/count_memory_reads.py"), *args, *argv],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+    import count_memory_reads
 
-    inside = tool("--out", str(tmp_path / "run/counts.safetensors"), "--batches", "3")
-    assert inside.returncode == 2 and "--out" in inside.stderr and "never writes" in inside.stderr
+    def tool(*args):
+        code = count_memory_reads.main([*args, *argv])
+        return code, capsys.readouterr().err
+
+    code, error = tool("--out", str(tmp_path / "run/counts.safetensors"), "--batches", "3")
+    assert code == 2 and "--out" in error and "never writes" in error
     assert not (tmp_path / "run/counts.safetensors").exists()
-    done = tool("--out", str(tmp_path / "counts.safetensors"), "--batches", "3")
-    assert done.returncode == 0, done.stderr
+    code, error = tool("--out", str(tmp_path / "counts.safetensors"), "--batches", "3")
+    assert code == 0, error
     counts = load_read_counts(tmp_path / "counts.safetensors", "x", N_VALUES)
     # 3 batches of 2 × 16 tokens, each read by 3 memory layers of 1 head × 4 slots.
     assert (counts.batches, counts.tokens) == (3, 96)
     assert int(counts.reads.sum()) == 96 * 3 * 4
     assert int(counts.batches_reading.max()) <= 3
-    again = tool("--out", str(tmp_path / "counts.safetensors"), "--batches", "3")
-    assert again.returncode == 2 and "exists" in again.stderr
+    code, error = tool("--out", str(tmp_path / "counts.safetensors"), "--batches", "3")
+    assert code == 2 and "exists" in error
 
 
 def test_finetune_settings_are_checked_before_anything_is_built(tmp_path):
@@ -275,7 +277,7 @@ def test_finetune_settings_are_checked_before_anything_is_built(tmp_path):
     assert plan.value_optimizer == "adagrad"
 
 
-def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path):
+def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path, capsys):
     import json
 
     from titanmem.data.facts import RELATIONS, Fact
@@ -285,11 +287,13 @@ def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path
     (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f.to_json()) + "\n" for f in facts))
     out = tmp_path / "new.jsonl"
 
-    def tool(*args):
-        return subprocess.run([sys.executable, str(ROOT / "tools/build_finetune_facts.py"), *args],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    import build_finetune_facts
 
-    assert tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl")).returncode == 0
+    def tool(*args):
+        code = build_finetune_facts.main(list(args))
+        return code, capsys.readouterr().err
+
+    assert tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl"))[0] == 0
     texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     expected = []
     for fact in facts[0], facts[2]:
@@ -298,7 +302,30 @@ def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path
         expected.append(relation.qa_pair(fact.subject, fact.answer))
     assert sorted(texts) == sorted(expected)
     assert not any("France" in text for text in texts)
-    again = tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl"))
-    assert again.returncode == 2 and "exists" in again.stderr
-    missing = tool("--out", str(tmp_path / "other.jsonl"), "--facts", str(tmp_path / "none.jsonl"))
-    assert missing.returncode == 2 and "--facts" in missing.stderr
+    code, error = tool("--out", str(out), "--facts", str(tmp_path / "facts.jsonl"))
+    assert code == 2 and "exists" in error
+    code, error = tool("--out", str(tmp_path / "other.jsonl"), "--facts", str(tmp_path / "none.jsonl"))
+    assert code == 2 and "--facts" in error
+
+
+def test_a_finetuning_setup_that_looks_wrong_is_warned_about(tmp_path):
+    from titanmem.components.finetune import finetune_warnings
+    from titanmem.config.sections import Finetune
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    background = random_counts(7)
+    background.description = {"checkpoint": str(base)}
+    selector = RowSelector(5, background)
+    sparse = Finetune(mode="sparse_memory")
+    assert finetune_warnings(Finetune(mode="full"), None, False, None) == []
+    assert finetune_warnings(sparse, base, False, selector) == []
+    assert finetune_warnings(sparse, base, True, selector) == []
+    (fresh,) = finetune_warnings(Finetune(mode="values_only"), None, False, None)
+    assert "checkpoint.initial_load_path" in fresh
+    (mismatch,) = finetune_warnings(sparse, other, False, selector)
+    assert "background_counts" in mismatch and str(other) in mismatch
+    # A resume goes on from the run's own checkpoint: neither warning applies.
+    assert finetune_warnings(sparse, None, True, selector) == []
+    empty = ReadCounts(torch.zeros(N_VALUES, dtype=torch.int64), torch.zeros(N_VALUES, dtype=torch.int64), 3)
+    (nothing,) = finetune_warnings(sparse, base, False, RowSelector(5, background, empty))
+    assert "no row will train" in nothing

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from titanmem.build import build_run
 from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder, load_model_weights
 from titanmem.components.faults import crash_point
-from titanmem.components.finetune import build_row_selector, freeze_for_finetune
+from titanmem.components.finetune import build_row_selector, finetune_warnings, freeze_for_finetune
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers, all_finite
@@ -181,8 +181,12 @@ class Trainer:
                           f" over {copies} ranks")
                 logger.info("value table: columns split over mp = %d; %s", self.dims.mp, layout)
         if self.config.finetune.mode != "full":
-            logger.info("finetune %s: %d parameters frozen; the value table trains%s", self.config.finetune.mode,
+            logger.info("finetune %s: %d parameter tensors frozen; the value table trains%s", self.config.finetune.mode,
                         self.frozen_params, f", {self.row_selector.describe()}" if self.row_selector else "")
+            resuming = self.plan.checkpoint_to_load is not None
+            for warning in finetune_warnings(self.config.finetune, self.plan.initial_load, resuming,
+                                             self.row_selector):
+                logger.warning(warning)
         logger.info(
             "device %s, precision %s; %s tokens/step (%d accumulation steps); %.3g training FLOPs/token",
             self.device, "bf16 autocast" if plan.autocast_dtype else "fp32", f"{plan.tokens_per_step:,}",

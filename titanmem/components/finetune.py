@@ -9,6 +9,8 @@ picks (`titanmem.components.row_selection`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -40,3 +42,23 @@ def build_row_selector(config: FinetuneConfig, n_values: int, device: torch.devi
     if config.selection == "per_dataset":
         dataset = load_read_counts(config.dataset_counts, "finetune.dataset_counts", n_values).to(device)
     return RowSelector(config.top_t, background, dataset)
+
+
+def finetune_warnings(config: FinetuneConfig, start: Path | None, resuming: bool,
+                      selector: RowSelector | None) -> list[str]:
+    """What looks wrong in a finetuning setup without being an error: a fresh start from no model, counts made on
+    another model than `start` (the initial load), a per-dataset selection that selects nothing."""
+    if config.mode == "full":
+        return []
+    warnings = []
+    if start is None and not resuming:
+        warnings.append(f"finetune.mode {config.mode!r} starts from a freshly initialised model; set "
+                        "checkpoint.initial_load_path to the model to finetune")
+    if selector is not None:
+        counted = selector.background.description.get("checkpoint")
+        if start is not None and not resuming and counted and Path(counted).resolve() != start.resolve():
+            warnings.append(f"finetune.background_counts were counted on {counted}, not on {start}, the model this "
+                            "run starts from: its rows' background use may differ")
+        if selector.fixed_rows is not None and selector.fixed_rows.numel() == 0:
+            warnings.append("finetune.dataset_counts read no value row: no row will train")
+    return warnings
