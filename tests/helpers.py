@@ -161,6 +161,23 @@ def train_worker(rank: int, world: int, port: int, folder: str, sections: dict, 
     run_as_rank(rank, world, port, body)
 
 
+def count_reads_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One rank of tools/count_memory_reads.py (as torchrun would start it); a non-zero exit fails the rank."""
+
+    def body():
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+        import count_memory_reads
+
+        code = count_memory_reads.main(argv)
+        if code:
+            raise SystemExit(f"count_memory_reads exited with {code}")
+
+    run_as_rank(rank, world, port, body)
+
+
 def column_parallel_worker(rank: int, world: int, port: int, folder: str) -> None:
     """One rank of the column-parallel lookup check: its tokens, its column slice; saves out and grads."""
 

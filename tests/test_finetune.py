@@ -329,3 +329,26 @@ def test_a_finetuning_setup_that_looks_wrong_is_warned_about(tmp_path):
     empty = ReadCounts(torch.zeros(N_VALUES, dtype=torch.int64), torch.zeros(N_VALUES, dtype=torch.int64), 3)
     (nothing,) = finetune_warnings(sparse, base, False, RowSelector(5, background, empty))
     assert "no row will train" in nothing
+
+
+def test_the_counting_tool_sums_the_data_parallel_ranks_counts(tmp_path, small_config):
+    """Under torchrun each data-parallel rank counts its own shard's batches; the file holds their sum."""
+    import torch.multiprocessing as mp
+
+    from helpers import count_reads_worker, free_port
+
+    pretrain = small_config(training={"steps": 1, "seq_len": 16, "local_batch_size": 2},
+                            memory=TINY_MEMORY, checkpoint={"enable": True, "interval": 1})
+    pretrain.job.dump_folder = str(tmp_path / "run")
+    Trainer(pretrain).train()
+    argv = ["--out", str(tmp_path / "counts.safetensors"), "--batches", "2", "--training.device", "cpu",
+            "--training.seq_len", "16", "--training.local_batch_size", "2",
+            *[f"--memory.{k}={str(v).lower()}" for k, v in TINY_MEMORY.items()],
+            "--checkpoint.initial_load_path", str(tmp_path / "run/checkpoint/step-1"),
+            "--job.dump_folder", str(tmp_path / "elsewhere"), "--parallelism.dp_shard", "2"]
+    mp.start_processes(count_reads_worker, args=(2, free_port(), argv), nprocs=2, join=True, start_method="spawn")
+    counts = load_read_counts(tmp_path / "counts.safetensors", "x", N_VALUES)
+    # 2 ranks × 2 batches of 2 × 16 tokens, each read by 3 memory layers of 1 head × 4 slots.
+    assert (counts.batches, counts.tokens) == (4, 128)
+    assert int(counts.reads.sum()) == 128 * 3 * 4
+    assert int(counts.batches_reading.max()) <= 4 and int(counts.batches_reading.max()) > 2
