@@ -352,3 +352,27 @@ def test_the_counting_tool_sums_the_data_parallel_ranks_counts(tmp_path, small_c
     assert (counts.batches, counts.tokens) == (4, 128)
     assert int(counts.reads.sum()) == 128 * 3 * 4
     assert int(counts.batches_reading.max()) <= 4 and int(counts.batches_reading.max()) > 2
+
+
+def test_a_resume_may_unfreeze_what_the_saving_run_froze(tmp_path, small_config, caplog):
+    """Resuming a sparse_memory run as a full one: AdamW's state of the parameters the saving run froze is not in the
+    checkpoint, so it starts fresh, with a warning; the rest (the table, the row-wise state, the step) carries over."""
+    background = save_background(tmp_path)
+
+    def config(mode, steps):
+        return finetune_config(small_config, mode, training={"steps": steps},
+                               memory={"value_optimizer": "adagrad", "value_lr": 0.05},
+                               finetune={"top_t": 6, "background_counts": background},
+                               checkpoint={"enable": True, "interval": 2})
+
+    trainer = Trainer(config("sparse_memory", 2))
+    trainer.train()
+    table = trainer.model.memory_values.weight.detach().clone()
+    state = trainer.optimizers.values.first.clone()
+    trainer.close()
+    trainer = Trainer(config("full", 3))
+    assert trainer.checkpointer.load(trainer.plan.checkpoint_to_load) == 2
+    assert torch.equal(trainer.model.memory_values.weight, table)
+    assert torch.equal(trainer.optimizers.values.first, state)
+    assert "starts fresh" in caplog.text
+    trainer.close()

@@ -126,9 +126,9 @@ class Trainer:
                 "train_state": self.train_state,
             },
             total_steps=config.training.steps, rank=self.rank,
-            # Per-process state of ranks the saving run did not have, and another kind of value optimizer's state,
-            # start fresh.
-            optional=("dataloader", "rng", "optimizer.values"),
+            # Per-process state of ranks the saving run did not have, another kind of value optimizer's state, and
+            # AdamW's state of parameters a finetuning mode froze in the saving run, start fresh (with a warning).
+            optional=("dataloader", "rng", "optimizer.values", "optimizer.dense"),
         )
         self.telemetry = self._build_telemetry()
         self.evaluator: Evaluator | None = None  # built at the first evaluation
