@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from titanmem.config.errors import ConfigError
 
@@ -86,11 +86,10 @@ def load_read_counts(path: str | Path, field: str, n_values: int) -> ReadCounts:
     if not path.is_file():
         raise ConfigError(field, f"no such file: {path}; {fix}")
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as file:
-            header_size = int.from_bytes(file.read(8), "little")
-            metadata = json.loads(file.read(header_size)).get("__metadata__") or {}
-    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
         raise ConfigError(field, f"{path} is not a read-counts file ({' '.join(str(error).split())[:200]}); "
                           f"{fix}") from None
     if metadata.get("format") != FORMAT or set(tensors) != {"reads", "batches_reading"}:
