@@ -144,8 +144,9 @@ def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, 
     if finetune["mode"] == "sparse_memory":
         rows = memory["n_keys"] ** 2
         generator = torch.Generator().manual_seed(0)
-        batches_reading = torch.randint(0, 11, (rows,), generator=generator)
-        save_read_counts(ReadCounts(batches_reading * 3, batches_reading, 10), tmp_path / "background.safetensors")
+        documents_reading = torch.randint(0, 11, (rows,), generator=generator)
+        save_read_counts(ReadCounts(documents_reading * 3, documents_reading, 10, 5),
+                         tmp_path / "background.safetensors")
         finetune = dict(finetune, background_counts=str(tmp_path / "background.safetensors"))
     (losses, grads, table, _), result = run_both(tmp_path, small_config, 2, plan, memory=memory, finetune=finetune)
     assert result["losses"] == pytest.approx(losses, rel=1e-5)

@@ -21,17 +21,18 @@ TINY_MEMORY = {"enabled": True, "n_keys": 8, "heads": 1, "knn": 4, "v_dim": 32}
 N_VALUES = 64
 
 
-def random_counts(seed: int, n_values: int = N_VALUES, batches: int = 20) -> ReadCounts:
+def random_counts(seed: int, n_values: int = N_VALUES, documents: int = 20) -> ReadCounts:
     generator = torch.Generator().manual_seed(seed)
-    batches_reading = torch.randint(0, batches + 1, (n_values,), generator=generator)
-    reads = batches_reading * torch.randint(1, 5, (n_values,), generator=generator)
-    return ReadCounts(reads, batches_reading, batches, tokens=batches * 128, description={"seed": seed})
+    documents_reading = torch.randint(0, documents + 1, (n_values,), generator=generator)
+    reads = documents_reading * torch.randint(1, 5, (n_values,), generator=generator)
+    return ReadCounts(reads, documents_reading, documents, batches=documents // 2, tokens=documents * 64,
+                      description={"seed": seed})
 
 
 def reference_top_rows(reads: dict[int, int], background: ReadCounts, t: int) -> set[int]:
     """TF-IDF ranking written out plainly: score each row, sort by (score descending, row ascending), keep t."""
     total = sum(reads.values())
-    scores = {row: count / total * math.log((background.batches + 1) / (int(background.batches_reading[row]) + 1))
+    scores = {row: count / total * math.log((background.documents + 1) / (int(background.documents_reading[row]) + 1))
               for row, count in reads.items()}
     return set(sorted(scores, key=lambda row: (-scores[row], row))[:t])
 
@@ -50,9 +51,9 @@ def test_per_step_selection_matches_a_plain_tfidf_reference(t):
 
 
 def test_ties_go_to_the_lower_row_and_unread_background_rows_score_highest():
-    background = ReadCounts(torch.tensor([5, 5, 0, 5]), torch.tensor([4, 4, 0, 4]), batches=4)
-    # Rows 0, 1 and 3 are read as often and by every background batch: idf 0, all tied at 0.
-    scores = tfidf_scores(torch.tensor([3, 3, 1, 3]), background.batches_reading, background.batches)
+    background = ReadCounts(torch.tensor([5, 5, 0, 5]), torch.tensor([4, 4, 0, 4]), documents=4, batches=1)
+    # Rows 0, 1 and 3 are read as often and by every background sequence: idf 0, all tied at 0.
+    scores = tfidf_scores(torch.tensor([3, 3, 1, 3]), background.documents_reading, background.documents)
     assert scores[2] > 0 and scores[0] == scores[1] == scores[3] == 0
     assert top_rows(scores, 2).tolist() == [True, False, True, False]  # row 2 first, then the lowest of the ties
 
@@ -69,19 +70,23 @@ def test_per_dataset_selection_fixes_the_top_rows_of_the_whole_set():
     assert set(rows[selector(rows, offsets)].tolist()) == fixed & set(indices.flatten().tolist())
 
 
-def test_read_counter_counts_reads_and_the_batches_that_read_each_row():
+def test_read_counter_counts_reads_and_the_sequences_that_read_each_row():
     counter = ReadCounter(N_VALUES, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
+    # 4 batches of 2 sequences × 5 tokens (flat, as the memory layers see them), 4 reads per token.
     batches = [[torch.randint(0, N_VALUES, (10, 4), generator=generator) for _ in range(3)] for _ in range(4)]
     for layers in batches:
+        counter.start_batch(sequences=2)
         for indices in layers:  # three memory layers, one table
             counter.observe(None, indices, torch.ones(indices.shape))
         counter.end_batch(tokens=10)
     counts = counter.counts
     for row in range(N_VALUES):
         assert counts.reads[row] == sum(int((i == row).sum()) for layers in batches for i in layers)
-        assert counts.batches_reading[row] == sum(any((i == row).any() for i in layers) for layers in batches)
-    assert (counts.batches, counts.tokens) == (4, 40)
+        # A row read by a sequence in two layers, or twice in one, is one document reading it.
+        assert counts.documents_reading[row] == sum(any((i[tokens] == row).any() for i in layers)
+                                                    for layers in batches for tokens in (slice(0, 5), slice(5, 10)))
+    assert (counts.documents, counts.batches, counts.tokens) == (8, 4, 40)
 
 
 def test_counts_files_round_trip_and_bad_ones_are_named(tmp_path):
@@ -89,8 +94,8 @@ def test_counts_files_round_trip_and_bad_ones_are_named(tmp_path):
     path = tmp_path / "counts.safetensors"
     save_read_counts(counts, path)
     loaded = load_read_counts(path, "finetune.background_counts", N_VALUES)
-    assert torch.equal(loaded.reads, counts.reads) and torch.equal(loaded.batches_reading, counts.batches_reading)
-    assert (loaded.batches, loaded.tokens, loaded.description) == (20, 2560, {"seed": 3})
+    assert torch.equal(loaded.reads, counts.reads) and torch.equal(loaded.documents_reading, counts.documents_reading)
+    assert (loaded.documents, loaded.batches, loaded.tokens, loaded.description) == (20, 10, 1280, {"seed": 3})
     assert not list(tmp_path.glob("*.partial"))
 
     def refused(target, match, n_values=N_VALUES):
@@ -109,9 +114,13 @@ def test_counts_files_round_trip_and_bad_ones_are_named(tmp_path):
 
     save_file({"reads": counts.reads}, str(tmp_path / "other.safetensors"), metadata={"format": "something else"})
     refused(tmp_path / "other.safetensors", "not a read-counts file")
-    bad = ReadCounts(counts.reads, counts.batches_reading + 100, counts.batches)  # more batches than counted
+    bad = ReadCounts(counts.reads, counts.documents_reading + 100, counts.documents, 1)  # more than were counted
     save_read_counts(bad, tmp_path / "bad.safetensors")
     refused(tmp_path / "bad.safetensors", "inconsistent")
+    # Version 1 counted document frequency per batch: refused with the reason, to be counted again.
+    save_file({"reads": counts.reads, "batches_reading": counts.documents_reading}, str(tmp_path / "v1.safetensors"),
+              metadata={"format": "titanmem-memory-read-counts-v1", "batches": "20", "tokens": "1280"})
+    refused(tmp_path / "v1.safetensors", "per batch .format v1.")
 
 
 def finetune_config(small_config, mode, **sections):
@@ -240,9 +249,11 @@ def test_the_counting_tool_counts_a_checkpoint_over_its_data_and_refuses_to_writ
     assert code == 0, error
     counts = load_read_counts(tmp_path / "counts.safetensors", "x", N_VALUES)
     # 3 batches of 2 × 16 tokens, each read by 3 memory layers of 1 head × 4 slots.
-    assert (counts.batches, counts.tokens) == (3, 96)
+    assert (counts.documents, counts.batches, counts.tokens) == (6, 3, 96)
     assert int(counts.reads.sum()) == 96 * 3 * 4
-    assert int(counts.batches_reading.max()) <= 3
+    # 16 tokens × 12 reads over 64 rows: a sequence reads many rows, and no row is read more often than it is read.
+    assert 0 < int(counts.documents_reading.max()) <= 6
+    assert bool((counts.documents_reading <= counts.reads).all())
     code, error = tool("--out", str(tmp_path / "counts.safetensors"), "--batches", "3")
     assert code == 2 and "exists" in error
 
@@ -349,9 +360,10 @@ def test_the_counting_tool_sums_the_data_parallel_ranks_counts(tmp_path, small_c
     mp.start_processes(count_reads_worker, args=(2, free_port(), argv), nprocs=2, join=True, start_method="spawn")
     counts = load_read_counts(tmp_path / "counts.safetensors", "x", N_VALUES)
     # 2 ranks × 2 batches of 2 × 16 tokens, each read by 3 memory layers of 1 head × 4 slots.
-    assert (counts.batches, counts.tokens) == (4, 128)
+    assert (counts.documents, counts.batches, counts.tokens) == (8, 4, 128)
     assert int(counts.reads.sum()) == 128 * 3 * 4
-    assert int(counts.batches_reading.max()) <= 4 and int(counts.batches_reading.max()) > 2
+    # More documents than one rank counted read the busiest row: the ranks' document frequencies were summed.
+    assert 4 < int(counts.documents_reading.max()) <= 8
 
 
 def test_a_resume_may_unfreeze_what_the_saving_run_froze(tmp_path, small_config, caplog):

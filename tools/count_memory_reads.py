@@ -13,7 +13,7 @@ checkpoint folder: reading a run never writes into it. For an exported folder, `
 beside it is the default.
 
 A batch is one rank's micro-batch (`training.local_batch_size` sequences of `training.seq_len` tokens): `--batches`
-per rank, and a row's document frequency counts the batches that read it. Tensor parallel splits the heads of a
+per rank, and a row's document frequency counts the sequences that read it. Tensor parallel splits the heads of a
 read over ranks, and is refused here.
 """
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for number, batch in zip(range(1, args.batches + 1), loader):
                 inputs = batch["input"].to(run.device)
+                counter.start_batch(inputs.shape[0])
                 with autocast(run.device, plan.autocast_dtype):
                     run.model(inputs)
                 counter.end_batch(inputs.numel())
@@ -110,20 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         if counts.batches < args.batches:
             raise ConfigError("data.path", f"ran out of data after {counts.batches} of {args.batches} batches")
         if dist.is_initialized():
-            for tensor in (counts.reads, counts.batches_reading):
+            for tensor in (counts.reads, counts.documents_reading):
                 dist.all_reduce(tensor)
-            totals = torch.tensor([counts.batches, counts.tokens], device=run.device)
+            totals = torch.tensor([counts.documents, counts.batches, counts.tokens], device=run.device)
             dist.all_reduce(totals)
-            counts.batches, counts.tokens = (int(v) for v in totals.tolist())
+            counts.documents, counts.batches, counts.tokens = (int(v) for v in totals.tolist())
         counts.description = {"checkpoint": str(plan.checkpoint_to_load), "step": saved_step(plan.checkpoint_to_load),
                               "data": config.data.path, "facts_fraction": config.data.facts_fraction,
                               "seq_len": config.training.seq_len, "seed": config.training.seed}
         if run.rank == 0:
             save_read_counts(counts, out)
             read = int((counts.reads > 0).sum())
-            logger.info("%s: %s reads of %s rows (%.1f%% of the table read) over %d batches, %s tokens", out,
-                        f"{int(counts.reads.sum()):,}", f"{read:,}", 100 * read / counts.n_values, counts.batches,
-                        f"{counts.tokens:,}")
+            idf_zero = int((counts.documents_reading == counts.documents).sum())
+            logger.info("%s: %s reads of %s rows (%.1f%% of the table read) over %d batches (%s sequences), %s "
+                        "tokens; %.1f%% of the rows were read by every sequence", out, f"{int(counts.reads.sum()):,}",
+                        f"{read:,}", 100 * read / counts.n_values, counts.batches, f"{counts.documents:,}",
+                        f"{counts.tokens:,}", 100 * idf_zero / counts.n_values)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

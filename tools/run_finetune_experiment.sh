@@ -3,6 +3,8 @@
 # (set CUDA_VISIBLE_DEVICES to pick one):
 #   tools/run_finetune_experiment.sh prepare   pretrain the base (the quality experiment's Memory+ 134m, seed 0),
 #                                              count its reads, build the new-facts corpus, evaluate the base
+#                                              (= the phases base, then base_eval; on two GPUs, base_eval may run on
+#                                              the second once the base's checkpoint exists, while the first counts)
 #   tools/run_finetune_experiment.sh arms      finetune each arm from the base (after prepare; two runners on two
 #                                              GPUs may split ARMS)
 # Settings (environment):
@@ -12,6 +14,7 @@
 #   BASE_CONFIG  the base's pretraining config (default train_configs/quality_memory_134m.toml)
 #   BASE_STEPS   the base's pretraining steps (default 1600, as in its protocol)
 #   COMMON_ARGS  config overrides for every run of both phases (e.g. a small model for a dry run on CPU)
+#   WAIT_FOR_BASE=1  base_eval and arms wait for the base (its checkpoint, its counts) that another runner prepares
 # Extra arguments go to every finetuning run. Report with tools/report_finetune.py --runs OUT_DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +50,10 @@ timed() {  # name, command...: run it, keep its console log and wall time in OUT
 
 case "$phase" in
   prepare)
+    "${BASH_SOURCE[0]}" base
+    "${BASH_SOURCE[0]}" base_eval
+    ;;
+  base)
     [ -f "$CORPUS" ] || "$PYTHON" "$ROOT/tools/build_finetune_facts.py" --out "$CORPUS"
     if [ ! -d "$BASE" ]; then
       # The quality arm as its protocol ran it, with its last checkpoint kept and no evals (the base's is below).
@@ -55,22 +62,28 @@ case "$phase" in
         "${COMMON[@]}"
     fi
     # Background: 100 batches of the pretraining data (3.3M tokens); the finetuning set: 25 batches (one pass).
+    # The dataset counts come last: a runner waiting for the base (WAIT_FOR_BASE) waits for them.
+    rm -f "$OUT_DIR/background.safetensors" "$OUT_DIR/dataset.safetensors"
     for counts in "background $BASE_CONFIG 100" "dataset $CONFIG 25"; do
       set -- $counts
-      rm -f "$OUT_DIR/$1.safetensors"
       timed "counts_$1" "$PYTHON" "$ROOT/tools/count_memory_reads.py" --out "$OUT_DIR/$1.safetensors" --batches "$3" \
         --job.config_file "$2" --checkpoint.initial_load_path "$BASE" --job.dump_folder "$RUN_DIR/counting" \
         "${COMMON[@]}"
     done
+    ;;
+  base_eval)
+    while [ "${WAIT_FOR_BASE:-0}" = 1 ] && [ ! -d "$BASE" ]; do sleep 5; done
     rm -rf "$OUT_DIR/base_eval"
     timed base "$PYTHON" -m titanmem.eval --job.config_file "$CONFIG" --checkpoint.initial_load_path "$BASE" \
-      --eval.results_folder "$OUT_DIR/base_eval" --job.dump_folder "$RUN_DIR/counting" "${COMMON[@]}"
+      --eval.results_folder "$OUT_DIR/base_eval" --job.dump_folder "$RUN_DIR/base_eval" "${COMMON[@]}"
     cp "$OUT_DIR/base_eval/results.jsonl" "$OUT_DIR/base.eval.jsonl"
     ;;
   arms)
-    [ -d "$BASE" ] && [ -f "$OUT_DIR/background.safetensors" ] || { echo "error: run the prepare phase first" >&2; exit 1; }
     for arm in $ARMS; do
       [ -n "${ARM_ARGS[$arm]:-}" ] || { echo "error: unknown arm $arm; arms: ${!ARM_ARGS[*]}" >&2; exit 1; }
+      # Counts are written after the base's checkpoint: a second runner may start while the first still counts.
+      while [ "${WAIT_FOR_BASE:-0}" = 1 ] && [ ! -f "$OUT_DIR/dataset.safetensors" ]; do sleep 5; done
+      [ -d "$BASE" ] && [ -f "$OUT_DIR/dataset.safetensors" ] || { echo "error: run the prepare phase first" >&2; exit 1; }
       rm -rf "$RUN_DIR/$arm"
       # shellcheck disable=SC2086
       timed "$arm.seed0" env CONFIG_FILE="$CONFIG" "$ROOT/run_train.sh" --job.dump_folder "$RUN_DIR/$arm" \
@@ -80,7 +93,7 @@ case "$phase" in
     done
     ;;
   *)
-    echo "usage: $0 prepare|arms [config overrides for the finetuning runs]" >&2
+    echo "usage: $0 prepare|base|base_eval|arms [config overrides for the finetuning runs]" >&2
     exit 2
     ;;
 esac

@@ -3,7 +3,7 @@
 A row's score is tf × idf, with
 - tf = the row's reads in the new data / all reads of the new data (per step: the step's reads, all memory layers,
   micro-batches and data-parallel ranks; per dataset: the reads counted over the whole finetuning set);
-- idf = log((B + 1) / (b + 1)), B the background batches counted and b those that read the row.
+- idf = log((D + 1) / (d + 1)), D the background sequences counted and d those that read the row.
 
 A row that the pretraining data reads in every batch scores near 0 however often the new data reads it; a row the
 new data reads and the background never did scores highest. Ties go to the lower row, so every rank that ranks the
@@ -20,12 +20,12 @@ import torch
 from titanmem.components.read_counts import ReadCounts
 
 
-def tfidf_scores(reads: torch.Tensor, batches_reading: torch.Tensor, background_batches: int) -> torch.Tensor:
-    """[U] float64 TF-IDF of rows read `reads` times in the new data and by `batches_reading` of the
-    `background_batches` background batches."""
+def tfidf_scores(reads: torch.Tensor, documents_reading: torch.Tensor, background_documents: int) -> torch.Tensor:
+    """[U] float64 TF-IDF of rows read `reads` times in the new data and by `documents_reading` of the
+    `background_documents` background sequences."""
     reads = reads.double()
     tf = reads / reads.sum().clamp(min=1)
-    idf = torch.log((background_batches + 1) / (batches_reading.double() + 1))
+    idf = torch.log((background_documents + 1) / (documents_reading.double() + 1))
     return tf * idf
 
 
@@ -51,15 +51,15 @@ class RowSelector:
         self.fixed_rows: torch.Tensor | None = None
         if dataset is not None:
             read = dataset.reads.nonzero().flatten()
-            scores = tfidf_scores(dataset.reads[read], background.batches_reading.to(read.device)[read],
-                                  background.batches)
+            scores = tfidf_scores(dataset.reads[read], background.documents_reading.to(read.device)[read],
+                                  background.documents)
             self.fixed_rows = read[top_rows(scores, top_t)].sort().values  # ascending, for searchsorted
 
     def __call__(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """[U] bool for the touched `rows` (ascending), grouped as `offsets` ([U + 1] into the step's reads)."""
         if self.fixed_rows is None:
             reads = offsets[1:] - offsets[:-1]
-            scores = tfidf_scores(reads, self.background.batches_reading[rows.long()], self.background.batches)
+            scores = tfidf_scores(reads, self.background.documents_reading[rows.long()], self.background.documents)
             return top_rows(scores, self.top_t)
         fixed = self.fixed_rows
         if fixed.numel() == 0:
@@ -70,5 +70,5 @@ class RowSelector:
     def describe(self) -> str:
         how = (f"the {self.top_t:,} rows of highest TF-IDF in each step" if self.fixed_rows is None else
                f"{self.fixed_rows.numel():,} rows fixed by their TF-IDF over the finetuning set")
-        return f"{how}, against {self.background.batches:,} background batches"
+        return f"{how}, against {self.background.documents:,} background sequences"
 
