@@ -104,8 +104,9 @@ def test_tensor_parallel_memory_variants_match_one_process(tmp_path, small_confi
 @pytest.mark.parametrize(
     "world, plan, optimizer",
     [(2, {"dp_shard": 2}, "adagrad"), (2, {"dp_shard": 2, "mp": 2}, "adagrad"),
+     (4, {"dp_shard": 4, "mp": 4}, "adagrad"),
      (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2}, "adagrad"), (4, {"tp": 2, "dp_shard": 2, "mp": 2}, "adam")],
-    ids=["fsdp2-adagrad", "mp2-adagrad", "hsdp2x2xmp2-adagrad", "tp2xmp2-adam"],
+    ids=["fsdp2-adagrad", "mp2-adagrad", "mp4-adagrad", "hsdp2x2xmp2-adagrad", "tp2xmp2-adam"],
 )
 def test_row_wise_value_optimizer_matches_one_process(tmp_path, small_config, world, plan, optimizer):
     """The fused row-wise optimizers on several processes: the table's records are gathered over its replicas and

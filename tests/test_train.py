@@ -348,3 +348,22 @@ def test_activation_checkpointing_and_compile_leave_losses_and_gradients_unchang
     block, wrapped, compiled = "TransformerBlock", "CheckpointWrapper", "OptimizedModule"
     expected = [[block] * 6, [wrapped] * 6, [wrapped, block] * 3, [compiled] * 6]
     assert wrappers == (expected if not memory else [expected[0], expected[1], expected[3]])
+
+
+def test_gpu_memory_limit_caps_the_process_at_its_share_of_the_device(monkeypatch):
+    """`training.gpu_memory_limit_gb` becomes the allocator's per-process fraction of the device (at most all of
+    it), set before anything is allocated; 0 sets no cap."""
+    from types import SimpleNamespace
+
+    from titanmem import build
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=140e9))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append(fraction))
+    for limit in (80.0, 200.0, 0.0):
+        config = SimpleNamespace(training=SimpleNamespace(gpu_memory_limit_gb=limit, seed=0, deterministic=False))
+        plan = SimpleNamespace(device=torch.device("cuda", 0), config=config,
+                               parallel=SimpleNamespace(distributed=False, build_mesh=lambda device_type: None))
+        build.setup_process(plan)
+    assert calls == [pytest.approx(80 / 140), 1.0]

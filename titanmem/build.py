@@ -70,6 +70,10 @@ def setup_process(plan: RunPlan) -> torch.device:
     device = plan.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        limit = plan.config.training.gpu_memory_limit_gb * 1e9
+        if limit:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
     seed_everything(plan.config.training.seed, plan.config.training.deterministic)
     if plan.parallel.distributed and not dist.is_initialized():
         # NCCL between GPUs, gloo between CPU ranks; torchrun describes the group in the environment.

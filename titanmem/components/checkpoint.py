@@ -262,6 +262,7 @@ class CheckpointManager:
         complete one before it is loaded instead."""
         if path is None:
             return None
+        start = time.perf_counter()
         path = Path(path)
         if self.config.verify_on_load:
             path = self._intact(path, fall_back)
@@ -275,7 +276,7 @@ class CheckpointManager:
         if self.rank == 0:
             self._set_aside_newer_than(step)
         self.last_saved_step = step
-        logger.info("resumed from %s", path)
+        logger.info("resumed from %s in %.2f s", path, time.perf_counter() - start)
         return step
 
     def _intact(self, path: Path, fall_back: bool) -> Path:

@@ -218,6 +218,10 @@ class Training:
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute precision. `auto` is bf16 autocast on CUDA and fp32 on CPU; parameters always stay fp32."""
 
+    gpu_memory_limit_gb: float = bounded(0.0, ge=0.0)
+    """Cap each process's GPU memory at this many GB (10^9 bytes; `torch.cuda.set_per_process_memory_fraction`), e.g.
+    80 to rehearse an H100 plan on a larger GPU: allocations past it fail as out-of-memory. 0: no cap."""
+
     on_nonfinite_loss: Literal["skip", "abort"] = "abort"
     """What to do when the loss or gradient norm is NaN/Inf: `skip` drops that step's update and counts it, `abort`
     stops with an error naming the step."""
