@@ -52,3 +52,13 @@ def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_pat
         [sys.executable, "tools/resume_drill.py", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
          "1", "--work", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and "--kill-at must be at least --interval" in broken.stderr
+    # A resume plan that cannot run is named before the first launch; so is a folder that holds an earlier drill.
+    drill = [sys.executable, "tools/resume_drill.py", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
+             "3"]
+    bad_plan = subprocess.run([*drill, "--resume-plan", "--parallelism.mp 3", "--work", str(tmp_path / "plan"), "--",
+                               "--training.device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad_plan.returncode == 2
+    assert bad_plan.stderr.startswith("--resume-plan: error: config error in parallelism.mp")
+    assert not (tmp_path / "plan" / "reference").exists()
+    reused = subprocess.run([*drill, "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert reused.returncode == 2 and "holds an earlier drill" in reused.stderr

@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         if run.rank == 0:
             save_read_counts(counts, out)
             read = int((counts.reads > 0).sum())
-            idf_zero = int((counts.documents_reading == counts.documents).sum())
+            read_by_all = int((counts.documents_reading == counts.documents).sum())
             logger.info("%s: %s reads of %s rows (%.1f%% of the table read) over %d batches (%s sequences), %s "
                         "tokens; %.1f%% of the rows were read by every sequence", out, f"{int(counts.reads.sum()):,}",
                         f"{read:,}", 100 * read / counts.n_values, counts.batches, f"{counts.documents:,}",
-                        f"{counts.tokens:,}", 100 * idf_zero / counts.n_values)
+                        f"{counts.tokens:,}", 100 * read_by_all / counts.n_values)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_plan(args, plan: list[str]) -> str | None:
+    """The error line of `plan` on `args.nproc` ranks, checked in this process as the launchers check a config; None
+    when it is valid. Both plans are checked before the first launch: a bad resume plan would otherwise show only
+    after two runs."""
+    done = subprocess.run([sys.executable, "-m", "titanmem.train", "--job.config_file", args.config, *plan,
+                           *args.overrides, "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": str(args.nproc)}, timeout=300)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+
+
 def launch(args, folder: Path, plan: list[str], crash: str | None, log: Path) -> tuple[int, str]:
     """One launch of `args.nproc` ranks, rank 0's output written to `log` as it comes (other nodes' beside it);
     returns the exit code and that output."""
@@ -67,15 +77,19 @@ def launch(args, folder: Path, plan: list[str], crash: str | None, log: Path) ->
     endpoint = f"127.0.0.1:{free_port()}"
     logs = [log] + [log.with_suffix(f".node{node}.log") for node in range(1, args.nodes)]
     outs = [open(path, "w") for path in logs]
+    nodes = []
     try:
-        nodes = [subprocess.Popen([str(ROOT / "launch" / "run_multinode.sh"), *train_args], cwd=ROOT,
-                                  env={**env, "CONFIG_FILE": args.config, "NNODES": str(args.nodes),
-                                       "NGPU": str(args.nproc // args.nodes), "NODE_RANK": str(node),
-                                       "RDZV_ENDPOINT": endpoint, "RDZV_ID": "resume-drill"},
-                                  stdout=out, stderr=subprocess.STDOUT)
-                 for node, out in enumerate(outs)]
+        for node, out in enumerate(outs):
+            nodes.append(subprocess.Popen([str(ROOT / "launch" / "run_multinode.sh"), *train_args], cwd=ROOT,
+                                          env={**env, "CONFIG_FILE": args.config, "NNODES": str(args.nodes),
+                                               "NGPU": str(args.nproc // args.nodes), "NODE_RANK": str(node),
+                                               "RDZV_ENDPOINT": endpoint, "RDZV_ID": "resume-drill"},
+                                          stdout=out, stderr=subprocess.STDOUT))
         codes = [node.wait(timeout=args.timeout) for node in nodes]
     finally:
+        for node in nodes:
+            if node.poll() is None:  # a node past the timeout: the others must not be left running
+                node.kill()
         for out in outs:
             out.close()
     return next((code for code in codes if code != 0), 0), log.read_text()
@@ -115,9 +129,17 @@ def main() -> int:
     if not args.interval <= args.kill_at < args.steps:
         parser.error(f"--kill-at must be at least --interval ({args.interval}) and below --steps ({args.steps})")
     work = Path(args.work or tempfile.mkdtemp(prefix="resume_drill_"))
+    if (work / "reference").exists() or (work / "drill").exists():
+        # The killed launch would resume from the earlier drill's checkpoints instead of starting fresh.
+        parser.error(f"--work {work} holds an earlier drill; choose a new folder")
     work.mkdir(parents=True, exist_ok=True)
     expected_resume = args.kill_at // args.interval * args.interval
     plan, resume_plan = shlex.split(args.plan), shlex.split(args.resume_plan)
+    for flag, overrides in (("--plan", plan), ("--resume-plan", resume_plan)):
+        error = check_plan(args, overrides)
+        if error:
+            print(f"{flag}: {error}", file=sys.stderr)
+            return 2
 
     runs, failures = {}, []
     for name, folder, run_plan, crash in (("reference", work / "reference", plan, None),

@@ -81,9 +81,12 @@ case "$phase" in
   arms)
     for arm in $ARMS; do
       [ -n "${ARM_ARGS[$arm]:-}" ] || { echo "error: unknown arm $arm; arms: ${!ARM_ARGS[*]}" >&2; exit 1; }
-      # Counts are written after the base's checkpoint: a second runner may start while the first still counts.
-      while [ "${WAIT_FOR_BASE:-0}" = 1 ] && [ ! -f "$OUT_DIR/dataset.safetensors" ]; do sleep 5; done
-      [ -d "$BASE" ] && [ -f "$OUT_DIR/dataset.safetensors" ] || { echo "error: run the prepare phase first" >&2; exit 1; }
+    done
+    # The dataset counts are written last, after the base's checkpoint: a second runner may start while the first
+    # still counts.
+    while [ "${WAIT_FOR_BASE:-0}" = 1 ] && [ ! -f "$OUT_DIR/dataset.safetensors" ]; do sleep 5; done
+    [ -d "$BASE" ] && [ -f "$OUT_DIR/dataset.safetensors" ] || { echo "error: run the prepare phase first" >&2; exit 1; }
+    for arm in $ARMS; do
       rm -rf "$RUN_DIR/$arm"
       # shellcheck disable=SC2086
       timed "$arm.seed0" env CONFIG_FILE="$CONFIG" "$ROOT/run_train.sh" --job.dump_folder "$RUN_DIR/$arm" \
