@@ -6,6 +6,29 @@ import socket
 from titanmem.config import JobConfig
 
 
+# fp32's unit roundoff: one rounding errs by at most this fraction of its result.
+FP32_UNIT = 2.0**-24
+
+
+def assert_close_in_scale(actual, expected, relative: float, msg: str = "") -> None:
+    """Every element of `actual` within `relative` × max|expected| of `expected` (both compared in float64).
+
+    Floating-point sums err relative to the magnitude of their terms, not of their result: a gradient element that
+    comes out small because large terms cancel carries their rounding error. Another summation order (another BLAS,
+    another blocking of a matmul, a batch split over ranks) moves such an element by far more than an element-wise
+    rtol allows, though nothing is wrong. So the bound scales with the tensor's largest element, and `relative`
+    follows from the arithmetic (how many fp32 roundings can add up, times FP32_UNIT, with a margin; for the long
+    chains of a whole model's backward, what was seen, with a margin), stated where the check is made. A real fault (a missing term, a wrong scale, a swapped row) moves elements by a sizeable fraction
+    of the scale, far above such bounds. An all-zero `expected` must be matched exactly."""
+    import torch
+
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=relative * scale,
+                               msg=lambda m: f"{msg + ': ' if msg else ''}{m}\n(bound {relative:g} × max|expected| "
+                                             f"{scale:.4g})")
+
+
 def free_port() -> int:
     """A free TCP port on this host for a gloo group's rendezvous."""
     with socket.socket() as s:
@@ -62,6 +85,20 @@ def crash_after(trainer, step: int) -> None:
         return original(batches)
 
     trainer.train_step = crashing
+
+
+def train_run(config, crash_after_step: int | None = None):
+    """Train `config` in this process, optionally crashing (KeyboardInterrupt) after `crash_after_step`; returns the
+    losses by step and the closed trainer."""
+    from titanmem.train import Trainer
+
+    trainer = Trainer(config)
+    if crash_after_step is not None:
+        crash_after(trainer, crash_after_step)
+    try:
+        return trainer.train(), trainer
+    finally:
+        trainer.close()
 
 
 def reader_argv(folder, *extra) -> list[str]:

@@ -208,7 +208,7 @@ def test_verification_is_spread_over_ranks_and_every_rank_falls_back(tmp_path):
     from titanmem.components.manifest import read_manifest
 
     step4 = tmp_path / "checkpoint" / "step-4"
-    assert sorted(read_manifest(step4)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(read_manifest(step4)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "timeline.json"]
     # Rank 1 checks the second of the sorted files: only it sees this damage, and both ranks must act on it.
     flip_64k(step4 / "__0_0.distcp")
     resumed = launch(6, "second.pt")

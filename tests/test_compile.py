@@ -4,7 +4,7 @@ compiled block computes what the eager one does, records included."""
 import pytest
 import torch
 
-from helpers import check_command_line
+from helpers import FP32_UNIT, assert_close_in_scale, check_command_line
 from titanmem.build import build_planned_model
 from titanmem.distributed.lookup import ReadRecorder
 from titanmem.models.llama import rope_rotations
@@ -48,12 +48,19 @@ def test_a_memory_block_compiles_to_one_graph_and_matches_eager(value_optimizer,
     compiled_input_grad, compiled_grads = run(compiled, x, rope)
     compiled_records = recorder.take() if recorder is not None else []
 
-    torch.testing.assert_close(compiled_input_grad, eager_input_grad)
+    # aot_eager runs the decomposed ops, which may sum in another order: the block's widest sums (its 256-wide
+    # matmuls, over 16 tokens) round differently, by a few hundred roundings of the largest terms at most (seen on
+    # CPU: none at all).
+    bound = 300 * FP32_UNIT
+    assert_close_in_scale(compiled_input_grad, eager_input_grad, bound, "input")
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, msg=name)
+        assert_close_in_scale(compiled_grads[name], grad, bound, name)
     # A row-wise optimizer trains from the records: one per memory-layer call, the same under compile.
     assert len(compiled_records) == len(eager_records) == (0 if recorder is None else 1)
     for compiled_record, eager_record in zip(compiled_records, eager_records):
         for compiled_part, eager_part in zip(compiled_record, eager_record):
-            torch.testing.assert_close(compiled_part, eager_part)
+            if compiled_part.is_floating_point():
+                assert_close_in_scale(compiled_part, eager_part, bound, "record")
+            else:  # the rows read: only a near-tie of scores could change them, and this seed's inputs have none
+                assert torch.equal(compiled_part, eager_part)

@@ -30,7 +30,7 @@ def test_every_field_has_a_docstring():
 
 
 def test_help_lists_every_field_with_its_doc():
-    text = format_help()
+    text = format_help("python -m titanmem.train")
     for section, cls in section_classes().items():
         for f in dataclasses.fields(cls):
             assert f"--{section}.{f.name}" in text
@@ -172,6 +172,44 @@ def test_main_help_and_print_config_do_not_train(monkeypatch, capsys):
     for line in ("parallelism.dp_shard = 1", "model.vocab_size = 4160", "memory.n_keys = 64", "memory.lookup = 'torch'",
                  "memory.value_optimizer = 'adamw'", "memory.value_lr = 0.003", "lr_scheduler.decay_steps = 70"):
         assert line in resolved, line
+
+
+@pytest.mark.parametrize("entry_point, command, required", [
+    ("titanmem.train", "python -m titanmem.train", []),
+    ("titanmem.eval.__main__", "python -m titanmem.eval", []),
+    ("titanmem.generate", "python -m titanmem.generate", ["--generate.prompts JSON"]),
+    ("titanmem.export", "python -m titanmem.export", ["--export.folder DIR"]),
+    ("count_memory_reads", "python tools/count_memory_reads.py", []),
+])
+def test_every_entry_point_names_itself_in_its_help(entry_point, command, required, capsys, monkeypatch):
+    import importlib
+    import re
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    assert importlib.import_module(entry_point).main(["--help"]) == 0
+    usage = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("usage: "))
+    assert usage.startswith(f"usage: {command} "), usage
+    outside_brackets = re.sub(r"\[[^]]*\]", "", usage)
+    for argument in required:
+        assert argument in outside_brackets, usage
+
+
+def test_help_into_a_pipe_that_is_closed_ends_without_a_traceback():
+    """`python -m titanmem.train --help | head -1`: the reader is gone before the help is written."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "titanmem.train", "--help"], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 def test_shipped_train_configs_parse_and_build_on_meta():

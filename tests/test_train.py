@@ -4,28 +4,12 @@ import os
 import pytest
 import torch
 
+from helpers import FP32_UNIT, assert_close_in_scale, train_run as run
 from titanmem.components.checkpoint import complete_checkpoint_steps
 from titanmem.components.lr_scheduler import WarmupDecay
 from titanmem.components.optimizer import build_param_groups
 from titanmem.config.sections import LRScheduler, Optimizer
 from titanmem.train import NonFiniteLossError, Trainer
-
-
-def run(config, crash_after_step=None):
-    trainer = Trainer(config)
-    if crash_after_step is not None:
-        original = trainer.train_step
-
-        def train_step(batches):
-            if trainer.train_state.step > crash_after_step:
-                raise KeyboardInterrupt("simulated crash")
-            return original(batches)
-
-        trainer.train_step = train_step
-    try:
-        return trainer.train(), trainer
-    finally:
-        trainer.close()
 
 
 @pytest.mark.parametrize("memory", [{}, {"enabled": True}, {"enabled": True, "qk_norm": True}], ids=str)
@@ -72,6 +56,24 @@ def test_keep_latest_k_and_no_partial_leftovers(small_config):
     folder = os.path.join(config.job.dump_folder, "checkpoint")
     assert complete_checkpoint_steps(folder) == [4, 5]
     assert sorted(os.listdir(folder)) == ["step-4", "step-5"]
+
+
+def test_a_save_never_stops_on_a_name_that_is_taken_and_deletes_nothing_it_did_not_write(small_config):
+    """A `step-N.deleting` that an earlier delete could not remove (here a file, which rmtree leaves) and a `step-N`
+    folder that is no checkpoint (no .metadata: left by hand, or a half copy): the purge and the save go around them,
+    and the folder left by hand is kept."""
+    config = small_config(training={"steps": 3}, checkpoint={"enable": True, "interval": 1, "keep_latest_k": 1})
+    folder = os.path.join(config.job.dump_folder, "checkpoint")
+    os.makedirs(os.path.join(folder, "step-2"))
+    with open(os.path.join(folder, "step-2", "notes.txt"), "w") as handle:
+        handle.write("mine")
+    with open(os.path.join(folder, "step-1.deleting"), "w") as handle:
+        handle.write("stuck")
+    losses, _ = run(config)
+    assert sorted(losses) == [1, 2, 3]
+    assert sorted(os.listdir(folder)) == ["step-1.deleting", "step-2.replaced", "step-3"]
+    with open(os.path.join(folder, "step-2.replaced", "notes.txt")) as handle:
+        assert handle.read() == "mine"
 
 
 def test_finished_run_relaunched_does_no_more_steps(small_config):
@@ -342,8 +344,11 @@ def test_activation_checkpointing_and_compile_leave_losses_and_gradients_unchang
         losses, grads = run_with(**sections)
         assert losses == pytest.approx(plain_losses, rel=1e-6), sections
         assert grads.keys() == plain_grads.keys()
+        # Recomputation repeats the same ops; compile's decompositions may sum in another order. Either way a few
+        # hundred roundings of the largest terms at most (the widest sums: 256-wide matmuls over 32 tokens; seen on
+        # CPU: none at all).
         for name, grad in plain_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+            assert_close_in_scale(grads[name], grad, 300 * FP32_UNIT, f"{sections} {name}")
     # The plans were really applied: full, every other block, compiled.
     block, wrapped, compiled = "TransformerBlock", "CheckpointWrapper", "OptimizedModule"
     expected = [[block] * 6, [wrapped] * 6, [wrapped, block] * 3, [compiled] * 6]

@@ -108,10 +108,10 @@ def build_planned_model(plan: RunPlan, device: torch.device, recorder: ReadRecor
     return build_model(plan.model_args, device, plan.config.training.seed, parallelize)
 
 
-def start_reader(argv: list[str] | None, purpose: Purpose) -> tuple[RunPlan, Run] | int:
+def start_reader(argv: list[str] | None, purpose: Purpose, usage: str) -> tuple[RunPlan, Run] | int:
     """The start of a reader's entry point (eval, export): its plan and its run with the checkpoint's weights, or the
-    exit code after `--help`, `--print_config` or a config error (one line)."""
-    started = plan_from_command_line(argv, purpose)
+    exit code after `--help` (headed by `usage`), `--print_config` or a config error (one line)."""
+    started = plan_from_command_line(argv, purpose, usage)
     if isinstance(started, int):
         return started
     plan = started[1]

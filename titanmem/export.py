@@ -21,10 +21,13 @@ from titanmem.components.export import write_export
 from titanmem.config import resolve_asset_path
 from titanmem.utils import setup_logging
 
+USAGE = ("python -m titanmem.export [--job.config_file FILE] --export.folder DIR [--checkpoint.load_step N] "
+         "[--print_config] [--section.key VALUE ...]")
+
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = start_reader(argv, "export")
+    started = start_reader(argv, "export", USAGE)
     if isinstance(started, int):
         return started
     plan, run = started

@@ -16,7 +16,10 @@ from titanmem.build import build_run
 from titanmem.config import ConfigError, JobConfig
 from titanmem.eval.decode import generate
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import setup_logging
+from titanmem.utils import print_output, setup_logging
+
+USAGE = ("python -m titanmem.generate [--job.config_file FILE] --generate.prompts JSON [--generate.checkpoint DIR] "
+         "[--print_config] [--section.key VALUE ...]")
 
 
 def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
@@ -37,7 +40,7 @@ def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = plan_from_command_line(argv, "generate")
+    started = plan_from_command_line(argv, "generate", USAGE)
     if isinstance(started, int):
         return started
     config, plan = started
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt, continuation in zip(config.generate.prompts, continuations):
-        print(f"{prompt}{continuation}\n")
+        print_output(f"{prompt}{continuation}\n")
     return 0
 
 

@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from titanmem.components.checkpoint import checkpoint_folder, complete_checkpoint_steps, saved_step
+from titanmem.components.checkpoint import (checkpoint_folder, complete_checkpoint_steps, continues_rollback,
+                                            saved_step)
 from titanmem.components.export import is_export
 from titanmem.components.read_counts import load_read_counts
 from titanmem.config.errors import ConfigError
@@ -32,6 +33,7 @@ from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
 from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, available_key_searches
 from titanmem.models.lookup import available_lookups
+from titanmem.utils import print_output
 
 # train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
 # built to be inspected (tools/check_init.py), with neither data nor checkpoint.
@@ -259,7 +261,9 @@ def _check_checkpoint_folder(config: JobConfig) -> None:
 
 def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     """The checkpoint to start from: `generate.checkpoint` (generate), else `checkpoint.load_step`'s, else the newest
-    complete one in the run's folder; None when training starts fresh. Readers of a run need one."""
+    complete one in the run's folder; None when training starts fresh. Readers of a run need one. Training that
+    already went back to `load_step` in an earlier launch of the same command goes on from that timeline's newest
+    checkpoint instead of going back again (`continues_rollback`)."""
     checkpoint = config.checkpoint
     if purpose == "generate" and config.generate.checkpoint:
         return _readable(config.generate.checkpoint, "generate.checkpoint")
@@ -270,6 +274,8 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     folder = checkpoint_folder(checkpoint, config.job.dump_folder)
     steps = complete_checkpoint_steps(folder)
     if checkpoint.load_step != -1:
+        if purpose == "train" and (newest := continues_rollback(folder, checkpoint.load_step)) is not None:
+            return folder / f"step-{newest}"
         if checkpoint.load_step not in steps:
             raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{checkpoint.load_step} in "
                               f"{folder}; complete steps: {steps or 'none'}")
@@ -456,19 +462,20 @@ def format_resolved(plan: RunPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_from_command_line(argv: list[str] | None, purpose: Purpose) -> tuple[JobConfig, RunPlan] | int:
-    """The shared start of every entry point: the config and its plan, or the exit code after `--help`,
-    `--print_config` (the config as TOML, then what `auto` resolved to here) or a config error (one line, code 2)."""
+def plan_from_command_line(argv: list[str] | None, purpose: Purpose, usage: str) -> tuple[JobConfig, RunPlan] | int:
+    """The shared start of every entry point: the config and its plan, or the exit code after `--help` (headed by
+    `usage`, the entry point's own command line), `--print_config` (the config as TOML, then what `auto` resolved to
+    here) or a config error (one line, code 2)."""
     try:
         config, command_line = build_config(argv)
         if command_line.help:
-            print(format_help())
+            print_output(format_help(usage))
             return 0
         plan = resolve_plan(config, purpose)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if command_line.print_config:
-        print(format_config(config) + format_resolved(plan))
+        print_output(format_config(config) + format_resolved(plan))
         return 0
     return config, plan

@@ -34,6 +34,8 @@ from titanmem.utils import autocast, setup_logging
 
 logger = logging.getLogger("titanmem")
 
+USAGE = "python -m titanmem.train [--job.config_file FILE] [--print_config] [--section.key VALUE ...]"
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -269,9 +271,15 @@ class Trainer:
     def train(self) -> dict[int, float]:
         state = self.train_state
         total = self.config.training.steps
-        # The newest checkpoint, if damaged, gives way to the one before; a step asked for by number does not.
-        resumed = self.checkpointer.load(self.plan.checkpoint_to_load,
-                                         fall_back=self.config.checkpoint.load_step == -1)
+        # The newest checkpoint, if damaged, gives way to the one before (not below checkpoint.load_step); the one a
+        # launch goes back to by number does not.
+        load_step = self.config.checkpoint.load_step
+        resumed = self.checkpointer.load(self.plan.checkpoint_to_load, load_step=load_step)
+        if self.rank == 0 and resumed is not None and load_step != -1 and resumed > load_step:
+            logger.warning("checkpoint.load_step %d: an earlier launch of this command already went back to step-%d "
+                           "and saved newer checkpoints; resuming from step-%d instead of going back again (to go "
+                           "back to step-%d once more, first move the checkpoints newer than it out of %s)", load_step,
+                           load_step, resumed, load_step, self.checkpointer.folder)
         if self.rank == 0:
             logger.info("resumed at step %d of %d" % (resumed, total) if resumed is not None else "starting at step 0")
         if resumed is not None:
@@ -369,7 +377,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = plan_from_command_line(argv, "train")
+    started = plan_from_command_line(argv, "train", USAGE)
     if isinstance(started, int):
         return started
     config, plan = started

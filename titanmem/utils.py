@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import stat
+import sys
+from pathlib import Path
 
 import torch
 
@@ -12,6 +16,37 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="[titanmem] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True
     )
+
+
+def print_output(text: str) -> None:
+    """Print `text` on stdout; a reader that stops early (`--help | head`) ends the output quietly, not with a
+    traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would fail again flushing stdout at exit: send what is left to /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def give_plain_file_mode(path) -> None:
+    """Give the new file at `path` the permission bits that a plain `open()` gives a new file beside it: those the
+    umask or the folder's default ACL allow, read off a probe file created there. Writers that go through a private
+    temporary file (safetensors' `save_file`: 0600) would otherwise leave it unreadable to the others they let in,
+    such as the group on a shared cluster folder."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.mode-probe-{os.getpid()}")
+    try:
+        handle = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        try:
+            mode = stat.S_IMODE(os.fstat(handle).st_mode)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+        os.chmod(path, mode)
+    except OSError as error:  # a file system without modes, say: the file is written all the same
+        logging.getLogger(__name__).warning("could not give %s the folder's file mode (%s)", path, error)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,12 @@ from titanmem.config import ConfigError  # noqa: E402
 from titanmem.data.dataloader import build_dataloader  # noqa: E402
 from titanmem.data.files import resolve_data_source  # noqa: E402
 from titanmem.plan import plan_from_command_line  # noqa: E402
-from titanmem.utils import autocast, setup_logging  # noqa: E402
+from titanmem.utils import autocast, print_output, setup_logging  # noqa: E402
 
 logger = logging.getLogger("titanmem")
+
+USAGE = ("python tools/count_memory_reads.py [--out FILE] [--batches N] [--job.config_file FILE] "
+         "[--checkpoint.initial_load_path DIR] [--section.key VALUE ...]")
 
 
 def output_path(out: str | None, checkpoint: Path, dump_folder: str) -> Path:
@@ -70,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="the counts file to write (new, outside the run read)")
     parser.add_argument("--batches", type=int, default=100, help="batches to count, per rank (default 100)")
     args, overrides = parser.parse_known_args(argv)
-    if "--help" in overrides:
-        print(__doc__)  # then the config's fields, as every entry point prints them
+    if "--help" in overrides or "-h" in overrides:
+        print_output(__doc__)  # then the config's fields, as every entry point prints them
     if args.batches < 1:
         print(f"error: --batches must be at least 1, got {args.batches}", file=sys.stderr)
         return 2
-    started = plan_from_command_line(overrides, "eval")
+    started = plan_from_command_line(overrides, "eval", USAGE)
     if isinstance(started, int):
         return started
     config, plan = started

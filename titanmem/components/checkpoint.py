@@ -12,6 +12,11 @@ tensor (plain data goes in as a JSON record), and reading goes through `titanmem
 checkpoint cannot carry code. Entries under an `optional` prefix may be missing from a checkpoint (another value
 optimizer, more data-parallel ranks than saved): they start fresh, with a warning. Any other missing entry is an error.
 
+Going back to an older checkpoint (`checkpoint.load_step`) starts a new timeline: the newer checkpoints are renamed
+out of its way, kept. Each checkpoint records in `timeline.json` the steps its history went back to, so that a
+relaunch of the same command (a requeued job) recognises the timeline it started and goes on from that timeline's
+newest checkpoint instead of going back again (`continues_rollback`).
+
 Reading a run without training it (eval, generate) uses `load_model_weights`, which never writes to the run's folder.
 """
 
@@ -37,7 +42,7 @@ from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shape
 from titanmem.components.export import is_export, load_export
 from titanmem.components.faults import crash_point
 from titanmem.components.manifest import (
-    MANIFEST, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_manifest,
+    MANIFEST, TIMELINE, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_manifest,
 )
 from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
@@ -49,6 +54,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
+# Debris of a crash: a save that never completed, a delete that never finished (`.deleting`, `.deleting.2`, …).
+_DEBRIS = re.compile(r"^step-\d+\.(partial|deleting(\.\d+)?)$")
 
 
 class Stateful(Protocol):
@@ -125,10 +132,50 @@ def saved_step(path: str | Path) -> int:
     return int(Path(path).name.removeprefix("step-"))
 
 
+def rollbacks_of(path: str | Path) -> list[int] | None:
+    """The steps that the timeline of the checkpoint at `path` went back to with `checkpoint.load_step`, oldest first;
+    [] for a checkpoint saved before titanmem recorded them, None when its record cannot be read."""
+    record = Path(path) / TIMELINE
+    if not record.exists():
+        return []
+    try:
+        rollbacks = json.loads(record.read_bytes())["rollbacks"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(rollbacks, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in rollbacks):
+        return None
+    return rollbacks
+
+
+def continues_rollback(folder: str | Path, load_step: int) -> int | None:
+    """The step of the newest complete checkpoint in `folder` when it is newer than `load_step` and its timeline last
+    went back to `load_step`: the command that went back there is launched again (a requeued job), and goes on from
+    that timeline's newest checkpoint. None when `load_step` starts a new timeline (never gone back to, or another
+    rollback came after it)."""
+    steps = complete_checkpoint_steps(folder)
+    if not steps or steps[-1] <= load_step:
+        return None
+    newest = Path(folder) / f"step-{steps[-1]}"
+    rollbacks = rollbacks_of(newest)
+    if rollbacks is None:
+        raise ConfigError("checkpoint.load_step", f"{newest / TIMELINE} cannot be read, so it is unknown whether "
+                          f"{newest.name} continues the timeline that went back to step-{load_step}; resume from it "
+                          f"with checkpoint.load_step -1 (which checks it), or move it aside to go back to "
+                          f"step-{load_step}")
+    return steps[-1] if rollbacks and rollbacks[-1] == load_step else None
+
+
+def _write_timeline(folder: Path, rollbacks: list[int]) -> None:
+    with open(folder / TIMELINE, "w") as handle:
+        handle.write(json.dumps({"rollbacks": rollbacks}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _free_name(path: Path) -> Path:
     """`path`, or `path.2`, `path.3`, … : the first that does not exist."""
     candidate, number = path, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         number += 1
         candidate = path.with_name(f"{path.name}.{number}")
     return candidate
@@ -149,6 +196,8 @@ class CheckpointManager:
         self.rank = rank
         self.optional = tuple(optional)
         self.last_saved_step = -1
+        # The steps this run's timeline went back to (`rollbacks_of`), recorded in every checkpoint it saves.
+        self.rollbacks: list[int] = []
         # A background save: its step, and its write followed by the checksums of this rank's files.
         self._pending: tuple[int, Future] | None = None
         self._summer: ThreadPoolExecutor | None = None
@@ -228,9 +277,14 @@ class CheckpointManager:
             # Also the barrier after every rank's write: no rank's checksums exist before its write is done.
             dist.gather_object(digests, gathered, dst=0, group=self._process_group)
         if self.rank == 0:
+            _write_timeline(partial, self.rollbacks)
             write_manifest(partial, {name: d for share in gathered for name, d in share.items()})
             if final.exists():
-                self._remove(final)
+                # Not a complete checkpoint of this timeline (those newer than the resumed step were set aside): a
+                # folder left by hand, say. Kept, out of the way.
+                aside = _free_name(final.with_name(final.name + ".replaced"))
+                os.replace(final, aside)
+                logger.warning("set aside %s as %s to save step %d", final, aside.name, step)
             os.replace(partial, final)
             self._fsync_folder()
             crash_point("save:renamed", step)
@@ -256,16 +310,23 @@ class CheckpointManager:
         if self.due(step):
             self.save(step)
 
-    def load(self, path: Path | None, fall_back: bool = True) -> int | None:
+    def load(self, path: Path | None, fall_back: bool = True, load_step: int = -1) -> int | None:
         """Restore every state from the complete checkpoint at `path` (the run plan's choice); returns its step, or
         None for a fresh start. A damaged checkpoint is set aside as `step-N.damaged` and, with `fall_back`, the
-        complete one before it is loaded instead."""
+        complete one before it is loaded instead.
+
+        `load_step` (training's `checkpoint.load_step`; -1 for none) is the step this run's timeline goes back to.
+        When `path` is its checkpoint, this launch goes back there: the newer checkpoints are set aside, and a damaged
+        one is an error (the user named it). Otherwise `path` is newer, saved after an earlier launch of the same
+        command went back there, and a fall back stops at `load_step`. Either way the saves to come record it."""
         if path is None:
             return None
         start = time.perf_counter()
         path = Path(path)
+        goes_back = load_step != -1 and saved_step(path) == load_step
+        self._agree_across_ranks(path, fall_back, load_step)
         if self.config.verify_on_load:
-            path = self._intact(path, fall_back)
+            path = self._intact(path, fall_back and not goes_back, floor=max(load_step, 0))
         step = saved_step(path)
         state = self._state_dict()
         self._match_saved(state, saved_shapes(path), path)
@@ -273,18 +334,41 @@ class CheckpointManager:
         for name, stateful in self.states.items():
             if name in state:
                 stateful.load_state_dict(state[name])
-        if self.rank == 0:
+        own = path.parent.resolve() == self.folder.resolve()
+        # Another run's checkpoint (`initial_load_path`) starts this run's timeline afresh. (A record that cannot be
+        # read passed the manifest's check, so it was saved so: a checkpoint of a titanmem that wrote none.)
+        self.rollbacks = (rollbacks_of(path) or []) if own else []
+        # Loaded at load_step itself (going back, or falling back to it), the record is the one from before going
+        # back there; every checkpoint newer than load_step in this timeline already ends with it.
+        if load_step != -1 and self.rollbacks[-1:] != [load_step]:
+            self.rollbacks.append(load_step)
+        if goes_back and self.rank == 0:
             self._set_aside_newer_than(step)
         self.last_saved_step = step
         logger.info("resumed from %s in %.2f s", path, time.perf_counter() - start)
         return step
 
-    def _intact(self, path: Path, fall_back: bool) -> Path:
-        """`path`, or with `fall_back` the newest intact complete checkpoint of this run before it."""
+    def _agree_across_ranks(self, path: Path, fall_back: bool, load_step: int) -> None:
+        """Every rank planned its load from its own view of the folder: they must have planned the same."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        planned = (str(path), fall_back, load_step)
+        views: list = [None] * dist.get_world_size()
+        dist.all_gather_object(views, planned)
+        if any(view != planned for view in views):
+            others = sorted({view[0] for view in views})
+            raise ConfigError("checkpoint.folder", f"the ranks would load different checkpoints ({', '.join(others)}): "
+                              f"their nodes see {self.folder} differently; make it one shared folder that every "
+                              "node sees the same")
+
+    def _intact(self, path: Path, fall_back: bool, floor: int = 0) -> Path:
+        """`path`, or with `fall_back` the newest intact complete checkpoint of this run before it, from `floor` on."""
         # Listed before anything is set aside, so that every rank walks the same list.
         earlier = [self.folder / f"step-{s}" for s in reversed(complete_checkpoint_steps(self.folder))
-                   if s < saved_step(path)] if fall_back and path.parent == self.folder else []
+                   if floor <= s < saved_step(path)] if fall_back and path.parent == self.folder else []
         for candidate in [path, *earlier]:
+            # Named before the ranks compare their checks, so that rank 0's rename cannot change another rank's name.
+            aside = _free_name(candidate.with_name(candidate.name + ".damaged"))
             problems = checkpoint_problems(candidate)
             if not problems:
                 return candidate
@@ -292,7 +376,6 @@ class CheckpointManager:
             if not fall_back:
                 raise ConfigError("checkpoint.folder", damage)
             # Out of the way of the next resume, and kept for a look (beside any earlier damaged copy of the step).
-            aside = _free_name(candidate.with_name(candidate.name + ".damaged"))
             if self.rank == 0:
                 os.replace(candidate, aside)
             damage += f"; set aside as {aside.name}"
@@ -323,17 +406,17 @@ class CheckpointManager:
     def _set_aside_newer_than(self, step: int) -> None:
         """Resuming training from an older checkpoint (`load_step`) starts a new timeline: the newer checkpoints are
         renamed out of the way (kept, not deleted), so that a plain relaunch later continues this timeline and not the
-        abandoned one."""
+        abandoned one. Going back to the same step twice keeps both abandoned timelines (`.abandoned-at-N.2`)."""
         for newer in [s for s in complete_checkpoint_steps(self.folder) if s > step]:
             source = self.folder / f"step-{newer}"
-            target = self.folder / f"step-{newer}.abandoned-at-{step}"
+            target = _free_name(self.folder / f"step-{newer}.abandoned-at-{step}")
             os.replace(source, target)
             logger.warning("set aside %s as %s: this run resumes from step-%d", source.name, target.name, step)
 
     def _purge_old(self) -> None:
         """Drop checkpoints beyond keep_latest_k, and debris of earlier crashes (partial saves, interrupted deletes)."""
         for debris in self.folder.iterdir():
-            if debris.name.endswith((".partial", ".deleting")):
+            if _DEBRIS.match(debris.name):
                 shutil.rmtree(debris, ignore_errors=True)
         if self.config.keep_latest_k <= 0:
             return
@@ -342,9 +425,9 @@ class CheckpointManager:
 
     @staticmethod
     def _remove(path: Path) -> None:
-        # Rename first, so a crash mid-delete never leaves a half-deleted folder that still looks complete.
-        doomed = path.with_name(path.name + ".deleting")
-        shutil.rmtree(doomed, ignore_errors=True)
+        # Rename first, so a crash mid-delete never leaves a half-deleted folder that still looks complete. (An
+        # earlier delete that could not finish keeps its name; the next purge tries it again.)
+        doomed = _free_name(path.with_name(path.name + ".deleting"))
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 

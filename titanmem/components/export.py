@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import local_block, model_name
+from titanmem.utils import give_plain_file_mode
 
 INDEX = "model.safetensors.index.json"
 
@@ -47,6 +48,7 @@ def write_export(model: torch.nn.Module, folder: str | Path, *, model_args, step
     for number, shard in enumerate(shards, start=1):
         path = folder / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path), metadata={"format": "pt"})
+        give_plain_file_mode(path)
         weight_map.update({name: path.name for name in shard})
         written.append(path)
     total = sum(t.numel() * t.element_size() for t in tensors.values())

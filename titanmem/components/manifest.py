@@ -19,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+# The steps a checkpoint's timeline went back to (`titanmem.components.checkpoint`): read before a resume decides
+# which checkpoint to load, so the manifest must cover it like the checkpoint's own files.
+TIMELINE = "timeline.json"
 CHUNK_BYTES = 64 << 20
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 _VERSION = 1
@@ -85,9 +88,9 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 
 def uncovered_files(folder: str | Path, files: dict[str, dict]) -> list[str]:
-    """The checkpoint files of `folder` (DCP's index and data files) that the manifest table `files` does not list:
-    a manifest that leaves one out would let it load unchecked."""
-    pattern = re.compile(r"^(\.metadata|__\d+_\d+\.distcp)$")
+    """The checkpoint files of `folder` (DCP's index and data files, the timeline) that the manifest table `files` does
+    not list: a manifest that leaves one out would let it load unchecked."""
+    pattern = re.compile(rf"^(\.metadata|__\d+_\d+\.distcp|{re.escape(TIMELINE)})$")
     return sorted(p.name for p in Path(folder).iterdir() if pattern.match(p.name) and p.name not in files)
 
 

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from titanmem.config.errors import ConfigError
+from titanmem.utils import give_plain_file_mode
 
 FORMAT = "titanmem-memory-read-counts-v2"
 
@@ -97,6 +98,7 @@ def save_read_counts(counts: ReadCounts, path: str | Path) -> None:
     save_file(tensors, str(partial), metadata={
         "format": FORMAT, "documents": str(counts.documents), "batches": str(counts.batches),
         "tokens": str(counts.tokens), "description": json.dumps(counts.description)})
+    give_plain_file_mode(partial)
     partial.replace(path)
 
 

@@ -287,9 +287,11 @@ def format_config(config: JobConfig) -> str:
     return "\n".join(lines)
 
 
-def format_help() -> str:
+def format_help(usage: str) -> str:
+    """`--help` of an entry point: its usage line (`usage`: the command that runs it, and its arguments), then every
+    config field with its doc."""
     lines = [
-        "usage: python -m titanmem.train [--job.config_file FILE] [--print_config] [--section.key VALUE ...]",
+        f"usage: {usage}",
         "",
         "Values merge in this order: defaults, the TOML file, then command-line overrides.",
         "",

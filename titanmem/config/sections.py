@@ -296,7 +296,10 @@ class Checkpoint:
     """Keep only the newest k complete checkpoints; 0 keeps all."""
 
     load_step: int = bounded(-1, ge=0, allow=(-1,))
-    """Resume from this step's checkpoint instead of the newest; -1 means the newest complete one."""
+    """Resume from this step's checkpoint instead of the newest; -1 means the newest complete one. Training goes back
+    to it once: the newer checkpoints are set aside (kept), and a relaunch of the same command (a requeue) goes on
+    from the new timeline's newest checkpoint instead of going back again. eval, generate and export read exactly
+    this step."""
 
     initial_load_path: str = ""
     """A checkpoint to start from when this run's own folder holds none: an exported folder (`python -m

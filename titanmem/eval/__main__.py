@@ -17,12 +17,15 @@ import torch.distributed as dist
 from titanmem.build import start_reader
 from titanmem.components.checkpoint import saved_step
 from titanmem.eval.runner import Evaluator
-from titanmem.utils import setup_logging
+from titanmem.utils import print_output, setup_logging
+
+USAGE = ("python -m titanmem.eval [--job.config_file FILE] [--checkpoint.load_step N] [--eval.results_folder DIR] "
+         "[--print_config] [--section.key VALUE ...]")
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    started = start_reader(argv, "eval")
+    started = start_reader(argv, "eval", USAGE)
     if isinstance(started, int):
         return started
     plan, run = started
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                               results_folder=config.eval.results_folder or None)
         results = evaluator.run(run.model, saved_step(path))
         if run.rank == 0:
-            print(json.dumps(results, indent=1))
+            print_output(json.dumps(results, indent=1))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
