@@ -334,10 +334,12 @@ class CheckpointManager:
         for name, stateful in self.states.items():
             if name in state:
                 stateful.load_state_dict(state[name])
-        own = path.parent.resolve() == self.folder.resolve()
-        # Another run's checkpoint (`initial_load_path`) starts this run's timeline afresh. (A record that cannot be
-        # read passed the manifest's check, so it was saved so: a checkpoint of a titanmem that wrote none.)
-        self.rollbacks = (rollbacks_of(path) or []) if own else []
+        # Another run's checkpoint (`initial_load_path`) starts this run's timeline afresh.
+        rollbacks = rollbacks_of(path) if path.parent.resolve() == self.folder.resolve() else []
+        if rollbacks is None:
+            logger.warning("%s cannot be read: the steps this timeline went back to before are forgotten", path /
+                           TIMELINE)
+        self.rollbacks = rollbacks or []
         # Loaded at load_step itself (going back, or falling back to it), the record is the one from before going
         # back there; every checkpoint newer than load_step in this timeline already ends with it.
         if load_step != -1 and self.rollbacks[-1:] != [load_step]:
