@@ -274,7 +274,7 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
     folder = checkpoint_folder(checkpoint, config.job.dump_folder)
     steps = complete_checkpoint_steps(folder)
     if checkpoint.load_step != -1:
-        if purpose == "train" and (newest := continues_rollback(folder, checkpoint.load_step)) is not None:
+        if purpose == "train" and (newest := continues_rollback(folder, steps, checkpoint.load_step)) is not None:
             return folder / f"step-{newest}"
         if checkpoint.load_step not in steps:
             raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{checkpoint.load_step} in "

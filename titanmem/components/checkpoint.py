@@ -42,7 +42,8 @@ from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shape
 from titanmem.components.export import is_export, load_export
 from titanmem.components.faults import crash_point
 from titanmem.components.manifest import (
-    MANIFEST, TIMELINE, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_manifest,
+    MANIFEST, TIMELINE, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_json_to_disk,
+    write_manifest,
 )
 from titanmem.components.staging import CpuStager
 from titanmem.config.errors import ConfigError
@@ -147,12 +148,11 @@ def rollbacks_of(path: str | Path) -> list[int] | None:
     return rollbacks
 
 
-def continues_rollback(folder: str | Path, load_step: int) -> int | None:
-    """The step of the newest complete checkpoint in `folder` when it is newer than `load_step` and its timeline last
-    went back to `load_step`: the command that went back there is launched again (a requeued job), and goes on from
-    that timeline's newest checkpoint. None when `load_step` starts a new timeline (never gone back to, or another
-    rollback came after it)."""
-    steps = complete_checkpoint_steps(folder)
+def continues_rollback(folder: str | Path, steps: list[int], load_step: int) -> int | None:
+    """The step of the newest complete checkpoint in `folder` (of `steps`, its complete ones) when it is newer than
+    `load_step` and its timeline last went back to `load_step`: the command that went back there is launched again
+    (a requeued job), and goes on from that timeline's newest checkpoint. None when `load_step` starts a new timeline
+    (never gone back to, or another rollback came after it)."""
     if not steps or steps[-1] <= load_step:
         return None
     newest = Path(folder) / f"step-{steps[-1]}"
@@ -165,13 +165,6 @@ def continues_rollback(folder: str | Path, load_step: int) -> int | None:
     return steps[-1] if rollbacks and rollbacks[-1] == load_step else None
 
 
-def _write_timeline(folder: Path, rollbacks: list[int]) -> None:
-    with open(folder / TIMELINE, "w") as handle:
-        handle.write(json.dumps({"rollbacks": rollbacks}) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _free_name(path: Path) -> Path:
     """`path`, or `path.2`, `path.3`, … : the first that does not exist."""
     candidate, number = path, 1
@@ -179,6 +172,14 @@ def _free_name(path: Path) -> Path:
         number += 1
         candidate = path.with_name(f"{path.name}.{number}")
     return candidate
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Rename `path` to `<path><suffix>`, or the first free `.2`, `.3`, … of it (an earlier one is kept); its new
+    path."""
+    aside = _free_name(path.with_name(path.name + suffix))
+    os.replace(path, aside)
+    return aside
 
 
 def _barrier(group=None) -> None:
@@ -277,13 +278,12 @@ class CheckpointManager:
             # Also the barrier after every rank's write: no rank's checksums exist before its write is done.
             dist.gather_object(digests, gathered, dst=0, group=self._process_group)
         if self.rank == 0:
-            _write_timeline(partial, self.rollbacks)
+            write_json_to_disk(partial / TIMELINE, {"rollbacks": self.rollbacks})
             write_manifest(partial, {name: d for share in gathered for name, d in share.items()})
             if final.exists():
                 # Not a complete checkpoint of this timeline (those newer than the resumed step were set aside): a
                 # folder left by hand, say. Kept, out of the way.
-                aside = _free_name(final.with_name(final.name + ".replaced"))
-                os.replace(final, aside)
+                aside = _set_aside(final, ".replaced")
                 logger.warning("set aside %s as %s to save step %d", final, aside.name, step)
             os.replace(partial, final)
             self._fsync_folder()
@@ -411,8 +411,7 @@ class CheckpointManager:
         abandoned one. Going back to the same step twice keeps both abandoned timelines (`.abandoned-at-N.2`)."""
         for newer in [s for s in complete_checkpoint_steps(self.folder) if s > step]:
             source = self.folder / f"step-{newer}"
-            target = _free_name(self.folder / f"step-{newer}.abandoned-at-{step}")
-            os.replace(source, target)
+            target = _set_aside(source, f".abandoned-at-{step}")
             logger.warning("set aside %s as %s: this run resumes from step-%d", source.name, target.name, step)
 
     def _purge_old(self) -> None:
@@ -429,9 +428,7 @@ class CheckpointManager:
     def _remove(path: Path) -> None:
         # Rename first, so a crash mid-delete never leaves a half-deleted folder that still looks complete. (An
         # earlier delete that could not finish keeps its name; the next purge tries it again.)
-        doomed = _free_name(path.with_name(path.name + ".deleting"))
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(_set_aside(path, ".deleting"), ignore_errors=True)
 
     def _fsync_folder(self) -> None:
         fd = os.open(self.folder, os.O_RDONLY)

@@ -52,17 +52,21 @@ def files_of_rank(folder: str | Path, rank: int) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if pattern.match(p.name))
 
 
+def write_json_to_disk(path: str | Path, record: dict) -> None:
+    """`record` as JSON in the file at `path`, flushed to disk before the folder holding it is made complete."""
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_manifest(folder: str | Path, digests: dict[str, dict]) -> None:
     """`manifest.json` of `digests` plus every other file of `folder` (summed here), flushed to disk."""
     folder = Path(folder)
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in digests and p.name != MANIFEST)
     files = {**digests, **file_digests(folder, others)}
-    path = folder / MANIFEST
-    with open(path, "w") as handle:
-        json.dump({"version": _VERSION, "algorithm": "crc32", "chunk_bytes": CHUNK_BYTES,
-                   "files": dict(sorted(files.items()))}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_json_to_disk(folder / MANIFEST, {"version": _VERSION, "algorithm": "crc32", "chunk_bytes": CHUNK_BYTES,
+                                           "files": dict(sorted(files.items()))})
 
 
 def read_manifest(folder: str | Path) -> dict | None:
