@@ -307,20 +307,45 @@ def resave_worker(rank: int, world: int, port: int, folder: str, sections: dict)
     run_as_rank(rank, world, port, body)
 
 
+def write_config_error(folder: str, rank: int, attempt, success: str) -> None:
+    """Run `attempt()` and write the config error it raised, or `success`, to `<folder>/rank<N>.txt`."""
+    from titanmem.config import ConfigError
+
+    try:
+        attempt()
+        message = success
+    except ConfigError as e:
+        message = str(e)
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
+        handle.write(message)
+
+
 def refused_trainer_worker(rank: int, world: int, port: int, folder: str, sections: dict) -> None:
     """One rank of a run expected to be refused at start-up: writes the config error it got to `rank<N>.txt`."""
 
     def body():
-        from titanmem.config import ConfigError
         from titanmem.train import Trainer
 
-        try:
-            Trainer(make_config(folder, **sections)).close()
-            message = "started"
-        except ConfigError as e:
-            message = str(e)
-        with open(os.path.join(folder, f"rank{rank}.txt"), "w") as handle:
-            handle.write(message)
+        write_config_error(folder, rank, lambda: Trainer(make_config(folder, **sections)).close(), "started")
+
+    run_as_rank(rank, world, port, body)
+
+
+def disagreeing_load_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of a load whose ranks planned different checkpoints (rank r: the r-th complete one, as nodes that see
+    the folder differently would): writes the config error it got to `rank<N>.txt`."""
+
+    def body():
+        import torch.distributed as dist
+
+        from titanmem.components.checkpoint import CheckpointManager, complete_checkpoint_steps
+        from titanmem.config.sections import Checkpoint
+
+        dist.init_process_group("gloo")
+        checkpoints = os.path.join(folder, "checkpoint")
+        step = complete_checkpoint_steps(checkpoints)[rank]
+        manager = CheckpointManager(Checkpoint(), checkpoints, {}, total_steps=10, rank=rank)
+        write_config_error(folder, rank, lambda: manager.load(os.path.join(checkpoints, f"step-{step}")), "loaded")
 
     run_as_rank(rank, world, port, body)
 

@@ -216,6 +216,20 @@ def test_verification_is_spread_over_ranks_and_every_rank_falls_back(tmp_path):
     assert (tmp_path / "checkpoint" / "step-4.damaged").is_dir()
 
 
+def test_ranks_that_would_load_different_checkpoints_stop_with_one_line_and_move_nothing(run):
+    """Nodes that see the checkpoint folder differently (a stale network file system) plan different loads."""
+    from helpers import disagreeing_load_worker
+
+    before = sorted(p.name for p in (run / "checkpoint").iterdir())
+    mp.start_processes(disagreeing_load_worker, args=(2, free_port(), str(run)), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in range(2):
+        message = (run / f"rank{rank}.txt").read_text()
+        assert message.startswith("config error in checkpoint.folder: the ranks would load different checkpoints"), message
+        assert "step-2" in message and "step-4" in message
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == before
+
+
 def test_a_manifest_naming_files_outside_its_folder_is_damage_not_a_read_elsewhere(run, capsys):
     import json
 
