@@ -30,7 +30,7 @@ _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
     "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1, "ROWS_PER_PROGRAM": 2},
-    "row_update": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1},
+    "row_update": {"BLOCK_P": 256, "BLOCK_D": 256, "num_warps": 1},
     "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 1, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 16, "num_warps": 1},
     "row_topk": {"BLOCK_R": 16, "ELEMENTS": 1 << 16, "num_warps": 1},

@@ -1,6 +1,9 @@
 """Weighted embedding-bag: the memory read, out[t] = Σ_l weights[t, l] · values[indices[t, l]].
 
-Three Triton kernels, all accumulating in fp32 whatever the storage dtype, any D (masked tails), int64 addresses:
+Three Triton kernels, all accumulating in fp32 whatever the storage dtype, any D (masked tails), int64 addresses.
+A negative index reads nothing: its pair adds nothing to the bag, gets a weight gradient of 0 and touches no row
+(a rank that holds only some rows of the table is passed the other rows' pairs so, see
+`titanmem.distributed.row_parallel`).
 
 - forward, one program per (token, column block), gathering BLOCK_L rows at a time;
 - weight gradient, token-ordered: grad_weights[t, l] = <grad_out[t], values[indices[t, l]]>;
@@ -39,12 +42,13 @@ def _bag_forward_kernel(
     for start in tl.range(0, L, BLOCK_L, num_stages=NUM_STAGES):
         slots = start + tl.arange(0, BLOCK_L)
         slot_mask = slots < L
-        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
-        weights = tl.load(weights_ptr + token * L + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=-1).to(tl.int64)
+        read = rows >= 0
+        weights = tl.load(weights_ptr + token * L + slots, mask=read, other=0.0).to(tl.float32)
         # Value rows are read once: stream them past L2 (evict_first) instead of pushing out reusable data.
         tile = tl.load(
             values_ptr + rows[:, None] * stride_values + cols[None, :],
-            mask=slot_mask[:, None] & col_mask[None, :],
+            mask=read[:, None] & col_mask[None, :],
             other=0.0,
             eviction_policy="evict_first",
         ).to(tl.float32)
@@ -62,7 +66,8 @@ def _weight_grad_kernel(
     for start in range(0, L, BLOCK_L):
         slots = start + tl.arange(0, BLOCK_L)
         slot_mask = slots < L
-        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=0).to(tl.int64)
+        rows = tl.load(indices_ptr + token * L + slots, mask=slot_mask, other=-1).to(tl.int64)
+        read = rows >= 0
         dots = tl.zeros([BLOCK_L], dtype=tl.float32)
         for col_start in range(0, D, BLOCK_D):
             cols = col_start + tl.arange(0, BLOCK_D)
@@ -70,7 +75,7 @@ def _weight_grad_kernel(
             grad = tl.load(grad_out_ptr + token * stride_grad + cols, mask=col_mask, other=0.0).to(tl.float32)
             tile = tl.load(
                 values_ptr + rows[:, None] * stride_values + cols[None, :],
-                mask=slot_mask[:, None] & col_mask[None, :],
+                mask=read[:, None] & col_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
             dots += tl.sum(tile * grad[None, :], axis=1)
@@ -152,18 +157,27 @@ def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
 
 
-def row_segments(indices: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the (token, slot) pairs by value row, for a table of `num_rows` rows.
+def row_segments(indices: torch.Tensor, num_rows: int, unread: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the (token, slot) pairs by value row, for a table of `num_rows` rows. With `unread`, `indices` may hold
+    negative entries, pairs that read nothing: they are left out before the sort (which then sorts only the pairs
+    read, however many are not), at the cost of a host sync.
 
     Returns the pair ids sorted by row (a stable sort, so ties keep token order: the sums are deterministic), the
     segment offsets [U + 1] into that order, and the U distinct rows, ascending.
     """
     flat = indices.reshape(-1)
+    read = None
+    if unread:
+        read = (flat >= 0).nonzero().squeeze(1)
+        flat = flat[read]
     if flat.dtype == torch.int64 and num_rows <= 2**31:
         # Radix sort time grows with key width: sort 32-bit keys when the table's rows fit (decided from the table
         # size, not the indices' max, which would stall the GPU for a host sync in every backward).
         flat = flat.to(torch.int32)
     sorted_rows, pair_order = torch.sort(flat, stable=True)
+    if read is not None:
+        pair_order = read[pair_order]
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     rows = rows.to(indices.dtype)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indices.device)
@@ -171,12 +185,13 @@ def row_segments(indices: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, to
     return pair_order, offsets, rows
 
 
-def _forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     _check(values, indices, weights)
     values, indices, weights = values.contiguous(), indices.contiguous(), weights.contiguous()
     tokens, slots = indices.shape
     dim = values.shape[1]
-    out = torch.empty(tokens, dim, device=values.device, dtype=values.dtype)
+    out = torch.empty(tokens, dim, device=values.device, dtype=out_dtype or values.dtype)
     if tokens == 0:
         return out
     cfg = launch_config("forward", dim)
@@ -217,7 +232,8 @@ def _row_backward(
     indices, weights = indices.contiguous(), weights.contiguous()
     tokens, slots = indices.shape
     num_rows, dim = values.shape
-    pair_order, offsets, rows = row_segments(indices, num_rows)
+    # The dense baseline and the sparse gradients are not the hot path: they take read-nothing pairs always.
+    pair_order, offsets, rows = row_segments(indices, num_rows, unread=True)
     # Summed in fp32, stored in the table's dtype: at 1M touched rows × 2048, fp32 row gradients would be 8 GB.
     if dense:
         row_grads = torch.zeros(num_rows, dim, device=values.device, dtype=values.dtype)
@@ -230,7 +246,8 @@ def _row_backward(
         block_d = triton.next_power_of_2(dim)
     column_blocks = triton.cdiv(dim, block_d)
     atomic = weight_grads and column_blocks > 1
-    allocate = torch.zeros if atomic else torch.empty
+    # The kernel writes the weight gradients of the pairs it groups; those that read nothing must read 0.
+    allocate = torch.zeros if atomic or pair_order.numel() < tokens * slots else torch.empty
     grad_weights = allocate(tokens, slots, device=values.device, dtype=torch.float32) if weight_grads else None
     if rows.numel():
         per_program = cfg["ROWS_PER_PROGRAM"]
@@ -250,17 +267,18 @@ def _row_backward(
 
 
 @torch.library.custom_op("titanmem::weighted_bag", mutates_args=())
-def weighted_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = Σ_l weights[t, l] · values[indices[t, l]] in fp32, stored in values' dtype. Its autograd writes a
-    dense value gradient (the faithful baseline); sparse and fused-update training read `sparse_row_grads` or the
-    row-wise optimizers instead."""
-    return _forward(values, indices, weights)
+def weighted_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[t] = Σ_l weights[t, l] · values[indices[t, l]] in fp32, stored in `out_dtype` (default values' dtype).
+    Its autograd writes a dense value gradient (the faithful baseline); sparse and fused-update training read
+    `sparse_row_grads` or the row-wise optimizers instead."""
+    return _forward(values, indices, weights, out_dtype)
 
 
 @weighted_bag.register_fake
-def _(values, indices, weights):
+def _(values, indices, weights, out_dtype=None):
     _check(values, indices, weights)
-    return values.new_empty(indices.shape[0], values.shape[1])
+    return values.new_empty(indices.shape[0], values.shape[1], dtype=out_dtype or values.dtype)
 
 
 @torch.library.custom_op("titanmem::weighted_bag_weight_grad", mutates_args=())
@@ -312,13 +330,13 @@ def _(grad_out, values, indices, weights, deterministic):
 
 
 def _setup_context(ctx, inputs, output):
-    values, indices, weights = inputs
+    values, indices, weights = inputs[:3]  # then out_dtype, when it was passed
     ctx.save_for_backward(values, indices, weights)
 
 
 def _backward(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
-    needs_values, _, needs_weights = ctx.needs_input_grad
+    needs_values, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_values = grad_weights = None
     if needs_values:
         grad_weights, grad_values = weighted_bag_dense_backward(
@@ -328,7 +346,10 @@ def _backward(ctx, grad_out):
         grad_weights = weighted_bag_weight_grad(grad_out, values, indices)
     if grad_weights is not None:
         grad_weights = grad_weights.to(weights.dtype)
-    return grad_values, None, grad_weights if needs_weights else None
+    if grad_values is not None:
+        grad_values = grad_values.to(values.dtype)
+    grads = (grad_values, None, grad_weights if needs_weights else None)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 weighted_bag.register_autograd(_backward, setup_context=_setup_context)

@@ -70,7 +70,7 @@ def _row_update_kernel(
     values_ptr, first_ptr, second_ptr,
     grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr, selected_ptr,
     L, D, stride_values, stride_first, stride_second, stride_grad,
-    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed,
+    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed, row_base, col_base,
     OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, SELECTED: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -109,7 +109,8 @@ def _row_update_kernel(
     if ROUNDING == 1:
         value = _round_to_nearest_bf16(value)
     elif ROUNDING == 2:
-        value = _stochastic_round_to_bf16(value, seed, row, cols)
+        # Drawn by the element's place in the whole table, so that every layout of it draws the same bits.
+        value = _stochastic_round_to_bf16(value, seed, row + row_base, cols + col_base)
     tl.store(value_ptrs, value.to(values_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -214,12 +215,16 @@ def row_update_(
     step: int,
     rounding_seed: int = -1,
     selected: torch.Tensor | None = None,
+    row_base: int = 0,
+    col_base: int = 0,
 ) -> None:
     """Apply one optimizer step, in place, to the touched rows of `values` (and their state `first`/`second`:
     unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam). The update is computed
     in fp32; a bf16 table is rounded back stochastically when `rounding_seed` >= 0 (seeded by it and the row), else
     to nearest. `selected` ([U] bool, per touched row), when given, updates only those rows: the others, with their
-    state, are left untouched (their `row_sq` must be 0, as `row_grad_sq` gives it with the same selection)."""
+    state, are left untouched (their `row_sq` must be 0, as `row_grad_sq` gives it with the same selection).
+    `row_base` and `col_base` place `values` in the whole table (a block of it held by this rank): the stochastic
+    rounding draws by the element's place there."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = rows.numel()
     if not segments:
@@ -235,12 +240,12 @@ def row_update_(
         weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
         lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
-        OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), SELECTED=selected is not None,
+        row_base, col_base, OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), SELECTED=selected is not None,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
 
 
 @row_update_.register_fake
 def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay,
-      clip, eps, beta1, beta2, step, rounding_seed=-1, selected=None):
+      clip, eps, beta1, beta2, step, rounding_seed=-1, selected=None, row_base=0, col_base=0):
     return None

@@ -143,42 +143,70 @@ def full_weights(model) -> dict:
 
 def data_parallel_worker(rank: int, world: int, port: int, folder: str, sections: dict, batches_path: str) -> None:
     """One rank: train on its slice of each global batch, from the plan's own initialisation; rank 0 saves the
-    initial full weights, the losses and every step's full (unsharded) gradients."""
+    initial full weights, the losses and every step's full (unsharded) gradients into result.pt."""
+    run_as_rank(rank, world, port, lambda: _train_and_record(rank, folder, sections, batches_path,
+                                                             os.path.join(folder, "result.pt")))
+
+
+def data_parallel_runs_worker(rank: int, world: int, port: int, folder: str, runs: dict[str, dict],
+                              batches_path: str) -> None:
+    """`data_parallel_worker` for several runs in one launch (named `runs`, each with a process group of its own):
+    rank 0 saves result-NAME.pt for each. Spawning and importing once saves seconds per run."""
+
+    def next_port():
+        # Agreed on over the closing run's group: a port chosen in advance could be taken by then (by that group's
+        # own connections, say).
+        import torch.distributed as dist
+
+        chosen = [free_port() if rank == 0 else None]
+        dist.broadcast_object_list(chosen, src=0)
+        os.environ["MASTER_PORT"] = str(chosen[0])
 
     def body():
-        import torch
-        from torch.distributed.tensor import DTensor
-
-        from titanmem.train import Trainer
-        from titanmem.utils import local_tensor
-
-        def full(t):
-            return t.full_tensor() if isinstance(t, DTensor) else t
-
-        trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
-        data = torch.load(batches_path)
-        initial = full_weights(trainer.model)
-        losses, grads, value_norms = [], [], []
-        for batch in data["batches"]:
-            # Data-parallel peers split the batch; tensor-parallel peers share their slice.
-            share = batch.shape[0] // trainer.dp_world_size
-            mine = batch[trainer.dp_rank * share : (trainer.dp_rank + 1) * share]
-            metrics = trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))
-            losses.append(metrics["loss"])
-            value_norms.append(metrics.get("value_grad_norm"))
-            grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        # The table after the last update: the only trace of a row-wise optimizer's work (no autograd gradient).
-        table = full(trainer.model.memory_values.weight.detach()).clone()
-        # The share of the sub-keys this rank stores (they are sharded over dp_shard, which holds the mp groups).
-        subkeys = next(p for n, p in trainer.model.named_parameters() if n.endswith("subkeys"))
-        stored = local_tensor(subkeys)
-        if rank == 0:
-            torch.save({"initial": initial, "losses": losses, "grads": grads, "table": table,
-                        "value_grad_norms": value_norms, "subkey_share": stored.numel() / subkeys.numel()},
-                       os.path.join(folder, "result.pt"))
-        trainer.close()
+        for name, sections in runs.items():
+            _train_and_record(rank, os.path.join(folder, name), sections, batches_path,
+                              os.path.join(folder, f"result-{name}.pt"), before_close=next_port)
 
     run_as_rank(rank, world, port, body)
+
+
+def _train_and_record(rank: int, folder: str, sections: dict, batches_path: str, result_path: str,
+                      before_close=None) -> None:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from titanmem.train import Trainer
+    from titanmem.utils import local_tensor
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    trainer = Trainer(make_config(os.path.join(folder, f"rank{rank}"), **sections))
+    data = torch.load(batches_path)
+    initial = full_weights(trainer.model)
+    losses, grads, value_norms = [], [], []
+    for batch in data["batches"]:
+        # Data-parallel peers split the batch; tensor-parallel peers share their slice.
+        share = batch.shape[0] // trainer.dp_world_size
+        mine = batch[trainer.dp_rank * share : (trainer.dp_rank + 1) * share]
+        metrics = trainer.train_step(iter([{"input": mine[:, :-1], "labels": mine[:, 1:]}]))
+        losses.append(metrics["loss"])
+        value_norms.append(metrics.get("value_grad_norm"))
+        grads.append({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    # The table after the last update: the only trace of a row-wise optimizer's work (no autograd gradient).
+    table = full(trainer.model.memory_values.weight.detach()).clone()
+    # The share of the sub-keys this rank stores (they are sharded over dp_shard, which holds the mp groups), and of
+    # the value table.
+    subkeys = next(p for n, p in trainer.model.named_parameters() if n.endswith("subkeys"))
+    table_share = local_tensor(trainer.model.memory_values.weight).numel() / table.numel()
+    if rank == 0:
+        torch.save({"initial": initial, "losses": losses, "grads": grads, "table": table,
+                    "value_grad_norms": value_norms, "subkey_share": local_tensor(subkeys).numel() / subkeys.numel(),
+                    "table_share": table_share, "layout": trainer.plan.value_slice_sharding},
+                   result_path)
+    if before_close is not None:
+        before_close()
+    trainer.close()
 
 
 def train_worker(rank: int, world: int, port: int, folder: str, sections: dict, result_name: str) -> None:
@@ -365,7 +393,7 @@ def local_shapes_worker(rank: int, world: int, port: int, folder: str, argv: lis
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        plan.parallel.build_mesh("cpu")
+        plan.build_mesh("cpu")
         model = build_planned_model(plan, torch.device("meta"))
         shapes = {name: tuple((p.to_local() if hasattr(p, "to_local") else p).shape)
                   for name, p in model.named_parameters()}

@@ -87,9 +87,10 @@ def run_both(tmp_path, small_config, world, plan, memory, optimizer=None, finetu
 
 @pytest.mark.parametrize(
     "world, plan",
-    [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2}), (2, {"tp": 2, "dp_shard": 1}),
-     (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}), (4, {"dp_shard": 4, "mp": 2}),
-     (4, {"tp": 2, "dp_shard": 2, "mp": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2}),
+    [(2, {"dp_shard": 2, "value_slice_sharding": "fsdp"}), (4, {"dp_replicate": 2, "dp_shard": 2}),
+     (2, {"tp": 2, "dp_shard": 1}), (4, {"tp": 2, "dp_shard": 2}), (2, {"dp_shard": 2, "mp": 2}),
+     (4, {"dp_shard": 4, "mp": 2, "value_slice_sharding": "fsdp"}), (4, {"tp": 2, "dp_shard": 2, "mp": 2}),
+     (4, {"dp_replicate": 2, "dp_shard": 2, "mp": 2, "value_slice_sharding": "fsdp"}),
      (2, {"dp_shard": 2, "value_slice_sharding": "replicate"}),
      (4, {"dp_shard": 4, "mp": 2, "value_slice_sharding": "replicate"}),
      (8, {"dp_replicate": 2, "dp_shard": 2, "tp": 2, "mp": 2})],
@@ -97,7 +98,8 @@ def run_both(tmp_path, small_config, world, plan, memory, optimizer=None, finetu
          "fsdp4xmp2-replicated", "hsdp2x2xtp2xmp2"],
 )
 def test_data_parallel_matches_one_process(tmp_path, small_config, world, plan):
-    # Dense AdamW on the table (the CPU default): value slices are row-sharded by FSDP unless the plan says otherwise.
+    # Dense AdamW on the table (the CPU default): `auto` lays value slices out in row blocks where the slice has
+    # replicas (tests/test_rows_sharding.py); FSDP's gathered slices and replicated ones are named.
     (losses, grads, _, _), result = run_both(tmp_path, small_config, world, plan, memory={})
     # Sub-keys are stored sharded over dp_shard (so over each mp group too) and split by heads over tp.
     assert result["subkey_share"] == 1 / (plan["dp_shard"] * plan.get("tp", 1))
@@ -132,10 +134,12 @@ def test_tensor_parallel_memory_variants_match_one_process(tmp_path, small_confi
     ids=["fsdp2-adagrad", "mp2-adagrad", "mp4-adagrad", "hsdp2x2xmp2-adagrad", "tp2xmp2-adam"],
 )
 def test_row_wise_value_optimizer_matches_one_process(tmp_path, small_config, world, plan, optimizer):
-    """The fused row-wise optimizers on several processes: the table's records are gathered over its replicas and
-    its row norms summed over mp, so the updated table and the losses equal one process's."""
-    # A small table and bag: on CPU the Triton kernels run interpreted, one Python step per program.
-    memory = {"value_optimizer": optimizer, "n_keys": 16, "knn": 4}
+    """The fused row-wise optimizers on several processes, each slice replicated whole: the table's records are
+    gathered over its replicas and its row norms summed over mp, so the updated table and the losses equal one
+    process's. (Row blocks: tests/test_rows_sharding.py.)"""
+    plan = dict(plan, value_slice_sharding="replicate")
+    # A small table and bag: on CPU the Triton kernels run interpreted, one Python step per program (a touched row).
+    memory = {"value_optimizer": optimizer, "n_keys": 5, "knn": 4}
     # Lazy Adam moves an element by lr · g / (|g| + eps): where g is at the level of the summation's rounding, the
     # update's sensitivity lr / eps turns a 1e-10 difference of g into 1e-5 of the table. A larger eps keeps rounding
     # at rounding level, so the tolerance below stays that of fp32 sums.
@@ -155,8 +159,8 @@ def test_row_wise_value_optimizer_matches_one_process(tmp_path, small_config, wo
 @pytest.mark.parametrize(
     "plan, memory, finetune",
     [({"dp_shard": 2}, {}, {"mode": "values_only"}),
-     ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adagrad", "n_keys": 16, "knn": 4},
-      {"mode": "sparse_memory", "top_t": 40})],
+     ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adagrad", "n_keys": 5, "knn": 4},
+      {"mode": "sparse_memory", "top_t": 4})],
     ids=["fsdp2-values-only", "mp2-sparse-memory"],
 )
 def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, finetune):
@@ -180,7 +184,7 @@ def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, 
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
     torch.testing.assert_close(result["table"], table, **TABLE_TOLERANCE)
     moved = (result["table"] != result["initial"]["memory_values.weight"]).any(dim=1)
-    if finetune["mode"] == "sparse_memory":  # at most top_t rows a step, of the 256 the steps read
+    if finetune["mode"] == "sparse_memory":  # at most top_t rows a step, of the 25 the steps read
         assert 0 < int(moved.sum()) <= STEPS * finetune["top_t"] < moved.numel()
     # values_only: the table's gradient alone; sparse_memory: none (the row-wise optimizer trains from reads).
     assert all(got.keys() == ({"memory_values.weight"} if finetune["mode"] == "values_only" else set())
@@ -190,8 +194,9 @@ def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, 
 
 @pytest.mark.parametrize(
     "plan, memory",
-    [({"dp_shard": 2}, {}), ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adam", "n_keys": 16, "knn": 4})],
-    ids=["fsdp2-adamw", "mp2-lazy-adam"],
+    [({"dp_shard": 2}, {}), ({"dp_shard": 2, "mp": 2}, {"value_optimizer": "adam", "n_keys": 5, "knn": 4}),
+     ({"dp_shard": 2, "value_slice_sharding": "rows"}, {"value_optimizer": "adagrad", "n_keys": 5, "knn": 4})],
+    ids=["fsdp2-adamw", "mp2-lazy-adam", "rows2-adagrad"],
 )
 def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path, plan, memory):
     from helpers import train_worker

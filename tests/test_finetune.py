@@ -164,8 +164,8 @@ def test_sparse_memory_updates_only_the_selected_rows_and_the_rest_stays_bit_ide
     selections = []
     selector = values.row_selector
 
-    def recording(rows, offsets):
-        chosen = selector(rows, offsets)
+    def recording(rows, offsets, blocks_group=None):
+        chosen = selector(rows, offsets, blocks_group)
         selections.append((rows.clone(), chosen.clone()))
         return chosen
 

@@ -329,3 +329,83 @@ def test_stochastic_rounding_repeats_for_a_seed_and_differs_across_seeds():
     again = fused_update(start.clone(), "adagrad", lambda step: 1000 + step)
     other = fused_update(start.clone(), "adagrad", lambda step: 2000 + step)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_pairs_of_a_negative_index_read_nothing_in_every_kernel():
+    """A rank that holds a block of the table's rows is passed the other rows' pairs as -1: they add nothing to the
+    bag, get a weight gradient of 0, touch no row in the backward, and are left out of the row grouping."""
+    values, indices, weights, grad_out = random_case(12, 9, 12, 40, 300, hot_rows=15)
+    unread = torch.rand(indices.shape, generator=torch.Generator().manual_seed(0)) < 0.6
+    unread[0] = True  # a token that reads nothing at all
+    masked = indices.masked_fill(unread.to(DEVICE), -1)
+    # The reference: the same bags with those pairs' weights at 0 (their rows read, but multiplied away).
+    kept = weights.masked_fill(unread.to(DEVICE), 0.0)
+    expected_values, expected_weights = reference_grads(values, indices, kept, grad_out)
+    expected_weights[unread] = 0.0
+
+    out = kernels.weighted_bag(values, masked, weights)
+    assert_close_in_scale(out, reference_bag(values, indices, kept), SUM_BOUND)
+    assert torch.equal(out[0].cpu(), torch.zeros(values.shape[1]))
+    grad_weights, grad_values = kernels.weighted_bag_dense_backward(grad_out, values, masked, weights, True)
+    assert_close_in_scale(grad_values, expected_values, SUM_BOUND, "dense value gradient")
+    assert_close_in_scale(grad_weights, expected_weights, SUM_BOUND, "weight gradient")
+    assert torch.equal(grad_weights.cpu()[unread], torch.zeros(int(unread.sum())))
+    grad_weights, rows, row_grads = kernels.weighted_bag_sparse_backward(grad_out, values, masked, weights, True)
+    read_rows = torch.unique(indices.cpu()[~unread]).long()
+    assert torch.equal(rows.cpu().long(), read_rows)
+    assert_close_in_scale(row_grads, expected_values[read_rows], SUM_BOUND, "sparse value gradient")
+    token_ordered = kernels.weighted_bag_weight_grad(grad_out, values, masked)
+    assert torch.equal(token_ordered.cpu()[unread], torch.zeros(int(unread.sum())))
+    assert_close_in_scale(token_ordered, expected_weights, SUM_BOUND, "token-ordered weight gradient")
+
+    pair_order, offsets, rows = kernels.row_segments(masked, values.shape[0], unread=True)
+    assert torch.equal(rows.cpu().long(), read_rows)
+    assert sorted(pair_order.cpu().tolist()) == sorted((~unread).flatten().nonzero().flatten().tolist())
+    assert torch.equal(masked.flatten()[pair_order].cpu().long(),
+                       torch.repeat_interleave(read_rows, (offsets[1:] - offsets[:-1]).cpu()))
+
+
+def test_the_torch_lookup_reads_nothing_for_a_negative_index_and_sums_in_the_asked_dtype():
+    from titanmem.models.lookup import torch_weighted_bag
+
+    values, indices, weights, _ = random_case(13, 7, 10, 30, 48)
+    values, indices, weights = values.cpu(), indices.cpu(), weights.cpu()
+    unread = torch.rand(indices.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    kept = weights.masked_fill(unread, 0.0)
+    leaf = weights.clone().requires_grad_(True)
+    out = torch_weighted_bag(values, indices.masked_fill(unread, -1), leaf)
+    assert_close_in_scale(out, reference_bag(values, indices, kept), SUM_BOUND)
+    out.sum().backward()
+    assert torch.equal(leaf.grad[unread], torch.zeros(int(unread.sum())))
+    # A bf16 table's bag in fp32: the fp32 sum of the bf16 rows times the bf16-rounded weights, not rounded to bf16.
+    table = values.to(torch.bfloat16)
+    wide = torch_weighted_bag(table, indices, weights, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32
+    assert_close_in_scale(wide, reference_bag(table.float(), indices, weights.to(torch.bfloat16).float()), SUM_BOUND)
+    assert torch.equal(torch_weighted_bag(table, indices, weights), wide.to(torch.bfloat16))
+
+
+def test_stochastic_rounding_draws_by_the_place_in_the_whole_table():
+    """A block of the table (rows from 16, columns from 24), updated with its place given, draws the same bits as
+    the whole table updated from the same reads: the layouts of a table round alike."""
+    whole = random_case(14, 1, 1, 40, 64)[0].to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    indices = torch.randint(16, 40, (6, 8), generator=generator).to(DEVICE)
+    weights = torch.randn(6, 8, generator=generator).to(DEVICE)
+    grad_out = torch.randn(6, 64, generator=generator).to(DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
+
+    def update(table, indices, grad_out, row_base=0, col_base=0):
+        pair_order, offsets, touched = kernels.row_segments(indices, table.shape[0])
+        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
+        row_update_(table, empty, empty, grad_out, weights, pair_order, offsets, touched, row_sq, SGD, 0.01, 0.0, 1.0,
+                    1e-8, 0.9, 0.95, 1, 1234, None, row_base, col_base)
+
+    update(whole, indices, grad_out)
+    block = random_case(14, 1, 1, 40, 64)[0].to(torch.bfloat16)[16:, 24:].clone()
+    # Its columns' part of the gradient; SGD's update of an element needs only its own column.
+    update(block, indices - 16, grad_out[:, 24:].contiguous(), row_base=16, col_base=24)
+    assert torch.equal(block, whole[16:, 24:])
+    shifted = random_case(14, 1, 1, 40, 64)[0].to(torch.bfloat16)[16:, 24:].clone()
+    update(shifted, indices - 16, grad_out[:, 24:].contiguous())  # its place not given: other bits
+    assert not torch.equal(shifted, whole[16:, 24:])

@@ -79,7 +79,7 @@ def setup_process(plan: RunPlan) -> torch.device:
         # NCCL between GPUs, gloo between CPU ranks; torchrun describes the group in the environment.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    plan.parallel.build_mesh(device.type)
+    plan.build_mesh(device.type)
     return device
 
 
@@ -103,7 +103,7 @@ def build_planned_model(plan: RunPlan, device: torch.device, recorder: ReadRecor
 
     def parallelize(model: Transformer) -> None:
         parallelize_model(model, plan.parallel, plan.config, bf16=plan.autocast_dtype == torch.bfloat16,
-                          shard_value_slices=plan.value_slice_sharding == "fsdp", recorder=recorder)
+                          value_layout=plan.value_slice_sharding, recorder=recorder)
 
     return build_model(plan.model_args, device, plan.config.training.seed, parallelize)
 

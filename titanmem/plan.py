@@ -29,6 +29,8 @@ from titanmem.config.manager import build_config, format_config, format_help, re
 from titanmem.config.sections import JobConfig
 from titanmem.data.files import DataSource, resolve_data_source
 from titanmem.distributed.parallel_dims import ParallelDims
+from titanmem.distributed.value_layout_cost import (INTER_NODE_BYTES_PER_S, INTRA_NODE_BYTES_PER_S, ValueTableWork,
+                                                    cheapest_layout)
 from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
 from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, available_key_searches
@@ -63,7 +65,8 @@ class RunPlan:
     """What trains the value table (`adamw` or a row-wise kind); None without memory layers."""
     value_lr: float | None
     value_slice_sharding: str | None
-    """`replicate` or `fsdp` (how the ranks that hold the same slice of the table keep it); None without memory."""
+    """`replicate`, `fsdp` or `rows` (how the ranks that hold the same slice of the table keep it); None without
+    memory."""
     optimizer_implementation: str
     """AdamW's kernel: fused, foreach or for-loop."""
     global_batch_size: int
@@ -80,6 +83,10 @@ class RunPlan:
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.config.training.seq_len
+
+    def build_mesh(self, device_type: str) -> None:
+        """This process's device mesh for the plan (with the value grid of a rows-sharded table)."""
+        self.parallel.build_mesh(device_type, value_grid=self.value_slice_sharding == "rows")
 
     @property
     def device(self) -> torch.device:
@@ -200,10 +207,12 @@ def resolve_value_optimizer(config: JobConfig, device_type: str) -> tuple[str, f
     return kind, VALUE_LR_SCALE[kind] * config.optimizer.lr
 
 
-def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | None, value_optimizer: str | None
-                     ) -> tuple[ParallelDims, str | None]:
+def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | None, value_optimizer: str | None,
+                     gpus_per_node: int | None = None) -> tuple[ParallelDims, str | None]:
     """The parallel degrees, checked against the world size and the model's shapes, and the value-table layout
-    (`auto`: a row-wise optimizer updates whole slices in place, so `replicate`; dense AdamW, `fsdp`)."""
+    (`auto`: the cheapest the value optimizer allows by `titanmem.distributed.value_layout_cost`, on nodes of
+    `gpus_per_node` GPUs, default the launcher's LOCAL_WORLD_SIZE). With one copy of each slice the layouts
+    coincide: `rows` is then `replicate`."""
     p = config.parallelism
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.mp, world_size)
     args = FLAVORS[config.model.flavor]
@@ -215,14 +224,42 @@ def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | No
         return dims, None
     sharding = p.value_slice_sharding
     if sharding == "auto":
-        sharding = "fsdp" if value_optimizer == "adamw" else "replicate"
+        sharding = cheapest_layout(value_optimizer, value_table_work(config, memory, dims),
+                                   *_value_bandwidths(dims, gpus_per_node))
     if dims.distributed and value_optimizer != "adamw" and sharding == "fsdp":
         raise ConfigError(
             "parallelism.value_slice_sharding",
             f"'fsdp' row-shards the value table, but value_optimizer {value_optimizer!r} updates whole slices in "
-            "place; use 'replicate' (or 'auto'), or memory.value_optimizer = 'adamw'",
+            "place; use 'rows' or 'replicate' (or 'auto'), or memory.value_optimizer = 'adamw'",
         )
+    if sharding == "rows":
+        if dims.slice_copies == 1:
+            return dims, "replicate"
+        block = -(-memory.n_values // dims.slice_copies)
+        if block * (dims.slice_copies - 1) >= memory.n_values:
+            raise ConfigError("parallelism.value_slice_sharding", f"'rows' splits the {memory.n_values:,} value rows "
+                              f"into {dims.slice_copies} blocks of {block}, which leaves a rank none; raise "
+                              "memory.n_keys, or use 'replicate'")
     return dims, sharding
+
+
+def value_table_work(config: JobConfig, memory: MemoryArgs, dims: ParallelDims) -> ValueTableWork:
+    """The sizes the value table's layouts are costed by (`titanmem.distributed.value_layout_cost`)."""
+    training = config.training
+    unit = training.local_batch_size * dims.dp
+    accumulation = max(training.global_batch_size // unit, 1) if training.global_batch_size != -1 else 1
+    return ValueTableWork(
+        n_values=memory.n_values, v_dim=memory.v_dim, element_bytes=2 if memory.value_dtype == "bf16" else 4,
+        pairs=memory.heads * memory.knn, tokens=training.local_batch_size * training.seq_len,
+        calls=len(memory.layers) * accumulation, mp=dims.mp, copies=dims.slice_copies)
+
+
+def _value_bandwidths(dims: ParallelDims, gpus_per_node: int | None) -> tuple[float, float]:
+    """(the mp group's link, the slice replicas' link): an mp group lies inside a node; the replicas span nodes when
+    the world does."""
+    node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", dims.world_size) or dims.world_size)
+    replicas = INTER_NODE_BYTES_PER_S if dims.world_size > node else INTRA_NODE_BYTES_PER_S
+    return INTRA_NODE_BYTES_PER_S, replicas
 
 
 def _check_finetune(config: JobConfig, memory: MemoryArgs | None, value_optimizer: str | None) -> None:
@@ -337,14 +374,17 @@ def _check_value_table_fits(memory: MemoryArgs, dims: ParallelDims, value_optimi
     elements = memory.n_values * (memory.v_dim // dims.mp)
     weight = 2 if memory.value_dtype == "bf16" else 4
     per_element = {"adamw": 12, "adam": 8, "adagrad": 0, "sgd": 0}[value_optimizer] + weight  # + grad and moments
-    if value_optimizer == "adamw" and sharding == "fsdp":
-        per_element /= dims.slice_copies
-    needed = elements * per_element
+    per_row = 4 if value_optimizer == "adagrad" else 0
+    needed = elements * per_element + memory.n_values * per_row
+    if sharding == "rows" or (value_optimizer == "adamw" and sharding == "fsdp"):
+        needed /= dims.slice_copies
     if needed > available:
         raise ConfigError("memory.n_keys", f"the value table ({memory.n_keys}² = {memory.n_values:,} rows × "
                           f"{memory.v_dim}) needs {needed / 1e9:,.1f} GB per rank with value_optimizer "
                           f"{value_optimizer!r} and mp = {dims.mp}, more than this {device_type} device's "
-                          f"{available / 1e9:,.1f} GB; lower memory.n_keys, or raise parallelism.mp")
+                          f"{available / 1e9:,.1f} GB; lower memory.n_keys, or raise parallelism.mp"
+                          + ("" if sharding == "rows" else ", or split its rows over the data-parallel ranks with "
+                             "parallelism.value_slice_sharding = 'rows'"))
 
 
 def _check_files(config: JobConfig, purpose: Purpose, world_size: int) -> None:
@@ -390,10 +430,11 @@ def _tokenizer_vocab_size(config: JobConfig) -> int:
 
 
 def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int | None = None,
-                 device_type: str | None = None, tokenizer_vocab_size: int | None = None) -> RunPlan:
+                 device_type: str | None = None, tokenizer_vocab_size: int | None = None,
+                 gpus_per_node: int | None = None) -> RunPlan:
     """Resolve and check everything; raises ConfigError naming the field. `world_size` defaults to the
-    environment's WORLD_SIZE, `device_type` to `training.device` on this machine, and the tokenizer's size is read
-    from its file unless given."""
+    environment's WORLD_SIZE, `device_type` to `training.device` on this machine, `gpus_per_node` to the launcher's
+    LOCAL_WORLD_SIZE, and the tokenizer's size is read from its file unless given."""
     world_size = world_size_from_env() if world_size is None else world_size
     flavor = config.model.flavor
     if flavor not in FLAVORS:
@@ -403,7 +444,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     device_type = device_type or resolve_device_type(config.training.device)
     memory = resolve_memory_args(config, device_type)
     value_optimizer, value_lr = resolve_value_optimizer(config, device_type) if memory else (None, None)
-    dims, sharding = resolve_parallel(config, world_size, memory, value_optimizer)
+    dims, sharding = resolve_parallel(config, world_size, memory, value_optimizer, gpus_per_node)
 
     training = config.training
     unit = training.local_batch_size * dims.dp

@@ -29,12 +29,11 @@ from titanmem.distributed.lookup import ReadRecorder
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.models.llama import Transformer
 from titanmem.models.memory import ProductKeyMemory
-from titanmem.plan import RunPlan, resolve_plan
+from titanmem.distributed.value_layout_cost import (INTER_NODE_BYTES_PER_S, INTRA_NODE_BYTES_PER_S, ring,
+                                                    value_table_seconds)
+from titanmem.plan import RunPlan, resolve_plan, value_table_work
 
 GB = 1e9
-# Links, per GPU and direction: NVLink 4 within an H100 node, one 400 Gb/s NIC per GPU between nodes.
-INTRA_NODE_BYTES_PER_S = 450e9
-INTER_NODE_BYTES_PER_S = 50e9
 # H100 SXM dense bf16 peak, and the share of it a training step reaches (the ranking's compute term).
 PEAK_FLOPS = 989e12
 ASSUMED_MFU = 0.4
@@ -114,16 +113,18 @@ def planned_config(config: JobConfig, **parallelism) -> JobConfig:
     return dataclasses.replace(config, parallelism=dataclasses.replace(config.parallelism, **parallelism))
 
 
-def resolve_for(config: JobConfig, world: int) -> RunPlan:
-    """The plan of `config` on `world` GPUs (CUDA, whatever this machine has)."""
+def resolve_for(config: JobConfig, world: int, gpus_per_node: int | None = None) -> RunPlan:
+    """The plan of `config` on `world` GPUs in nodes of `gpus_per_node` (default: one node), CUDA whatever this
+    machine has."""
     vocab = config.model.vocab_size if config.model.vocab_size > 0 else None
-    return resolve_plan(config, "dry_run", world_size=world, device_type="cuda", tokenizer_vocab_size=vocab)
+    return resolve_plan(config, "dry_run", world_size=world, device_type="cuda", tokenizer_vocab_size=vocab,
+                        gpus_per_node=gpus_per_node or world)
 
 
 def build_meta(plan: RunPlan) -> Transformer:
     """The plan's model on rank 0, parallelized for its whole world on the meta device. Call inside `fake_world`
     when the world has several ranks."""
-    plan.parallel.build_mesh("cpu")
+    plan.build_mesh("cpu")
     recorder = ReadRecorder() if plan.value_optimizer not in (None, "adamw") else None
     return build_planned_model(plan, torch.device("meta"), recorder)
 
@@ -164,14 +165,18 @@ def estimate(plan: RunPlan, model: Transformer, cluster: Cluster) -> Estimate:
 def _value_rows(plan: RunPlan, table: torch.Tensor, tokens: int) -> list[tuple[str, float, str]]:
     dims, memory = plan.parallel, plan.model_args.memory
     local = _local(table)
+    rows_sharded = plan.value_slice_sharding == "rows" and dims.slice_copies > 1
     slice_rows, slice_cols = table.shape[0], table.shape[1] // dims.mp  # the slice this rank's mp column holds
+    block_rows = local.shape[0] if rows_sharded else slice_rows  # the rows this rank updates
     slice_elements = slice_rows * slice_cols
     element = local.element_size()
     kind = plan.value_optimizer
+    sharded = {"fsdp": f", row-sharded by FSDP over {dims.slice_copies} replicas",
+               "rows": f", rows split in {dims.slice_copies} blocks (this rank's: {block_rows:,})"}
     rows = [("value-table slice", local.numel() * element,
              f"{slice_rows:,} rows × {slice_cols} of {table.shape[1]} columns (mp {dims.mp}), "
              f"{str(local.dtype).removeprefix('torch.')}"
-             + (f", row-sharded over {dims.slice_copies} replicas" if plan.value_slice_sharding == "fsdp" else ""))]
+             + (sharded.get(plan.value_slice_sharding, "") if dims.slice_copies > 1 else ""))]
     if kind == "adamw":
         rows.append(("value optimizer state", local.numel() * 8, "dense AdamW: two fp32 moments per element"))
         if plan.value_slice_sharding == "fsdp":
@@ -179,17 +184,27 @@ def _value_rows(plan: RunPlan, table: torch.Tensor, tokens: int) -> list[tuple[s
                          "dense: the sharded fp32 gradient, plus the whole slice gathered in bf16 and its fp32 "
                          "gradient before the reduce-scatter"))
         else:
-            rows.append(("value gradients", slice_elements * 4, "dense: an fp32 gradient of the whole slice"))
+            rows.append(("value gradients", local.numel() * 4, "dense: an fp32 gradient of this rank's block"))
         return rows
-    state = {"adagrad": slice_rows * 4, "adam": 2 * slice_elements * (2 if memory_state_bf16(plan) else 4),
+    block_elements = block_rows * slice_cols
+    state = {"adagrad": block_rows * 4, "adam": 2 * block_elements * (2 if memory_state_bf16(plan) else 4),
              "sgd": 0}[kind]
     rows.append(("value optimizer state", state, {
         "adagrad": "row-wise Adagrad: one fp32 accumulator per row", "sgd": "none",
-        "adam": "lazy Adam: two moments per element"}[kind]))
-    # The step's reads, kept until the update: per memory-layer call, the group's (index, weight) pairs and the
-    # read-out gradient of this rank's columns; gathered over the slice's replicas, and sorted by row.
+        "adam": "lazy Adam: two moments per element"}[kind] + (" of this rank's block" if rows_sharded else "")))
+    # The step's reads, kept until the update: per memory-layer call, the (index, weight) pairs and the read-out
+    # gradient of this rank's columns, and their sort.
     calls = len(memory.layers) * plan.accumulation_steps
     pairs = memory.heads * memory.knn
+    if rows_sharded:
+        # Every data-parallel rank's tokens, other blocks' rows as -1; the sort takes this block's pairs only.
+        group_tokens = tokens * dims.dp
+        recorded = calls * group_tokens * (pairs * 8 + slice_cols * element)
+        sort = calls * tokens * dims.mp * pairs * 24
+        rows.append(("value gradients", recorded + sort,
+                     f"sparse: {calls} recorded reads of the {dims.dp} data-parallel ranks' {group_tokens:,} tokens × "
+                     f"{pairs} rows (this block's read, the rest -1), and the sort of this block's"))
+        return rows
     per_call = tokens * dims.mp * pairs * 12 + tokens * dims.mp * slice_cols * 4
     rows.append(("value gradients", calls * per_call * dims.slice_copies * 2,
                  f"sparse: {calls} recorded reads of {tokens:,} tokens × {pairs} rows, gathered over "
@@ -224,7 +239,10 @@ def _block_bytes_per_token(plan: RunPlan, block) -> float:
         rows = memory.heads * memory.knn
         per = (MEMORY_BLOCK_BYTES_PER_DIM * args.dim + MEMORY_BLOCK_BYTES_PER_QUERY_DIM * memory.heads * memory.k_dim
                + MEMORY_BLOCK_BYTES_PER_ROW * rows + MEMORY_BLOCK_BYTES_PER_VALUE_DIM * memory.v_dim)
-        per += 12 * rows * (dims.mp - 1)
+        if plan.value_slice_sharding == "rows" and dims.slice_copies > 1:
+            per += 8 * rows * (dims.dp - 1)  # every data-parallel rank's pairs (int32 row, fp32 weight)
+        else:
+            per += 12 * rows * (dims.mp - 1)
     else:
         hidden = block.feed_forward.w1.weight.shape[0] * (dims.tp if isinstance(block.feed_forward.w1.weight,
                                                                                  DTensor) else 1)
@@ -271,17 +289,16 @@ def _buffer_bytes(plan: RunPlan, model: Transformer, tokens: int) -> float:
     largest = max(sum(p.numel() for p in block.parameters()) for block in model.layers.values())  # global numel
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers.") and p is not table)
     buffers = (2 * largest * 2 + largest * 4) / dims.tp + root * 2 / dims.tp
-    if args.memory is not None and dims.mp > 1:
+    if args.memory is not None and plan.value_slice_sharding == "rows" and dims.slice_copies > 1:
+        # The partial read-outs of every data-parallel rank's tokens, sent and received in fp32, and their gradients.
+        buffers += 4 * dims.slice_copies * tokens * args.memory.v_dim * 4
+    elif args.memory is not None and dims.mp > 1:
         buffers += 2 * tokens * args.memory.v_dim * 4  # the all-to-all's send and receive read-outs
     return buffers
 
 
 def _bandwidth(cluster: Cluster, ranks_spanned: int) -> float:
     return INTRA_NODE_BYTES_PER_S if ranks_spanned <= cluster.gpus_per_node else INTER_NODE_BYTES_PER_S
-
-
-def _ring(volume: float, group: int, bandwidth: float) -> float:
-    return 0.0 if group <= 1 else volume * (group - 1) / group / bandwidth
 
 
 def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int) -> tuple[float, float]:
@@ -295,36 +312,26 @@ def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int)
     dense = sum(p.numel() for p in model.parameters() if p is not table) / dims.tp
     # FSDP over dp_shard (consecutive ranks after tp), and HSDP's all-reduce over the replicas: hidden by compute.
     shard_span = dims.dp_shard * dims.tp
-    fsdp = plan.accumulation_steps * _ring(8 * dense, dims.dp_shard, _bandwidth(cluster, shard_span))
+    fsdp = plan.accumulation_steps * ring(8 * dense, dims.dp_shard, _bandwidth(cluster, shard_span))
     if dims.dp_replicate > 1:
-        fsdp += _ring(2 * 4 * dense / dims.dp_shard, dims.dp_replicate, INTER_NODE_BYTES_PER_S
+        fsdp += ring(2 * 4 * dense / dims.dp_shard, dims.dp_replicate, INTER_NODE_BYTES_PER_S
                       if dims.world_size > cluster.gpus_per_node else INTRA_NODE_BYTES_PER_S)
     # TP: per block, forward and backward, two all-gathers and two reduce-scatters of the residual stream.
-    critical = plan.accumulation_steps * len(model.layers) * _ring(8 * tokens * args.dim * 2, dims.tp,
+    critical = plan.accumulation_steps * len(model.layers) * ring(8 * tokens * args.dim * 2, dims.tp,
                                                                    _bandwidth(cluster, dims.tp))
     if args.memory is not None:
-        memory = args.memory
-        calls = len(memory.layers) * plan.accumulation_steps
-        pairs = memory.heads * memory.knn
-        span = dims.mp * dims.tp
-        # MP: the group's (index, weight) pairs, then the read-outs there and the gradients back (all-to-all).
-        critical += calls * (tokens * pairs * 12 * (dims.mp - 1) + _ring(2 * tokens * memory.v_dim * 2 * dims.mp,
-                                                                         dims.mp, 1.0)) / _bandwidth(cluster, span)
-        copies = dims.slice_copies
-        if plan.value_optimizer == "adamw" and plan.value_slice_sharding == "fsdp":
-            slice_elements = table.numel() / dims.mp
-            critical += _ring(6 * slice_elements, copies, _bandwidth(cluster, dims.world_size))
-        elif plan.value_optimizer == "adamw":
-            critical += _ring(2 * 4 * table.numel() / dims.mp, copies, _bandwidth(cluster, dims.world_size))
-        else:
-            records = calls * (tokens * dims.mp * pairs * 12 + tokens * memory.v_dim * 4) * copies
-            critical += _ring(records, copies, _bandwidth(cluster, dims.world_size))
+        # The value table's exchanges (mp, the slice's replicas or the grid) and its update, by its layout.
+        exchange, update = value_table_seconds(
+            plan.value_slice_sharding, plan.value_optimizer, value_table_work(plan.config, args.memory, dims),
+            _bandwidth(cluster, dims.mp * dims.tp), _bandwidth(cluster, dims.world_size))
+        critical += exchange
+        compute += update
     return compute + critical + max(0.0, fsdp - compute), critical
 
 
 def estimate_config(config: JobConfig, cluster: Cluster) -> Estimate:
     """Plan and estimate `config` on `cluster` (a config error if the plan does not resolve)."""
-    plan = resolve_for(config, cluster.world)
+    plan = resolve_for(config, cluster.world, cluster.gpus_per_node)
     with fake_world(cluster.world) if cluster.world > 1 else contextlib.nullcontext():
         model = build_meta(plan)
         return estimate(plan, model, cluster)

@@ -104,7 +104,7 @@ class Trainer:
         self.optimizers = Optimizers(
             self.model, config, self.dims, value_optimizer=self.plan.value_optimizer, value_lr=self.plan.value_lr,
             implementation=self.plan.optimizer_implementation,
-            replicate_value_slices=self.plan.value_slice_sharding == "replicate", recorder=self.run.recorder,
+            value_layout=self.plan.value_slice_sharding, recorder=self.run.recorder,
         )
         self.row_selector = None
         if self.optimizers.values is not None:
@@ -178,9 +178,9 @@ class Trainer:
             )
             if self.world_size > 1:
                 copies = self.dims.slice_copies
-                layout = ("one copy of each slice" if copies == 1 else
-                          f"each slice {'row-sharded by FSDP' if plan.value_slice_sharding == 'fsdp' else 'replicated'}"
-                          f" over {copies} ranks")
+                how = {"fsdp": "row-sharded by FSDP (gathered for the step)", "replicate": "replicated",
+                       "rows": "split in row blocks (each rank updates its own rows)"}[plan.value_slice_sharding]
+                layout = "one copy of each slice" if copies == 1 else f"each slice {how} over {copies} ranks"
                 logger.info("value table: columns split over mp = %d; %s", self.dims.mp, layout)
         if self.config.finetune.mode != "full":
             logger.info("finetune %s: %d parameter tensors frozen; the value table trains%s", self.config.finetune.mode,

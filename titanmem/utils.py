@@ -56,6 +56,18 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def block_offset(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Where this rank's part of a DTensor starts in the whole tensor, per dim (all 0 for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return (0,) * tensor.ndim
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(offset)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The autocast context for `dtype` on `device`, or no autocast for None (plain fp32)."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -4,10 +4,12 @@
     python tools/crash_test.py --random 50 --seed 3
     python tools/crash_test.py --points step:3 save:written:4 save:background:6:async [--steps 8 --interval 2]
     python tools/crash_test.py ... -- --memory.enabled           # after --, overrides for every launch
+    python tools/crash_test.py --nproc 2 ... -- --parallelism.value_slice_sharding rows   # gloo ranks (torchrun)
 
 Each crash is `point:step[:sync|async]` (points: titanmem/components/faults.py). For each, a fresh run is launched
 with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
-finishes. The check, in deterministic mode on CPU:
+finishes. With `--nproc N` every launch is a torchrun of N gloo CPU ranks, each of which kills itself at the point
+(as a node that loses power takes all its ranks), and torchrun ends the launch. The check, in deterministic mode on CPU:
 - the relaunch resumes from the checkpoint that must be the newest complete one at that crash (a save killed before
   its rename is not complete; an async save is complete only once the next save or the end has waited for it);
 - every loss the relaunch logs equals the uninterrupted run's bit for bit (TensorBoard's float32 values).
@@ -30,13 +32,19 @@ from titanmem.components.faults import POINTS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+NPROC = 1
+"""Ranks per launch (`--nproc`): one process, or a torchrun of that many gloo ranks."""
+
+
 def launch(folder: Path, name: str, steps: int, interval: int, mode: str, extra: list[str],
            crash: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("TITANMEM_CRASH_AT", None)
     if crash:
         env["TITANMEM_CRASH_AT"] = crash
-    command = [sys.executable, "-m", "titanmem.train", "--job.dump_folder", str(folder), "--training.steps",
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC)]
+              if NPROC > 1 else [sys.executable])
+    command = [*runner, "-m", "titanmem.train", "--job.dump_folder", str(folder), "--training.steps",
                str(steps), "--training.deterministic", "--training.device", "cpu", "--checkpoint.interval",
                str(interval), "--checkpoint.keep_latest_k", "0", "--checkpoint.async_mode", mode,
                "--metrics.log_freq", "1", "--metrics.save_tb_folder", name, *extra]
@@ -87,7 +95,9 @@ def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[s
         if first.returncode != 0:
             return crash, mode, "first run failed", first.stderr[-2000:]
     killed = launch(folder, "tb1", steps, interval, dcp_mode, extra, crash=f"{point}:{step}")
-    if killed.returncode != -9:
+    # torchrun reports a rank killed by a signal in its summary, and exits 1.
+    died = killed.returncode == -9 if NPROC == 1 else killed.returncode != 0 and "SIGKILL" in killed.stderr
+    if not died:
         return crash, mode, f"not killed (exit {killed.returncode})", killed.stderr[-2000:]
     relaunch = launch(folder, "tb2", steps, interval, dcp_mode, extra)
     if relaunch.returncode != 0:
@@ -132,7 +142,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--interval", type=int, default=2)
     parser.add_argument("--work", help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--nproc", type=int, default=1, help="gloo CPU ranks per launch, under torchrun")
     args, extra = parser.parse_known_args()
+    global NPROC
+    NPROC = args.nproc
     extra = [a for a in extra if a != "--"]
     crashes = args.points or random_crashes(args.random, args.steps, args.interval, random.Random(args.seed))
     work = Path(args.work or tempfile.mkdtemp(prefix="titanmem-crash-"))

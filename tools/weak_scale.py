@@ -7,8 +7,12 @@ collectives: every all-gather fills the other ranks' parts with this rank's own 
 rank's part of the input, and an all-to-all returns the input (recent torch's fake group does this itself; on one
 that does not, the collectives are wrapped to). Every buffer a collective would fill is then
 allocated and holds finite values of the right scale, so memory and per-rank compute are rank 0's, while
-communication costs nothing (the planner's exchange estimate says what it adds). The process is capped at
-`--gb_per_gpu` (80: an H100) with `torch.cuda.set_per_process_memory_fraction`.
+communication costs nothing (the planner's exchange estimate says what it adds). A rows-sharded table
+(`value_slice_sharding = "rows"`) thus receives every rank's reads as copies of its own, and bags and updates the
+pairs of its own row block among them, as its share of a real run does; a replicated slice gathers R copies of its
+records and updates from all of them. The process is capped at `--gb_per_gpu` (80: an H100) with
+`torch.cuda.set_per_process_memory_fraction`. Besides the step time it reports the value update's (the row-wise
+optimizer's norm and fused update), the part of the step that grows with the slice's replicas under `replicate`.
 
     python tools/weak_scale.py --world 8 --gb_per_gpu 80 --steps 20 \\
         --job.config_file train_configs/llama_8b_memory_128b.toml
@@ -169,20 +173,24 @@ def train(config, plan, steps: int, cap: float, cuda: bool) -> int:
     if cuda:
         reset()
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # the whole run's peak, not the last window's
-    times, trainer, built = [], None, 0
+    times, update_times, trainer, built = [], [], None, 0
     try:
         trainer = Trainer(config, plan)
         built = torch.cuda.memory_allocated() if cuda else 0
+        values = trainer.optimizers.values
+        if values is not None:
+            values.grad_norm = _timed(values.grad_norm, update_times, sync)
+            values.step = _timed(values.step, update_times, sync)
         batches = iter(trainer.dataloader)
         trainer.model.train()
         for step in range(1, steps + 1):
             sync()
             start = time.perf_counter()
             trainer.train_state.step = step
-            values = trainer.train_step(batches)
+            metrics = trainer.train_step(batches)
             sync()
             times.append(time.perf_counter() - start)
-            print(f"step {step}: loss {values['loss']:.4f}, {times[-1]:.3f} s{peak()}", flush=True)
+            print(f"step {step}: loss {metrics['loss']:.4f}, {times[-1]:.3f} s{peak()}", flush=True)
     except torch.OutOfMemoryError as e:
         print(f"out of memory under the {cap / 1e9:.0f} GB cap at step {len(times) + 1}"
               f"{' (building the model)' if trainer is None else ''}, with {torch.cuda.memory_allocated() / 1e9:.1f} "
@@ -199,9 +207,24 @@ def train(config, plan, steps: int, cap: float, cuda: bool) -> int:
     memory = (f"after the build: {built / 1e9:.2f} GB allocated; peak over {steps} steps: "
               f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated, "
               f"{torch.cuda.max_memory_reserved() / 1e9:.2f} GB reserved; ") if cuda else ""
+    # Two timed calls a step (the norm, then the update): their sums per step, over the same steady steps.
+    per_step = [sum(update_times[i:i + 2]) for i in range(0, len(update_times), 2)][len(times) - len(steady):]
+    update = f", value update median {statistics.median(per_step) * 1e3:.1f} ms" if per_step else ""
     print(f"{memory}step time (steps {len(times) - len(steady) + 1}-{steps}): median {statistics.median(steady):.3f} s, "
-          f"{tokens / statistics.median(steady):,.0f} tokens/s on this GPU (no communication)")
+          f"{tokens / statistics.median(steady):,.0f} tokens/s on this GPU (no communication){update}")
     return 0
+
+
+def _timed(function, times: list[float], sync):
+    def timed(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sync()
+            times.append(time.perf_counter() - start)
+    return timed
 
 
 if __name__ == "__main__":

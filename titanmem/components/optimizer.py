@@ -102,22 +102,25 @@ class Optimizers:
         value_optimizer: str | None,
         value_lr: float | None,
         implementation: str,
-        replicate_value_slices: bool,
+        value_layout: str | None,
         recorder: ReadRecorder | None,
     ):
+        """`value_layout`: the plan's `value_slice_sharding` (how the ranks that hold the same slice keep it)."""
         self.model = model
         self.config = config
         values = getattr(model, "memory_values", None)
         self.values: RowWiseValueOptimizer | None = None
+        rows = value_layout == "rows" and dims.get_mesh("value_grid") is not None
         if values is not None and value_optimizer not in (None, "adamw"):
             optimizer = config.optimizer
             self.values = RowWiseValueOptimizer(
                 values, recorder, value_optimizer, lr=value_lr, weight_decay=config.memory.value_weight_decay,
                 betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps,
                 state_dtype=torch.bfloat16 if config.memory.value_state_dtype == "bf16" else torch.float32,
-                replica_group=dims.get_group("mp_replicas"), slice_group=dims.get_group("mp"),
+                replica_group=None if rows else dims.get_group("mp_replicas"), slice_group=dims.get_group("mp"),
                 data_parallel_size=dims.dp,
                 rounding_seed=config.training.seed if config.memory.value_rounding == "stochastic" else None,
+                rows_group=dims.get_group("mp_replicas") if rows else None,
             )
         self.dense = torch.optim.AdamW(
             build_param_groups(model, config.optimizer, value_lr, config.memory.value_weight_decay),
@@ -133,8 +136,9 @@ class Optimizers:
         # Frozen parameters (finetuning) have no gradient to clip and no state.
         self.dense_params = [p for p in model.parameters() if id(p) not in value_ids and p.requires_grad]
         self.device = next(model.parameters()).device
-        # A table slice that FSDP leaves whole on each rank gets its gradient averaged over the slice's copies here.
-        self.replica_group = dims.get_group("mp_replicas") if replicate_value_slices else None
+        # A table slice that FSDP leaves whole on each rank gets its gradient averaged over the slice's copies here (a
+        # rows-sharded block's gradient already is the global mean: no other rank holds its rows).
+        self.replica_group = dims.get_group("mp_replicas") if value_layout == "replicate" else None
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)

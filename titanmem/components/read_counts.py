@@ -102,8 +102,9 @@ def save_read_counts(counts: ReadCounts, path: str | Path) -> None:
     partial.replace(path)
 
 
-def load_read_counts(path: str | Path, field: str, n_values: int) -> ReadCounts:
-    """The counts in `path`, checked against a table of `n_values` rows; a ConfigError naming `field` otherwise."""
+def load_read_counts(path: str | Path, field: str, n_values: int | None = None) -> ReadCounts:
+    """The counts in `path`, checked against a table of `n_values` rows (any, when None); a ConfigError naming
+    `field` otherwise."""
     path = Path(path)
     fix = "make it with tools/count_memory_reads.py from the checkpoint being finetuned"
     if not path.is_file():
@@ -126,6 +127,7 @@ def load_read_counts(path: str | Path, field: str, n_values: int) -> ReadCounts:
         description = json.loads(metadata.get("description", "{}"))
     except (KeyError, ValueError):
         raise ConfigError(field, f"{path} has a damaged header; {fix}") from None
+    n_values = reads.numel() if n_values is None else n_values
     if reads.shape != (n_values,) or documents_reading.shape != (n_values,):
         raise ConfigError(field, f"{path} counts a table of {reads.numel():,} rows, but this model's has "
                           f"{n_values:,}; {fix}")

@@ -9,11 +9,13 @@ step (all layers, all micro-batches) is merged, and one fused pass per touched r
 State per optimizer: nothing for SGD, one fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy
 Adam (fp32 or bf16). The state is saved in checkpoints with the rest of the training state.
 
-On several processes each rank trains its own slice of the table (its columns under memory parallel, else the whole
-table), kept whole on every rank that holds the same slice (`value_slice_sharding = "replicate"`). The step's records
-are gathered over those replicas, so that every one of them applies the same update of the global-batch gradient;
-and the per-row squared norms are summed over the ranks that hold the other columns of the same rows (the mp group),
-so that Adagrad's row statistic and the clipping norm are those of whole rows.
+On several processes each rank trains its own block of the table: its columns under memory parallel (else the whole
+width), and either every row (`value_slice_sharding = "replicate"`) or its block of rows ("rows"). A replicated slice
+gathers the step's records over its replicas, so that every one of them applies the same update of the global-batch
+gradient. A rows-sharded block already received the reads of its rows from every rank (the lookup exchanges them,
+`titanmem.distributed.row_parallel`): it updates its rows alone, and the norm sums its rows' part over the blocks.
+Either way the per-row squared norms are summed over the ranks that hold the other columns of the same rows (the mp
+group), so that Adagrad's row statistic and the clipping norm are those of whole rows.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
-from titanmem.utils import local_tensor
+from titanmem.utils import block_offset, local_tensor
 
 
 class RowWiseValueOptimizer:
@@ -45,7 +47,11 @@ class RowWiseValueOptimizer:
         slice_group=None,
         data_parallel_size: int = 1,
         rounding_seed: int | None = None,
+        rows_group=None,
     ):
+        """`replica_group`: the ranks that hold the same slice whole, over which the reads are gathered (replicate);
+        `rows_group`: the ranks that hold the other row blocks of the same columns (rows); `slice_group`: those that
+        hold the other columns of the same rows (mp)."""
         from titanmem.kernels.row_update import OPTIMIZERS
 
         if kind not in OPTIMIZERS:
@@ -61,9 +67,15 @@ class RowWiseValueOptimizer:
         self.steps = 0
         self.replica_group = replica_group
         self.slice_group = slice_group
+        self.rows_group = rows_group
         # Each rank's records carry the gradient of its own mean loss; the global loss is their mean.
         self.grad_scale = 1.0 / data_parallel_size
         self.full_width = values.weight.shape[1]
+        # Where this rank's block lies in the whole table: the row selection and the rounding go by whole-table places.
+        self.row_base, self.col_base = block_offset(values.weight)
+        # A block of rows receives the reads of other blocks as -1 (read nothing).
+        self.rows_sharded = isinstance(values.weight, DTensor) and any(
+            isinstance(p, Shard) and p.dim == 0 for p in values.weight.placements)
         table = self._local_table()
         # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
         self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
@@ -108,9 +120,11 @@ class RowWiseValueOptimizer:
             self._prepared = None
             return torch.zeros((), device=table.device)
         indices, weights, grad_out = merged
-        pair_order, offsets, rows = row_segments(indices, table.shape[0])
-        # Every replica and every rank of the slice group ranks the same merged reads alike: they select the same rows.
-        selected = self.row_selector(rows, offsets) if self.row_selector is not None else None
+        pair_order, offsets, rows = row_segments(indices, table.shape[0], unread=self.rows_sharded)
+        # Every replica and every rank of the slice group ranks the same merged reads alike: they select the same rows
+        # (row blocks rank theirs against the others', `RowSelector`).
+        selected = (self.row_selector(rows.long() + self.row_base, offsets, self.rows_group)
+                    if self.row_selector is not None else None)
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected)
         if self.slice_group is not None:
             # Every rank of the group grouped the same rows in the same order: sum their column parts.
@@ -118,7 +132,10 @@ class RowWiseValueOptimizer:
         # The update kernel averages the row statistic over the table's local width; make that the whole row's mean.
         local_row_sq = row_sq * (table.shape[1] / self.full_width)
         self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq, selected)
-        return row_sq.sum().sqrt()
+        squared_norm = row_sq.sum()
+        if self.rows_group is not None:
+            dist.all_reduce(squared_norm, group=self.rows_group)
+        return squared_norm.sqrt()
 
     def step(self, lr_multiplier: float, clip: float = 1.0) -> None:
         """Apply the prepared update with lr = base lr × multiplier and the gradient scaled by `clip`."""
@@ -132,7 +149,7 @@ class RowWiseValueOptimizer:
         row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
             self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
-            self.steps, rounding_seed(self.rounding_seed, self.steps), selected,
+            self.steps, rounding_seed(self.rounding_seed, self.steps), selected, self.row_base, self.col_base,
         )
 
     def discard(self) -> None:
@@ -146,12 +163,16 @@ class RowWiseValueOptimizer:
                             "steps": torch.tensor(self.steps)}}
 
     def _as_table(self, state: torch.Tensor) -> torch.Tensor:
-        """Per-element state laid out like a column-split table is saved as the same global DTensor; per-row state is
-        the same on every rank."""
+        """Per-element state is saved as a global DTensor laid out like the table. Per-row state is the same on every
+        rank of a replicated slice (a plain tensor); a rows-sharded table's is split like its rows."""
         table = self.values.weight
         if isinstance(table, DTensor) and state.ndim == 2:
             return DTensor.from_local(state, table.device_mesh, table.placements, run_check=False,
                                       shape=table.shape, stride=table.stride())
+        if self.rows_sharded and state.ndim == 1 and state.numel():
+            placements = [Shard(0) if p == Shard(0) else Replicate() for p in table.placements]
+            return DTensor.from_local(state, table.device_mesh, placements, run_check=False,
+                                      shape=table.shape[:1], stride=(1,))
         return state
 
     def load_state_dict(self, state: dict) -> None:

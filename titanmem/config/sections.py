@@ -169,8 +169,9 @@ class Memory:
 
     value_rounding: Literal["stochastic", "nearest"] = "stochastic"
     """How a bf16 table's updated rows are rounded back to bf16. `stochastic` rounds up or down with the probability
-    that makes the rounding unbiased, so updates smaller than a bf16 step still add up; its random bits are seeded by
-    (training.seed, step, row), so a resume repeats them. `nearest` drops every change under half a step (for
+    that makes the rounding unbiased, so updates smaller than a bf16 step still add up; its random bits are drawn by
+    (training.seed, step, row, column) of the whole table, so a resume repeats them and every parallel layout draws
+    the same. `nearest` drops every change under half a step (for
     comparison)."""
 
     value_state_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -419,14 +420,16 @@ class Parallelism:
     """Memory-parallel degree, carved out of the data-parallel ranks: each group of mp consecutive data-parallel ranks
     splits the value table's columns (v_dim / mp each) and looks up for the whole group's tokens."""
 
-    value_slice_sharding: Literal["auto", "replicate", "fsdp"] = "auto"
+    value_slice_sharding: Literal["auto", "replicate", "fsdp", "rows"] = "auto"
     """How the ranks that hold the same value-table slice (the mp groups, side by side; with mp = 1, every
-    data-parallel rank) keep it. `fsdp`: FSDP2 shards it by rows over them, gathered for the step, with a dense
-    gradient reduce-scatter; the memory-lean choice for dense AdamW, whose gradient and two moments would otherwise be
-    replicated. `replicate`: each holds the whole slice; a row-wise value optimizer gathers the step's reads over them
-    (rows, weights and read-out gradients, far smaller than the slice) and every one applies the same sparse update;
-    dense AdamW all-reduces the dense gradient. `auto`: replicate with a row-wise value optimizer (which needs it), fsdp
-    with adamw."""
+    data-parallel rank) keep it. `rows`: each holds one block of the slice's rows (rows / R × v_dim / mp per GPU over
+    R replicas) and updates only those; every lookup sends each read to the rows' owners and sums their partial
+    read-outs back, so the table is stored once over the whole cluster and the update's work per GPU does not grow
+    with R. `replicate`: each holds the whole slice; a row-wise value optimizer gathers the step's reads over them
+    (rows, weights and read-out gradients) and every one applies the same sparse update of all of them; dense AdamW
+    all-reduces the dense gradient. `fsdp`: FSDP2 shards it by rows, gathered whole for the step, with a dense
+    gradient reduce-scatter (dense AdamW only). `auto`: whichever of rows and replicate the planner's step-time model
+    finds cheaper with a row-wise value optimizer (docs/planner.md), fsdp with adamw."""
 
 
 @dataclass

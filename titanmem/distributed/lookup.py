@@ -1,8 +1,9 @@
 """The memory layers' lookup under the parallel plan, and the recording of what it reads.
 
 Every memory layer's `lookup` is wrapped by `DistributedLookup` (`apply_memory_lookups`), on one process too. It
-gathers the heads over tp when the layer is tensor parallel, exchanges over the mp group when the table's columns are
-split (`titanmem.distributed.memory_parallel`), and, when a row-wise value optimizer trains the table, records each
+gathers the heads over tp when the layer is tensor parallel, exchanges over the data-parallel group when the table's
+rows and columns are split over it (`titanmem.distributed.row_parallel`), else over the mp group when only its columns
+are (`titanmem.distributed.memory_parallel`), and, when a row-wise value optimizer trains the table, records each
 read in a `ReadRecorder`: the rows, their weights and, once backward reaches the read-out, its gradient. The
 optimizer takes the records at its step (`titanmem.distributed.read_recorder`). The model itself only reads.
 """
@@ -14,6 +15,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from titanmem.distributed.memory_parallel import column_parallel_lookup
 from titanmem.distributed.read_recorder import ReadRecorder
+from titanmem.distributed.row_parallel import grid_lookup
 from titanmem.models.lookup import Lookup
 from titanmem.models.memory import ProductKeyMemory
 from titanmem.utils import local_tensor
@@ -41,14 +43,17 @@ def _own_columns(read: torch.Tensor, tp_mesh) -> torch.Tensor:
 
 class DistributedLookup:
     """A memory layer's lookup under the parallel plan: the bag of all heads (gathered over `tp_mesh` when the layer
-    is tensor parallel), over the table's local columns (exchanged over `mp_group` when the columns are split),
-    recorded in `recorder` when one is given."""
+    is tensor parallel), over the table's local block (exchanged over `grid_group`, the data-parallel ranks, when
+    its rows and columns are split over them; else over `mp_group` when only its columns are), recorded in `recorder`
+    when one is given."""
 
-    def __init__(self, local_lookup: Lookup, recorder: ReadRecorder | None = None, mp_group=None, tp_mesh=None):
+    def __init__(self, local_lookup: Lookup, recorder: ReadRecorder | None = None, mp_group=None, tp_mesh=None,
+                 grid_group=None):
         self.local_lookup = local_lookup
         self.recorder = recorder
         self.mp_group = mp_group
         self.tp_mesh = tp_mesh
+        self.grid_group = grid_group
 
     def __call__(self, table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.recorder is not None and torch.is_grad_enabled() and not weights.requires_grad:
@@ -58,7 +63,9 @@ class DistributedLookup:
         if self.tp_mesh is not None:
             indices, weights = _gather_heads(indices, weights, self.tp_mesh)
         local_table = local_tensor(table)
-        if self.mp_group is not None:
+        if self.grid_group is not None:
+            read = grid_lookup(table, indices, weights, self.grid_group, self.local_lookup, self.recorder)
+        elif self.mp_group is not None:
             read = column_parallel_lookup(local_table, indices, weights, self.mp_group, self.local_lookup,
                                           self.recorder)
         else:
@@ -75,9 +82,10 @@ def is_tensor_parallel(layer: ProductKeyMemory) -> bool:
     return layer.w1 is not None
 
 
-def apply_memory_lookups(model: torch.nn.Module, recorder: ReadRecorder | None, mp_group=None, tp_mesh=None) -> None:
+def apply_memory_lookups(model: torch.nn.Module, recorder: ReadRecorder | None, mp_group=None, tp_mesh=None,
+                         grid_group=None) -> None:
     """Route every memory layer's lookup through `DistributedLookup`; only the layers' `lookup` attribute changes."""
     for layer in model.modules():
         if isinstance(layer, ProductKeyMemory):
             layer_tp = tp_mesh if tp_mesh is not None and is_tensor_parallel(layer) else None
-            layer.lookup = DistributedLookup(layer.lookup, recorder, mp_group, layer_tp)
+            layer.lookup = DistributedLookup(layer.lookup, recorder, mp_group, layer_tp, grid_group)

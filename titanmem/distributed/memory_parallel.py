@@ -47,7 +47,7 @@ def _all_to_all(tensor: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
+def sum_and_scatter(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group, keep this rank's block of rows."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter; these weight gradients are small
@@ -100,7 +100,7 @@ class ColumnParallelLookup(torch.autograd.Function):
             grads = torch.autograd.grad(local, inputs, grad_local)
         grad_values = grads[0] / size if ctx.needs_input_grad[0] else None
         # Each rank's weight gradient covers only its columns: sum over the group, back to the tokens' owners.
-        grad_weights = _sum_and_scatter(grads[-1], ctx.group)
+        grad_weights = sum_and_scatter(grads[-1], ctx.group)
         return grad_values, None, grad_weights, None, None, None
 
 

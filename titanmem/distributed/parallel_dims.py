@@ -19,7 +19,10 @@ the world size is dp_replicate × dp_shard × tp.
 - `tp`, `mp`: the tensor- and memory-parallel groups;
 - `dp`: every data-parallel rank (dp_replicate × dp_shard), which reads its own data and averages the loss;
 - `fsdp`: where FSDP2 shards: dp_shard, or the 2-D (dp_replicate, dp_shard) of HSDP;
-- `mp_replicas`: the ranks that hold the same slice of the value table (every data-parallel rank when mp = 1).
+- `mp_replicas`: the ranks that hold the same slice of the value table (every data-parallel rank when mp = 1);
+- `value_grid`: with `value_slice_sharding = "rows"`, the 2-D (value_rows, mp) mesh of the data-parallel ranks that
+  the value table is laid out on: row blocks over the slice's replicas, columns over mp
+  (`titanmem.distributed.row_parallel`). Its dims reuse the `mp_replicas` and `mp` groups.
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ class ParallelDims:
                 ("tp", self.tp)]
         return tuple(size for _, size in dims), tuple(name for name, _ in dims)
 
-    def build_mesh(self, device_type: str) -> None:
-        """Build the device mesh and its named views, once; a single process has none."""
+    def build_mesh(self, device_type: str, value_grid: bool = False) -> None:
+        """Build the device mesh and its named views, once; a single process has none. `value_grid` adds the mesh of
+        a rows-sharded value table (when the slice has several replicas to split its rows over)."""
         if self._meshes or not self.distributed:
             return
         from torch.distributed.device_mesh import init_device_mesh
@@ -138,11 +142,24 @@ class ParallelDims:
         if self.slice_copies > 1:
             meshes["mp_replicas"] = dp if self.mp == 1 else world[("dp_replicate", "dp_shard_out")]._flatten(
                 mesh_dim_name="mp_replicas")
+        if value_grid and self.slice_copies > 1:
+            meshes["value_grid"] = self._value_grid(device_type, world, meshes["mp_replicas"])
         self._meshes.update(meshes)
+
+    def _value_grid(self, device_type: str, world, replicas):
+        """This rank's (value_rows, mp) mesh: the data-parallel ranks of its tp index, value_rows outermost (the
+        data-parallel rank is value_rows × mp + mp rank). Made from the existing groups, so no new ones are formed."""
+        import torch
+        from torch.distributed.device_mesh import DeviceMesh
+
+        ranks = torch.arange(self.world_size).view(self.slice_copies, self.mp, self.tp)
+        ranks = ranks[:, :, world["tp"].get_local_rank()]
+        return DeviceMesh.from_group([replicas.get_group(), world["mp"].get_group()], device_type, mesh=ranks,
+                                     mesh_dim_names=("value_rows", "mp"))
 
     def get_mesh(self, name: str):
         """The named mesh (see the module doc), or None on a single process or when the plan has no such group."""
-        if name not in ("world", "tp", "mp", "dp", "fsdp", "mp_replicas"):
+        if name not in ("world", "tp", "mp", "dp", "fsdp", "mp_replicas", "value_grid"):
             raise KeyError(f"no mesh named {name!r}")
         return self._meshes.get(name)
 

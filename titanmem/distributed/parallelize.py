@@ -1,14 +1,15 @@
 """Apply the parallel plan to a plain model, from outside, in one fixed order (`parallelize_model`):
 
 1. tensor parallel over `tp` with sequence parallel (`apply_tp`, plan in `tensor_parallel_plan`);
-2. memory parallel: the value table's columns split over each mp group (`shard_value_columns`), and every memory
-   layer's lookup routed through `DistributedLookup` (`apply_memory_lookups`), which gathers heads over tp,
-   exchanges over mp and records reads for a row-wise value optimizer (on one process too);
+2. memory parallel: the value table's columns split over each mp group (`shard_value_columns`), or its rows and
+   columns over every data-parallel rank with `value_slice_sharding = "rows"` (`shard_value_grid`), and every
+   memory layer's lookup routed through `DistributedLookup` (`apply_memory_lookups`), which gathers heads over tp,
+   exchanges over mp (or the whole grid) and records reads for a row-wise value optimizer (on one process too);
 3. activation checkpointing of blocks (`apply_activation_checkpointing`);
 4. torch.compile of each block (`apply_compile`);
 5. FSDP2 over `dp_shard` (HSDP when dp_replicate > 1): one `fully_shard` per transformer block, then one for the
-   root, which holds the embeddings and the output layer. The memory value table is row-sharded by FSDP or kept
-   whole on each rank, per `[parallelism] value_slice_sharding` (see `apply_fsdp`).
+   root, which holds the embeddings and the output layer. The memory value table is row-sharded by FSDP, or left
+   to step 2's layout, per `[parallelism] value_slice_sharding` (see `apply_fsdp`).
 
 Each step sees the result of the one before: TP and MP must replace parameters before AC and compile wrap the blocks,
 and FSDP must come last so that it shards the parameters the earlier steps left. All of it runs on the meta device;
@@ -25,6 +26,7 @@ from titanmem.config.sections import JobConfig
 from titanmem.distributed.lookup import ReadRecorder, apply_memory_lookups, is_tensor_parallel
 from titanmem.distributed.memory_parallel import shard_value_columns
 from titanmem.distributed.parallel_dims import ParallelDims
+from titanmem.distributed.row_parallel import shard_value_grid
 from titanmem.models.memory import ProductKeyMemory
 
 try:  # torch >= 2.6 exports FSDP2 here
@@ -34,22 +36,35 @@ except ImportError:  # pragma: no cover - older torch
 
 
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, config: JobConfig, *, bf16: bool,
-                      shard_value_slices: bool, recorder: ReadRecorder | None) -> None:
-    """The whole plan, in the order of the module doc. `dims` must have built its mesh when it spans several ranks."""
+                      value_layout: str | None, recorder: ReadRecorder | None) -> None:
+    """The whole plan, in the order of the module doc. `dims` must have built its mesh when it spans several ranks
+    (with the value grid when `value_layout` is "rows"); `value_layout` is the plan's `value_slice_sharding`."""
     tp_mesh = dims.get_mesh("tp") if dims.tp_enabled else None
     if tp_mesh is not None:
         apply_tp(model, tp_mesh)
     if model.memory_values is not None:
-        mp_mesh = dims.get_mesh("mp") if dims.mp_enabled else None
-        if mp_mesh is not None:
-            shard_value_columns(model.memory_values, mp_mesh)
-        apply_memory_lookups(model, recorder, mp_mesh.get_group() if mp_mesh is not None else None, tp_mesh)
+        apply_memory_parallel(model, dims, value_layout, recorder, tp_mesh)
     ac = config.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_layer_stride)
     if config.compile.enable:
         apply_compile(model, config.compile.backend)
     if dims.distributed:
-        apply_fsdp(model, dims, bf16=bf16, shard_value_slices=shard_value_slices)
+        apply_fsdp(model, dims, bf16=bf16, shard_value_slices=value_layout == "fsdp")
+
+
+def apply_memory_parallel(model: torch.nn.Module, dims: ParallelDims, value_layout: str | None,
+                          recorder: ReadRecorder | None, tp_mesh) -> None:
+    """Lay the value table out (columns over mp; with "rows", rows over the slice's replicas too) and route every
+    memory layer's lookup through the matching exchange."""
+    grid_mesh = dims.get_mesh("value_grid") if value_layout == "rows" else None
+    mp_mesh = dims.get_mesh("mp") if dims.mp_enabled else None
+    if grid_mesh is not None:
+        shard_value_grid(model.memory_values, grid_mesh)
+        apply_memory_lookups(model, recorder, tp_mesh=tp_mesh, grid_group=dims.get_group("dp"))
+        return
+    if mp_mesh is not None:
+        shard_value_columns(model.memory_values, mp_mesh)
+    apply_memory_lookups(model, recorder, mp_mesh.get_group() if mp_mesh is not None else None, tp_mesh)
 
 
 def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, object]:
@@ -153,8 +168,8 @@ def apply_fsdp(model: torch.nn.Module, dims: ParallelDims, bf16: bool, shard_val
 
     The memory value table: with `shard_value_slices`, FSDP shards it by rows. When mp splits its columns, that is a
     group of its own over the slice's replicas, gathered once per step (its reads are random rows: resharding it
-    between layers would gather it again for each); otherwise it belongs to the root. Without, FSDP leaves it alone and
-    each rank holds its whole slice (`value_slice_sharding = "replicate"`)."""
+    between layers would gather it again for each); otherwise it belongs to the root. Without, FSDP leaves it alone:
+    each rank holds its whole slice (`value_slice_sharding = "replicate"`) or its block of the grid ("rows")."""
     fsdp_mesh = dims.get_mesh("fsdp")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())

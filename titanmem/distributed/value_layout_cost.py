@@ -1,0 +1,106 @@
+"""What each layout of the value table costs a training step per GPU: its exchanges on the critical path and the
+update of its block. The planner adds these to its step time (`titanmem.planner`), and `value_slice_sharding = "auto"`
+takes the cheapest layout the value optimizer allows (`titanmem.plan`).
+
+Per memory-layer call (T tokens per rank, p = heads × knn pairs per token, D = v_dim, M = mp, R = the slice's
+replicas, G = R × M data-parallel ranks, e = the table's bytes per element):
+- `replicate` exchanges over mp inside the call (the group's pairs, then the read-outs and their gradients); at the
+  step a row-wise optimizer gathers every replica's records, R × (M·T·p·12 + T·D·4) bytes, and each replica updates
+  from all of them: R·M·T·p pairs, each reading its token's D/M-column gradient row, twice (norm, then update).
+  Dense AdamW all-reduces the slice's gradient and steps the whole slice.
+- `rows` all-gathers the pairs over the G ranks (G·T·p·8 bytes) and moves R·T·D·4 bytes of fp32 partial read-outs
+  forward and R·T·D·e of gradients back, plus the pairs' weight gradients (G·T·p·4); each rank updates its own rows
+  from M·T·p pairs on average: flat in R.
+- `fsdp` (dense AdamW) gathers the whole slice in bf16 and reduce-scatters its fp32 gradient every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Links, per GPU and direction: NVLink 4 within an H100 node, one 400 Gb/s NIC per GPU between nodes.
+INTRA_NODE_BYTES_PER_S = 450e9
+INTER_NODE_BYTES_PER_S = 50e9
+# The fused row-wise update's rate in bytes of gathered gradient rows (many pairs share a token's row, which L2
+# serves): 134m Memory+ on one H200 updates 12.6M pairs of 768 fp32 columns (77 GB gathered over its two passes) in
+# 15.0 ms (docs/benchmarks.md, commit 6e64f94).
+ROW_UPDATE_BYTES_PER_S = 5.2e12
+# Dense AdamW streams about 32 bytes per fp32 element (weight, gradient and two moments read, three written) at
+# roughly the HBM's rate.
+DENSE_ADAMW_BYTES_PER_ELEMENT = 32
+HBM_BYTES_PER_S = 3.0e12
+
+
+@dataclass(frozen=True)
+class ValueTableWork:
+    """The sizes a layout's cost depends on."""
+
+    n_values: int
+    v_dim: int
+    element_bytes: int
+    """The table's bytes per element (2 for bf16, 4 for fp32)."""
+    pairs: int
+    """heads × knn: the rows each token reads."""
+    tokens: int
+    """Per data-parallel rank and micro-batch."""
+    calls: int
+    """Memory-layer calls per step: memory layers × micro-batches."""
+    mp: int
+    copies: int
+    """R: the data-parallel ranks that hold the same column slice."""
+
+
+def ring(volume: float, group: int, bandwidth: float) -> float:
+    """Seconds of a ring collective that moves `volume` bytes in all over `group` ranks."""
+    return 0.0 if group <= 1 else volume * (group - 1) / group / bandwidth
+
+
+def column_exchange_seconds(work: ValueTableWork, bandwidth: float) -> float:
+    """The mp group's exchange per step (column split): its pairs, then the read-outs and their gradients."""
+    t, m = work.tokens, work.mp
+    return work.calls * (t * work.pairs * 12 * (m - 1) + ring(2 * t * work.v_dim * work.element_bytes * m, m, 1.0)
+                         ) / bandwidth
+
+
+def value_table_seconds(layout: str, optimizer: str, work: ValueTableWork, mp_bandwidth: float,
+                        replica_bandwidth: float) -> tuple[float, float]:
+    """(exchange seconds, update seconds) per step and GPU of `layout` trained by `optimizer`; `mp_bandwidth` is the
+    mp group's link, `replica_bandwidth` the link across the slice's replicas (the slowest the grid spans)."""
+    t, p, d, m, r, e = work.tokens, work.pairs, work.v_dim, work.mp, work.copies, work.element_bytes
+    slice_elements = work.n_values * d / m
+    if layout == "rows" and r > 1:
+        g = r * m
+        per_call = ((g - 1) * t * p * 8 + r * t * d * (4 + e) * (g - 1) / g) / replica_bandwidth + ring(
+            g * t * p * 4, g, replica_bandwidth)
+        exchange = work.calls * per_call
+        if optimizer == "adamw":
+            return exchange, slice_elements / r * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
+        return exchange, _row_update_seconds(work, pairs_per_call=m * t * p)
+    exchange = column_exchange_seconds(work, mp_bandwidth)
+    if optimizer == "adamw":
+        if layout == "fsdp":
+            exchange += ring(6 * slice_elements, r, replica_bandwidth)
+            return exchange, slice_elements / r * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
+        exchange += ring(2 * 4 * slice_elements, r, replica_bandwidth)
+        return exchange, slice_elements * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
+    records = work.calls * (t * m * p * 12 + t * d * 4) * r
+    return exchange + ring(records, r, replica_bandwidth), _row_update_seconds(work, pairs_per_call=r * m * t * p)
+
+
+def _row_update_seconds(work: ValueTableWork, pairs_per_call: int) -> float:
+    """Two passes over the step's pairs, each gathering its token's gradient row (D/M fp32 columns)."""
+    gathered = work.calls * pairs_per_call * (work.v_dim / work.mp) * 4 * 2
+    return gathered / ROW_UPDATE_BYTES_PER_S
+
+
+def layouts_for(optimizer: str) -> tuple[str, ...]:
+    """The layouts `optimizer` can train (FSDP's gathered slice needs a dense gradient), the usual one first."""
+    return ("fsdp", "rows", "replicate") if optimizer == "adamw" else ("replicate", "rows")
+
+
+def cheapest_layout(optimizer: str, work: ValueTableWork, mp_bandwidth: float, replica_bandwidth: float) -> str:
+    """The layout of least exchange + update time; on a tie, the earlier of `layouts_for`'s (ties come with one copy
+    of the slice, where the layouts coincide)."""
+    costs = {layout: sum(value_table_seconds(layout, optimizer, work, mp_bandwidth, replica_bandwidth))
+             for layout in layouts_for(optimizer)}
+    return min(costs, key=costs.get)
