@@ -34,22 +34,26 @@ def test_the_folder_holds_sharded_weights_their_index_config_and_tokenizer(expor
     assert "memory_values.weight" in index["weight_map"]
 
 
-def test_a_checkpoint_of_another_plan_exports_the_same_bytes(exported):
+@pytest.mark.parametrize("plan", [{"dp_shard": 2, "mp": 2}, {"dp_shard": 2, "value_slice_sharding": "rows"}],
+                         ids=["columns-over-mp2", "row-blocks-over-2"])
+def test_a_checkpoint_of_another_plan_exports_the_same_bytes(exported, plan):
     from titanmem.export import main
 
+    name = "-".join(f"{key}{value}" for key, value in plan.items())
     sections = dict(training={"steps": 3, "seq_len": 32, "local_batch_size": 1}, memory={"enabled": True},
                     checkpoint={"enable": True, "initial_load_path": str(exported / "run" / "checkpoint" / "step-3"),
                                 "initial_load_model_only": False},
-                    parallelism={"dp_shard": 2, "mp": 2})
-    mp.start_processes(resave_worker, args=(2, free_port(), str(exported / "resaved"), sections), nprocs=2,
+                    parallelism=plan)
+    mp.start_processes(resave_worker, args=(2, free_port(), str(exported / f"resaved-{name}"), sections), nprocs=2,
                        join=True, start_method="spawn")
-    assert main(reader_argv(exported / "resaved", "--export.folder", str(exported / "out2"), "--export.max_shard_gb",
-                            "0.01")) == 0
+    assert main(reader_argv(exported / f"resaved-{name}", "--export.folder", str(exported / f"out-{name}"),
+                            "--export.max_shard_gb", "0.01")) == 0
+    other = exported / f"out-{name}"
     first = sorted(p.name for p in (exported / "out").rglob("*") if p.is_file())
-    assert first == sorted(p.name for p in (exported / "out2").rglob("*") if p.is_file())
-    for name in first:
-        path = next((exported / "out").rglob(name))
-        assert path.read_bytes() == next((exported / "out2").rglob(name)).read_bytes(), name
+    assert first == sorted(p.name for p in other.rglob("*") if p.is_file())
+    for file in first:
+        path = next((exported / "out").rglob(file))
+        assert path.read_bytes() == next(other.rglob(file)).read_bytes(), file
 
 
 def test_an_imported_export_gives_the_same_logits_and_generation(exported, capsys):

@@ -38,7 +38,9 @@ else:
         (2, ["--training.seq_len", "255", "--parallelism.tp", "2"], "training.seq_len", "divisible by parallelism.tp"),
         (2, ["--memory.enabled", "--memory.value_optimizer", "adagrad", "--parallelism.value_slice_sharding", "fsdp"],
          "parallelism.value_slice_sharding", "updates whole slices in place"),
-        (2, ["--parallelism.value_slice_sharding", "rows"], "parallelism.value_slice_sharding", "'rows'"),
+        (2, ["--parallelism.value_slice_sharding", "grid"], "parallelism.value_slice_sharding", "'grid'"),
+        (3, ["--memory.enabled", "--memory.n_keys", "2", "--memory.knn", "2", "--parallelism.value_slice_sharding",
+             "rows"], "parallelism.value_slice_sharding", "leaves a rank none"),
         (8, ["--parallelism.tp", "16"], "parallelism.dp_shard", "not divisible"),
     ],
 )
@@ -67,11 +69,20 @@ def test_valid_plans_resolve_and_lay_out_the_mesh():
     config, _ = build_config(["--memory.enabled"])
     config.parallelism.mp = 2
     plan = resolve_plan(config, world_size=2)
+    # One copy of each column slice: nothing to split by rows (for AdamW, `fsdp` and `rows` would both be that).
     assert plan.parallel.mp == 2 and plan.value_slice_sharding == "fsdp"
-    # A row-wise value optimizer keeps whole slices on each rank; `auto` picks that layout for it.
     config.memory.value_optimizer = "adagrad"
     plan = resolve_plan(config, world_size=2)
     assert plan.parallel.mp == 2 and plan.value_slice_sharding == "replicate"
+    # With replicas of each slice, `auto` takes the cheapest layout: row blocks for a row-wise optimizer; for dense
+    # AdamW on this small table (4096 rows) against 2048 tokens per rank, gathering the slice beats routing the reads.
+    assert resolve_plan(config, world_size=4).value_slice_sharding == "rows"
+    config.memory.value_optimizer = "adamw"
+    assert resolve_plan(config, world_size=4).value_slice_sharding == "fsdp"
+    config.memory.n_keys = 1024
+    assert resolve_plan(config, world_size=4).value_slice_sharding == "rows"
+    config.parallelism.value_slice_sharding = "rows"
+    assert resolve_plan(config, world_size=2).value_slice_sharding == "replicate"
 
 
 def test_every_package_folder_is_installed():

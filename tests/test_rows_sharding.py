@@ -121,13 +121,14 @@ def assert_matches_one_process(name: str, got: dict, expected: dict, row_blocks:
 
 
 # (world, plan, the runs under it): R = dp / mp row blocks × mp column slices. Each row-wise optimizer runs under
-# R = 2, R = 4 and R = 2 × mp = 2, with fp32 or bf16 tables.
+# R = 2, R = 4 and R = 2 × mp = 2, with fp32 or bf16 tables. Dense AdamW on row blocks is also what `auto` gives the
+# CPU plans of tests/test_data_parallel.py with replicas (HSDP 2×2 and FSDP 2 × TP 2 among them).
 PLANS = {
     "rows2": (2, {"dp_shard": 2}, ["sgd", "adagrad", "adam-bf16", "adamw"]),
     "rows4": (4, {"dp_shard": 4}, ["sgd-bf16", "adagrad", "adam"]),
     "rows2xmp2": (4, {"dp_shard": 4, "mp": 2}, ["sgd", "adagrad-bf16", "adam"]),
-    "hsdp2x2-rows4": (4, {"dp_replicate": 2, "dp_shard": 2}, ["adagrad"]),
-    "tp2xrows2xmp2": (8, {"tp": 2, "dp_shard": 4, "mp": 2}, ["adam"]),
+    # All four dims at once: HSDP 2 × 2, TP 2, and the row blocks over 2 × mp 2.
+    "hsdp2x2xtp2-rows2xmp2": (8, {"dp_replicate": 2, "dp_shard": 2, "tp": 2, "mp": 2}, ["adagrad"]),
 }
 
 

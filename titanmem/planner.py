@@ -7,9 +7,9 @@ gradients, optimizer states, activations, communication buffers and allocator he
 (docs/planner.md states them, and docs/benchmarks.md compares them with measured peaks).
 
 `rank_plans` enumerates the (dp_replicate, dp_shard, tp, mp) meshes of a cluster, estimates each, and ranks those
-that fit by estimated tokens per second per GPU, from a step-time model: compute at an assumed MFU, plus the
-communication on the critical path (TP and MP exchanges, the value-table replicas' gathers), plus what FSDP traffic
-the compute cannot hide.
+that fit by estimated tokens per second per GPU, from a step-time model: compute at an assumed MFU and the value
+update, plus the communication on the critical path (TP exchanges, and the value table's by its layout:
+`titanmem.distributed.value_layout_cost`), plus what FSDP traffic the compute cannot hide.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ GB = 1e9
 # H100 SXM dense bf16 peak, and the share of it a training step reaches (the ranking's compute term).
 PEAK_FLOPS = 989e12
 ASSUMED_MFU = 0.4
+# The memory telemetry's counts per row of the whole table, per memory layer and pooled: an int64 window and a bool
+# "ever read" (titanmem/eval/telemetry.py).
+TELEMETRY_BYTES_PER_ROW = 9
 # Kept free of the estimate: the CUDA context, NCCL's own buffers and the caching allocator's fragmentation.
 HEADROOM_FRACTION = 0.06
 HEADROOM_MIN_BYTES = 2 * GB
@@ -153,6 +156,11 @@ def estimate(plan: RunPlan, model: Transformer, cluster: Cluster) -> Estimate:
     tokens = config.training.local_batch_size * config.training.seq_len  # per data-parallel rank and micro-batch
     if table is not None:
         rows += _value_rows(plan, table, tokens)
+    if table is not None and config.metrics.memory_telemetry_freq:
+        layers = len(plan.model_args.memory.layers)
+        rows.append(("memory telemetry", (layers + 1) * table.shape[0] * TELEMETRY_BYTES_PER_ROW,
+                     f"read counts of every row of the table, per memory layer and pooled ({layers} + 1), "
+                     "metrics.memory_telemetry_freq > 0"))
     rows.append(("activations", _activation_bytes(plan, model, tokens), _activation_note(plan)))
     rows.append(("communication buffers", _buffer_bytes(plan, model, tokens),
                  "FSDP: two blocks gathered in bf16 and one block's fp32 gradients; the root kept gathered; MP "
