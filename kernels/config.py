@@ -20,7 +20,7 @@ _GPU = {
     "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 2},
     "weight_grad": {"BLOCK_L": 8, "BLOCK_D": 512, "num_warps": 4},
     "row_backward": {"BLOCK_P": 1, "BLOCK_D": 4096, "num_warps": 4, "ROWS_PER_PROGRAM": 2},
-    "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2},
+    "row_update": {"BLOCK_P": 1, "BLOCK_D": 1024, "num_warps": 2, "HEAVY_PAIRS": 256},
     "key_search": {"BLOCK_T": 16, "BLOCK_N": 512, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 8, "num_warps": 4},
     # One warp per program: every row sum of the selection stays within the warp.
@@ -30,7 +30,7 @@ _INTERPRETER = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1, "NUM_STAGES": 1},
     "weight_grad": {"BLOCK_L": 32, "BLOCK_D": 256, "num_warps": 1},
     "row_backward": {"BLOCK_P": 16, "BLOCK_D": 256, "num_warps": 1, "ROWS_PER_PROGRAM": 2},
-    "row_update": {"BLOCK_P": 256, "BLOCK_D": 256, "num_warps": 1},
+    "row_update": {"BLOCK_P": 256, "BLOCK_D": 256, "num_warps": 1, "HEAVY_PAIRS": 1024},
     "key_search": {"BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 1, "num_stages": 1},
     "key_search_backward": {"BLOCK_T": 16, "num_warps": 1},
     "row_topk": {"BLOCK_R": 16, "ELEMENTS": 1 << 16, "num_warps": 1},

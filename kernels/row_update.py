@@ -12,6 +12,13 @@ layers, all micro-batches) are grouped by value row (see `row_segments`), and tw
 
 Recomputing the row gradient in pass 2 costs one more read of the gathered output gradients, which is what it takes
 to clip by the global norm without materialising the gradients.
+
+A row's pairs are summed by one program, in order; a hot row (read by most tokens of the whole batch, which under a
+rows-sharded table means the whole data-parallel group's batch) would make that program the step's tail. Rows of more
+than `HEAVY_PAIRS` pairs are therefore summed beforehand in chunks of that many pairs, by a program each, and their
+chunks then added in order (`heavy_row_grads`): both passes read these rows' gradients instead of their pairs. The
+chunks start at the row's first pair, so the sum's association depends only on the row's pairs and their order,
+never on the rest of the batch or on the layout that gathered it.
 """
 
 from __future__ import annotations
@@ -42,21 +49,60 @@ def _summed_row_grad(
 
 
 @triton.jit
+def _chunk_sum_kernel(
+    grad_out_ptr, weights_ptr, pair_order_ptr, begins_ptr, ends_ptr, out_ptr, L, D, stride_grad, stride_out,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[i] = Σ w · grad_out[t] over the pairs at positions [begins[i], ends[i]) of `pair_order`, in order."""
+    item = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    acc = _summed_row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, tl.load(begins_ptr + item), tl.load(ends_ptr + item), cols,
+        col_mask, L, stride_grad, BLOCK_P, BLOCK_D,
+    )
+    tl.store(out_ptr + item * stride_out + cols, acc, mask=col_mask)
+
+
+@triton.jit
+def _row_grad(
+    grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, segment, keep, heavy_slots_ptr, heavy_grads_ptr,
+    cols, col_mask, L, stride_grad, stride_heavy, HEAVY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """A touched row's summed gradient on `cols`: from its pairs, or, for a heavy row, from its precomputed sum;
+    0 where `keep` is false (a row left out of the update)."""
+    end = tl.where(keep, end, begin)
+    if HEAVY:
+        slot = tl.load(heavy_slots_ptr + segment).to(tl.int64)
+        end = tl.where(slot >= 0, begin, end)
+    grad = _summed_row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
+    )
+    if HEAVY:
+        grad += tl.load(heavy_grads_ptr + tl.maximum(slot, 0) * stride_heavy + cols,
+                        mask=col_mask & keep & (slot >= 0), other=0.0)
+    return grad
+
+
+@triton.jit
 def _row_grad_sq_kernel(
-    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, selected_ptr, row_sq_ptr,
-    L, D, stride_grad,
-    SELECTED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, selected_ptr, heavy_slots_ptr, heavy_grads_ptr,
+    row_sq_ptr, L, D, stride_grad, stride_heavy,
+    SELECTED: tl.constexpr, HEAVY: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     begin = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
+    keep = True
     if SELECTED:
         # A row left out of the update reads none of its pairs: its gradient, and its share of the norm, are 0.
-        end = tl.where(tl.load(selected_ptr + segment) != 0, end, begin)
-    grad = _summed_row_grad(
-        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
+        keep = tl.load(selected_ptr + segment) != 0
+    grad = _row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, segment, keep, heavy_slots_ptr, heavy_grads_ptr,
+        cols, col_mask, L, stride_grad, stride_heavy, HEAVY, BLOCK_P, BLOCK_D,
     )
     partial = tl.sum(grad * grad, axis=0)
     if ATOMIC:
@@ -68,26 +114,27 @@ def _row_grad_sq_kernel(
 @triton.jit
 def _row_update_kernel(
     values_ptr, first_ptr, second_ptr,
-    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr, selected_ptr,
-    L, D, stride_values, stride_first, stride_second, stride_grad,
+    grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr, selected_ptr, heavy_slots_ptr, heavy_grads_ptr,
+    L, D, stride_values, stride_first, stride_second, stride_grad, stride_heavy,
     lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed, row_base, col_base,
-    OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, SELECTED: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, SELECTED: tl.constexpr, HEAVY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     begin = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
+    keep = True
     if SELECTED:
         # A row left out reads nothing and writes nothing: its value and its moments stay as they are, bit for bit
         # (no decay of either, unlike a zero gradient).
         keep = tl.load(selected_ptr + segment) != 0
-        end = tl.where(keep, end, begin)
         col_mask = col_mask & keep
     row = tl.load(rows_ptr + segment).to(tl.int64)
-    grad = clip * _summed_row_grad(
-        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, cols, col_mask, L, stride_grad, BLOCK_P, BLOCK_D
+    grad = clip * _row_grad(
+        grad_out_ptr, weights_ptr, pair_order_ptr, begin, end, segment, keep, heavy_slots_ptr, heavy_grads_ptr,
+        cols, col_mask, L, stride_grad, stride_heavy, HEAVY, BLOCK_P, BLOCK_D,
     )
     value_ptrs = values_ptr + row * stride_values + cols
     value = tl.load(value_ptrs, mask=col_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
@@ -153,6 +200,48 @@ def _launch_shape(dim: int, deterministic: bool) -> tuple[dict, int]:
     return cfg, triton.cdiv(dim, cfg["BLOCK_D"])
 
 
+def heavy_row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor,
+                    heavy_pairs: int, block_p: int, block_d: int, num_warps: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """The summed gradients [H, D] (fp32) of the touched rows of more than `heavy_pairs` pairs, and each touched row's
+    slot among them ([U] int32, -1 for the others); (None, None) when there are none (one host sync to tell)."""
+    lengths = offsets.diff()
+    heavy = (lengths > heavy_pairs).nonzero().squeeze(1)
+    if heavy.numel() == 0:
+        return None, None
+    device, dim = grad_out.device, grad_out.shape[1]
+    pieces = (lengths[heavy] + heavy_pairs - 1) // heavy_pairs
+    piece_offsets = torch.zeros(heavy.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(pieces, dim=0, out=piece_offsets[1:])
+    count = int(piece_offsets[-1])
+    owner = torch.repeat_interleave(torch.arange(heavy.numel(), device=device), pieces, output_size=count)
+    begins = offsets[heavy][owner] + (torch.arange(count, device=device) - piece_offsets[owner]) * heavy_pairs
+    ends = torch.minimum(begins + heavy_pairs, offsets[heavy + 1][owner])
+    column_blocks = triton.cdiv(dim, block_d)
+    partial = torch.empty(count, dim, device=device, dtype=torch.float32)
+    _chunk_sum_kernel[(count, column_blocks)](
+        grad_out, weights, pair_order, begins, ends, partial, weights.shape[1], dim, grad_out.stride(0),
+        partial.stride(0), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    # Each heavy row's chunks, added in order: the same kernel, over the chunk sums as pairs of weight 1.
+    grads = torch.empty(heavy.numel(), dim, device=device, dtype=torch.float32)
+    _chunk_sum_kernel[(heavy.numel(), column_blocks)](
+        partial, torch.ones(count, device=device), torch.arange(count, device=device), piece_offsets[:-1],
+        piece_offsets[1:], grads, 1, dim, partial.stride(0), grads.stride(0), BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    slots = torch.full((lengths.numel(),), -1, dtype=torch.int32, device=device)
+    slots[heavy] = torch.arange(heavy.numel(), dtype=torch.int32, device=device)
+    return slots, grads
+
+
+def _heavy_rows(grad_out, weights, pair_order, offsets, cfg) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """`heavy_row_grads` at the launch config's threshold, with the row stride the kernels take."""
+    slots, grads = heavy_row_grads(grad_out, weights, pair_order, offsets, cfg["HEAVY_PAIRS"], cfg["BLOCK_P"],
+                                   cfg["BLOCK_D"], cfg["num_warps"])
+    return slots, grads, grads.stride(0) if grads is not None else 0
+
+
 @torch.library.custom_op("titanmem::row_grad_sq", mutates_args=())
 def row_grad_sq(
     grad_out: torch.Tensor,
@@ -171,10 +260,12 @@ def row_grad_sq(
     atomic = column_blocks > 1
     row_sq = (torch.zeros if atomic else torch.empty)(segments, device=grad_out.device, dtype=torch.float32)
     if segments:
+        slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, cfg)
         _row_grad_sq_kernel[(segments, column_blocks)](
-            grad_out, weights, pair_order, offsets, _selection(selected, segments), row_sq, weights.shape[1], dim,
-            grad_out.stride(0), SELECTED=selected is not None, ATOMIC=atomic, BLOCK_P=cfg["BLOCK_P"],
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            grad_out, weights, pair_order, offsets, _selection(selected, segments), slots, heavy_grads, row_sq,
+            weights.shape[1], dim, grad_out.stride(0), stride_heavy, SELECTED=selected is not None,
+            HEAVY=slots is not None, ATOMIC=atomic, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
         )
     return row_sq
 
@@ -235,13 +326,14 @@ def row_update_(
         # that the kernel's column blocks all read the same new value. Rows are distinct, so this is a plain update.
         first[rows] += row_sq * (clip * clip / dim)
     cfg, column_blocks = _launch_shape(dim, deterministic=False)
+    slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, cfg)
     _row_update_kernel[(segments, column_blocks)](
-        values, first, second, grad_out, weights, pair_order, offsets, rows, _selection(selected, segments),
-        weights.shape[1], dim, values.stride(0),
+        values, first, second, grad_out, weights, pair_order, offsets, rows, _selection(selected, segments), slots,
+        heavy_grads, weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
-        lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
+        stride_heavy, lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
         row_base, col_base, OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), SELECTED=selected is not None,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        HEAVY=slots is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
 
 

@@ -5,7 +5,8 @@ import torch
 
 import titanmem.kernels as kernels
 from helpers import FP32_UNIT, assert_close_in_scale
-from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, row_grad_sq, row_update_
+from titanmem.kernels import config as kernel_config
+from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, heavy_row_grads, row_grad_sq, row_update_
 
 # The kernels run compiled on a GPU when there is one, else interpreted on CPU; references are float64 on CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,9 +153,18 @@ def reference_row_update(kind, values, first, second, grad_rows, rows, lr, wd, c
     return values, first, second
 
 
+@pytest.fixture(params=[None, 2], ids=["rows-whole", "heavy-rows-in-chunks-of-2"])
+def heavy_pairs(request, monkeypatch):
+    """The fused passes with their own threshold, and with every row of over 2 pairs summed in chunks beforehand."""
+    if request.param is not None:
+        for table in (kernel_config._GPU, kernel_config._INTERPRETER):
+            monkeypatch.setitem(table, "row_update", {**table["row_update"], "HEAVY_PAIRS": request.param})
+    return request.param
+
+
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dim", [37, 300])
-def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(kind, dim):
+def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(kind, dim, heavy_pairs):
     code = OPTIMIZERS[kind]
     values, indices, weights, grad_out = random_case(5, 6, 8, 40, dim, hot_rows=25)
     first = torch.zeros(40) if code == ADAGRAD else torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
@@ -184,7 +194,7 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dim", [37, 300])
-def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bit_identical(kind, dim):
+def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bit_identical(kind, dim, heavy_pairs):
     """With `selected`, the fused passes equal the optimizer on the gradient restricted to the selected rows (norm
     included), and every other row, touched or not, keeps its value and state bit for bit: no decay, no moment
     update, although weight decay and Adam's moments would move a row with a zero gradient."""
@@ -223,6 +233,30 @@ def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bi
             assert torch.equal(second.cpu()[left_out], before[2].cpu()[left_out])
         # The selection really left out rows that the step touched.
         assert (~selected).any() and selected.any()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_heavy_rows_are_summed_in_chunks_to_their_whole_gradient(chunk):
+    """Rows of more than `chunk` pairs (one row of 96, one of 4 and more, rows of exactly a multiple of the chunk, light rows among
+    them) get their summed gradient from chunks; the others get slot -1."""
+    generator = torch.Generator().manual_seed(chunk)
+    tokens, slots, dim = 24, 5, 45
+    indices = torch.randint(0, 30, (tokens, slots), generator=generator)
+    indices[:, :4] = 7  # a hot row: 96 pairs
+    indices[:4, 4] = 11  # 4 pairs (some chunks divide it)
+    values, weights = torch.randn(40, dim, generator=generator), torch.randn(tokens, slots, generator=generator)
+    grad_out = torch.randn(tokens, dim, generator=generator)
+    indices, weights, grad_out = indices.to(DEVICE), weights.to(DEVICE), grad_out.to(DEVICE)
+    dense_grad, _ = reference_grads(values, indices, weights, grad_out)
+    pair_order, offsets, rows = kernels.row_segments(indices, 40)
+    lengths = offsets.diff().cpu()
+    row_slots, grads = heavy_row_grads(grad_out, weights, pair_order, offsets, chunk, 2, 32, 1)
+    heavy = lengths > chunk
+    assert heavy.any() and (~heavy).any()
+    assert torch.equal(row_slots.cpu() >= 0, heavy)
+    assert torch.equal(row_slots.cpu()[heavy], torch.arange(int(heavy.sum()), dtype=torch.int32))
+    assert_close_in_scale(grads.cpu().double(), dense_grad[rows.cpu().long()[heavy]], SUM_BOUND, "heavy rows")
+    assert heavy_row_grads(grad_out, weights, pair_order, offsets, int(lengths.max()), 2, 32, 1) == (None, None)
 
 
 def test_a_row_selection_of_the_wrong_length_is_refused():
