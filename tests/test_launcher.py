@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,3 +91,18 @@ def test_the_multinode_launcher_checks_its_settings_and_the_config_before_the_re
     nodes = subprocess.run([script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env={**environment, "RDZV_ENDPOINT": "127.0.0.1:1", "NNODES": "two"})
     assert nodes.returncode == 2 and "must be positive integers" in nodes.stderr
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_finished_command_leaves_with_its_code_and_every_line_it_wrote(world_size):
+    """A rank of several leaves without the interpreter's teardown (where gloo's threads can abort a finished run):
+    its exit code and its buffered output must still come out."""
+    code = ("import logging, sys; from titanmem.utils import exit_with, setup_logging; setup_logging(); "
+            "print('trained', end=''); logging.getLogger('titanmem').info('closed'); sys.stderr.write('last'); "
+            "exit_with(3)")
+    # Buffered, as a pipe is unless PYTHONUNBUFFERED says otherwise: what a skipped teardown would lose.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", code], env={**environment, "WORLD_SIZE": world_size},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3
+    assert result.stdout == "trained" and "INFO closed" in result.stderr and result.stderr.endswith("last")

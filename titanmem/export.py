@@ -10,7 +10,6 @@ eval and generate read it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from titanmem.build import start_reader
 from titanmem.components.checkpoint import saved_step
 from titanmem.components.export import write_export
 from titanmem.config import resolve_asset_path
-from titanmem.utils import setup_logging
+from titanmem.utils import exit_with, setup_logging
 
 USAGE = ("python -m titanmem.export [--job.config_file FILE] --export.folder DIR [--checkpoint.load_step N] "
          "[--print_config] [--section.key VALUE ...]")
@@ -44,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -16,7 +16,7 @@ from titanmem.build import build_run
 from titanmem.config import ConfigError, JobConfig
 from titanmem.eval.decode import generate
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import print_output, setup_logging
+from titanmem.utils import exit_with, print_output, setup_logging
 
 USAGE = ("python -m titanmem.generate [--job.config_file FILE] --generate.prompts JSON [--generate.checkpoint DIR] "
          "[--print_config] [--section.key VALUE ...]")
@@ -55,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -30,7 +30,7 @@ from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import autocast, setup_logging
+from titanmem.utils import autocast, exit_with, setup_logging
 
 logger = logging.getLogger("titanmem")
 
@@ -401,4 +401,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -18,6 +18,21 @@ def setup_logging() -> None:
     )
 
 
+def exit_with(code: int):
+    """Leave the process with `code`, the exit status of a command whose main has returned. A process that joined a
+    gloo process group can abort (SIGABRT) in the interpreter's teardown after a complete run: a worker thread of
+    gloo's drops tensors once Python is gone. torchrun then reports a finished run as failed, and Slurm may requeue
+    it. So a process launched as a rank of several (WORLD_SIZE > 1) skips the teardown, once its streams are flushed;
+    main has already closed its files, checkpoints, lock and process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def print_output(text: str) -> None:
     """Print `text` on stdout; a reader that stops early (`--help | head`) ends the output quietly, not with a
     traceback."""

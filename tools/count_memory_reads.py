@@ -38,7 +38,7 @@ from titanmem.config import ConfigError  # noqa: E402
 from titanmem.data.dataloader import build_dataloader  # noqa: E402
 from titanmem.data.files import resolve_data_source  # noqa: E402
 from titanmem.plan import plan_from_command_line  # noqa: E402
-from titanmem.utils import autocast, print_output, setup_logging  # noqa: E402
+from titanmem.utils import autocast, exit_with, print_output, setup_logging  # noqa: E402
 
 logger = logging.getLogger("titanmem")
 
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -10,14 +10,13 @@ fact recall are printed as JSON, and appended to `<eval.results_folder>/results.
 from __future__ import annotations
 
 import json
-import sys
 
 import torch.distributed as dist
 
 from titanmem.build import start_reader
 from titanmem.components.checkpoint import saved_step
 from titanmem.eval.runner import Evaluator
-from titanmem.utils import print_output, setup_logging
+from titanmem.utils import exit_with, print_output, setup_logging
 
 USAGE = ("python -m titanmem.eval [--job.config_file FILE] [--checkpoint.load_step N] [--eval.results_folder DIR] "
          "[--print_config] [--section.key VALUE ...]")
@@ -43,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
