@@ -9,9 +9,7 @@ import zlib
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import free_port
+from helpers import launch_ranks
 
 TINY = ["--memory.enabled", "--training.device", "cpu", "--training.seq_len", "32", "--training.local_batch_size",
         "2", "--checkpoint.interval", "2", "--metrics.enable_tensorboard", "false", "--metrics.log_freq", "1"]
@@ -200,8 +198,7 @@ def test_verification_is_spread_over_ranks_and_every_rank_falls_back(tmp_path):
         sections = dict(training={"steps": steps, "seq_len": 32, "local_batch_size": 2},
                         memory={"enabled": True}, checkpoint={"enable": True, "interval": 2},
                         parallelism={"dp_shard": 2})
-        mp.start_processes(train_worker, args=(2, free_port(), str(tmp_path), sections, name), nprocs=2, join=True,
-                           start_method="spawn")
+        launch_ranks(train_worker, 2, str(tmp_path), sections, name)
         return torch.load(tmp_path / name)
 
     launch(4, "first.pt")
@@ -221,8 +218,7 @@ def test_ranks_that_would_load_different_checkpoints_stop_with_one_line_and_move
     from helpers import disagreeing_load_worker
 
     before = sorted(p.name for p in (run / "checkpoint").iterdir())
-    mp.start_processes(disagreeing_load_worker, args=(2, free_port(), str(run)), nprocs=2, join=True,
-                       start_method="spawn")
+    launch_ranks(disagreeing_load_worker, 2, str(run))
     for rank in range(2):
         message = (run / f"rank{rank}.txt").read_text()
         assert message.startswith("config error in checkpoint.folder: the ranks would load different checkpoints"), message

@@ -5,9 +5,7 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import assert_close_in_scale, data_parallel_worker, free_port, full_weights
+from helpers import assert_close_in_scale, data_parallel_worker, full_weights, launch_ranks
 from titanmem.train import Trainer
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
@@ -76,8 +74,7 @@ def run_both(tmp_path, small_config, world, plan, memory, optimizer=None, finetu
     dp = world // plan.get("tp", 1)
     ranked = dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // dp),
                   parallelism=plan)
-    mp.start_processes(data_parallel_worker, args=(world, free_port(), str(tmp_path), ranked, batches_path),
-                       nprocs=world, join=True, start_method="spawn")
+    launch_ranks(data_parallel_worker, world, str(tmp_path), ranked, batches_path)
     result = torch.load(tmp_path / "result.pt")
     assert result["initial"].keys() == initial.keys()
     for name, tensor in initial.items():
@@ -197,7 +194,7 @@ def test_finetune_modes_match_one_process(tmp_path, small_config, plan, memory, 
     ids=["rows2-adamw", "mp2-lazy-adam"],
 )
 def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path, plan, memory):
-    from helpers import train_worker
+    from helpers import launch_ranks, train_worker
 
     def launch(folder, steps, name):
         sections = dict(
@@ -206,8 +203,7 @@ def test_sharded_checkpoint_resume_reproduces_the_losses(tmp_path, plan, memory)
             checkpoint={"enable": True, "interval": 2},
             parallelism=plan,
         )
-        mp.start_processes(train_worker, args=(2, free_port(), str(folder), sections, name), nprocs=2, join=True,
-                           start_method="spawn")
+        launch_ranks(train_worker, 2, str(folder), sections, name)
         return torch.load(folder / name)
 
     # Steps 1-2 fall in the 4-step warmup, whose lrs do not depend on the run's length: stopping after 2 steps and

@@ -5,9 +5,7 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import free_port, make_config, reader_argv, resave_worker, train_tiny_run
+from helpers import launch_ranks, make_config, reader_argv, resave_worker, train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,7 @@ def test_a_checkpoint_of_another_plan_exports_the_same_bytes(exported, plan):
                     checkpoint={"enable": True, "initial_load_path": str(exported / "run" / "checkpoint" / "step-3"),
                                 "initial_load_model_only": False},
                     parallelism=plan)
-    mp.start_processes(resave_worker, args=(2, free_port(), str(exported / f"resaved-{name}"), sections), nprocs=2,
-                       join=True, start_method="spawn")
+    launch_ranks(resave_worker, 2, str(exported / f"resaved-{name}"), sections)
     assert main(reader_argv(exported / f"resaved-{name}", "--export.folder", str(exported / f"out-{name}"),
                             "--export.max_shard_gb", "0.01")) == 0
     other = exported / f"out-{name}"

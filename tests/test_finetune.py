@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check_command_line, crash_after
+from helpers import check_command_line, crash_after, launch_ranks
 from titanmem.components.read_counts import ReadCounter, ReadCounts, load_read_counts, save_read_counts
 from titanmem.components.row_selection import RowSelector, tfidf_scores, top_rows
 from titanmem.config import ConfigError
@@ -344,9 +344,7 @@ def test_a_finetuning_setup_that_looks_wrong_is_warned_about(tmp_path):
 
 def test_the_counting_tool_sums_the_data_parallel_ranks_counts(tmp_path, small_config):
     """Under torchrun each data-parallel rank counts its own shard's batches; the file holds their sum."""
-    import torch.multiprocessing as mp
-
-    from helpers import count_reads_worker, free_port
+    from helpers import count_reads_worker
 
     pretrain = small_config(training={"steps": 1, "seq_len": 16, "local_batch_size": 2},
                             memory=TINY_MEMORY, checkpoint={"enable": True, "interval": 1})
@@ -357,7 +355,7 @@ def test_the_counting_tool_sums_the_data_parallel_ranks_counts(tmp_path, small_c
             *[f"--memory.{k}={str(v).lower()}" for k, v in TINY_MEMORY.items()],
             "--checkpoint.initial_load_path", str(tmp_path / "run/checkpoint/step-1"),
             "--job.dump_folder", str(tmp_path / "elsewhere"), "--parallelism.dp_shard", "2"]
-    mp.start_processes(count_reads_worker, args=(2, free_port(), argv), nprocs=2, join=True, start_method="spawn")
+    launch_ranks(count_reads_worker, 2, argv)
     counts = load_read_counts(tmp_path / "counts.safetensors", "x", N_VALUES)
     # 2 ranks × 2 batches of 2 × 16 tokens, each read by 3 memory layers of 1 head × 4 slots.
     assert (counts.documents, counts.batches, counts.tokens) == (8, 4, 128)

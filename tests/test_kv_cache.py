@@ -92,14 +92,11 @@ def test_progress_is_reported_per_batch_and_a_cache_beyond_max_seq_len_is_refuse
 
 @pytest.mark.parametrize("parallelism", [{"dp_shard": 2, "mp": 2}, {"tp": 2}], ids=["fsdp-mp", "tp-sp"])
 def test_cached_generation_under_a_parallel_plan_matches_the_reference(tmp_path, parallelism):
-    import torch.multiprocessing as mp
-
-    from helpers import decode_worker, free_port
+    from helpers import decode_worker, launch_ranks
 
     prompts = random_prompts(seed=9, count=5, longest=7)
     sections = {"memory": {"enabled": True}, "parallelism": parallelism}
-    mp.start_processes(decode_worker, args=(2, free_port(), str(tmp_path), sections, prompts), nprocs=2, join=True,
-                       start_method="spawn")
+    launch_ranks(decode_worker, 2, str(tmp_path), sections, prompts)
     saved = torch.load(tmp_path / "decoded.pt", weights_only=False)
     # The reference: the same weights in one process, decoded without a cache.
     model = build_model(saved["args"], CPU)

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import free_port, column_parallel_worker
+from helpers import column_parallel_worker, launch_ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -18,8 +16,7 @@ def test_column_parallel_lookup_matches_one_process(tmp_path, world):
     grad_out = torch.randn(world, tokens, dim, dtype=torch.float64)
     torch.save({"values": values, "indices": indices, "weights": weights, "grad_out": grad_out},
                tmp_path / "inputs.pt")
-    mp.start_processes(column_parallel_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    launch_ranks(column_parallel_worker, world, str(tmp_path))
 
     reference_values = values.clone().requires_grad_(True)
     reference_weights = weights.clone().requires_grad_(True)

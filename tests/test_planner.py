@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import free_port
+from helpers import launch_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_PLAN = ["--job.config_file", "train_configs/debug_model.toml", "--parallelism.tp", "2", "--parallelism.mp", "2"]
@@ -24,8 +22,7 @@ def test_the_fake_world_shards_every_parameter_as_a_real_world_does(tmp_path):
     from titanmem.planner import build_meta, fake_world, resolve_for
 
     world = 4
-    mp.start_processes(local_shapes_worker_entry, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    launch_ranks(local_shapes_worker_entry, world, str(tmp_path))
     real = torch.load(tmp_path / "shapes.pt")
     config, _ = build_config(DEBUG_PLAN)
     with fake_world(world):

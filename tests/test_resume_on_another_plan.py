@@ -3,9 +3,7 @@ states equal the saved ones exactly, and the next step's loss equals that of goi
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import free_port, resume_worker
+from helpers import launch_ranks, resume_worker
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 ROW_WISE = {"n_keys": 5, "knn": 4}  # a small table: the Triton kernels run interpreted on CPU
@@ -25,8 +23,7 @@ def launch(folder, world, plan, memory, batches_path, phase):
         checkpoint={"enable": True},
         parallelism=plan,
     )
-    mp.start_processes(resume_worker, args=(world, free_port(), str(folder), sections, batches_path, phase),
-                       nprocs=world, join=True, start_method="spawn")
+    launch_ranks(resume_worker, world, str(folder), sections, batches_path, phase)
     return torch.load(folder / f"{phase}.pt")
 
 

@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-from helpers import assert_close_in_scale, data_parallel_runs_worker, free_port, make_config
+from helpers import assert_close_in_scale, data_parallel_runs_worker, launch_ranks, make_config
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 # A small table and bag: on CPU the Triton kernels of the row-wise optimizers run interpreted, one Python step per
@@ -84,8 +82,7 @@ def launch(tmp_path, world: int, plan: dict, runs: dict[str, dict], batches_path
     ranked = {name: dict(sections, training=dict(sections["training"], local_batch_size=GLOBAL_BATCH // dp),
                          parallelism=dict(plan, value_slice_sharding="rows"))
               for name, sections in runs.items()}
-    mp.start_processes(data_parallel_runs_worker, args=(world, free_port(), str(tmp_path), ranked, batches_path),
-                       nprocs=world, join=True, start_method="spawn")
+    launch_ranks(data_parallel_runs_worker, world, str(tmp_path), ranked, batches_path)
     return {name: torch.load(tmp_path / f"result-{name}.pt") for name in runs}
 
 

@@ -9,9 +9,7 @@ import sys
 import time
 
 import pytest
-import torch.multiprocessing as mp
-
-from helpers import free_port
+from helpers import launch_ranks
 
 TINY = ["--training.device", "cpu", "--training.seq_len", "32", "--training.local_batch_size", "2",
         "--training.steps", "2", "--checkpoint.interval", "2", "--metrics.enable_tensorboard", "false"]
@@ -154,8 +152,7 @@ def test_every_rank_of_a_refused_run_gets_the_same_error(tmp_path, sleeper):
     folder = tmp_path / "run"
     plant_lock(folder, pid=sleeper.pid)
     sections = dict(training={"steps": 1, "seq_len": 32, "local_batch_size": 2}, parallelism={"dp_shard": 2})
-    mp.start_processes(refused_trainer_worker, args=(2, free_port(), str(folder), sections), nprocs=2, join=True,
-                       start_method="spawn")
+    launch_ranks(refused_trainer_worker, 2, str(folder), sections)
     messages = [(folder / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and f"is in use by process {sleeper.pid}" in messages[0]
 
