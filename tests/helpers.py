@@ -429,12 +429,15 @@ def decode_worker(rank: int, world: int, port: int, folder: str, sections: dict,
 def launch_ranks(worker, world: int, *args) -> None:
     """Run `worker(rank, world, port, *args)` as `world` local processes and wait for them all (an error if one
     failed). The processes fork from a server process that imported titanmem's trainer once (multiprocessing's
-    forkserver), so a rank starts at once instead of spending seconds importing torch, DCP and datasets; unlike fork,
-    no rank inherits the test process's threads or state. The server starts on first use, with the environment of
-    that moment."""
+    forkserver), so a rank starts at once instead of spending seconds importing torch, DCP, datasets and Triton;
+    unlike fork, no rank inherits the test process's threads or state. The server starts on first use, with the
+    environment of that moment."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["helpers", "titanmem.train"])
+    # What every rank would import: the trainer, and what it imports on first use (dynamo, Triton and its kernels).
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["helpers", "titanmem.train", "torch._dynamo", "titanmem.kernels.embedding_bag", "titanmem.kernels.row_update",
+         "titanmem.components.row_update_torch"])
     mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world, join=True, start_method="forkserver")

@@ -6,6 +6,8 @@ import torch
 import titanmem.kernels as kernels
 from helpers import FP32_UNIT, assert_close_in_scale
 from titanmem.kernels import config as kernel_config
+from titanmem.components import row_update_torch
+from titanmem.kernels import row_update
 from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, heavy_row_grads, row_grad_sq, row_update_
 
 # The kernels run compiled on a GPU when there is one, else interpreted on CPU; references are float64 on CPU.
@@ -153,18 +155,21 @@ def reference_row_update(kind, values, first, second, grad_rows, rows, lr, wd, c
     return values, first, second
 
 
-@pytest.fixture(params=[None, 2], ids=["rows-whole", "heavy-rows-in-chunks-of-2"])
-def heavy_pairs(request, monkeypatch):
-    """The fused passes with their own threshold, and with every row of over 2 pairs summed in chunks beforehand."""
-    if request.param is not None:
+@pytest.fixture(params=[("triton", None), ("triton", 2), ("torch", None)],
+                ids=["triton", "triton-heavy-rows-in-chunks-of-2", "torch"])
+def passes(request, monkeypatch):
+    """The fused passes: the Triton kernels at their own heavy-row threshold, the same with every row of over 2 pairs
+    summed in chunks beforehand, and the tensor-op passes that tables off the GPU use."""
+    implementation, heavy_pairs = request.param
+    if heavy_pairs is not None:
         for table in (kernel_config._GPU, kernel_config._INTERPRETER):
-            monkeypatch.setitem(table, "row_update", {**table["row_update"], "HEAVY_PAIRS": request.param})
-    return request.param
+            monkeypatch.setitem(table, "row_update", {**table["row_update"], "HEAVY_PAIRS": heavy_pairs})
+    return row_update_torch if implementation == "torch" else row_update
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dim", [37, 300])
-def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(kind, dim, heavy_pairs):
+def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(kind, dim, passes):
     code = OPTIMIZERS[kind]
     values, indices, weights, grad_out = random_case(5, 6, 8, 40, dim, hot_rows=25)
     first = torch.zeros(40) if code == ADAGRAD else torch.zeros(40, dim) if code == ADAM else torch.zeros(0)
@@ -176,11 +181,11 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
         grad_out = grad_out.roll(1, dims=0) * 0.7  # a different gradient each step
         dense_grad, _ = reference_grads(values, indices, weights, grad_out)
         pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])
-        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
+        row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True)
         touched = rows.cpu().long()
         torch.testing.assert_close(cpu64(row_sq), (dense_grad[touched] ** 2).sum(1), rtol=1e-5, atol=1e-5)
         clip = 0.5 if step == 2 else 1.0
-        row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
+        passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
                     clip, eps, betas[0], betas[1], step)
         expected = reference_row_update(code, *expected, dense_grad[touched], touched, lr, wd, clip, eps, betas, step)
         torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
@@ -194,7 +199,7 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dim", [37, 300])
-def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bit_identical(kind, dim, heavy_pairs):
+def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bit_identical(kind, dim, passes):
     """With `selected`, the fused passes equal the optimizer on the gradient restricted to the selected rows (norm
     included), and every other row, touched or not, keeps its value and state bit for bit: no decay, no moment
     update, although weight decay and Adam's moments would move a row with a zero gradient."""
@@ -216,10 +221,10 @@ def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bi
         selected = torch.rand(rows.numel(), generator=generator) < 0.5
         selected[0], selected[-1] = True, False
         chosen = rows.cpu().long()[selected]
-        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True, selected.to(DEVICE))
+        row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True, selected.to(DEVICE))
         torch.testing.assert_close(cpu64(row_sq), (dense_grad[rows.cpu().long()] ** 2).sum(1) * selected,
                                    rtol=1e-5, atol=1e-5)
-        row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
+        passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
                     1.0, eps, betas[0], betas[1], step, -1, selected.to(DEVICE))
         expected = reference_row_update(code, *expected, dense_grad[chosen], chosen, lr, wd, 1.0, eps, betas, step)
         torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
@@ -295,7 +300,7 @@ def bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cut, torch.where(bits == cut, cut, cut + 0x10000)
 
 
-def fused_update(values, kind, step_seed, steps=3, lr=0.05):
+def fused_update(values, kind, step_seed, steps=3, lr=0.05, passes=row_update):
     """`steps` updates of `values` (in place) with fixed random reads, and the optimizer state."""
     code = OPTIMIZERS[kind]
     generator = torch.Generator().manual_seed(11)
@@ -308,10 +313,24 @@ def fused_update(values, kind, step_seed, steps=3, lr=0.05):
     for step in range(1, steps + 1):
         grad_out = torch.randn(6, dim, generator=generator).to(DEVICE)
         pair_order, offsets, touched = kernels.row_segments(indices, rows)
-        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
-        row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code, lr, 0.1,
-                    1.0, 1e-8, 0.9, 0.95, step, step_seed(step))
+        row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True)
+        passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code, lr,
+                           0.1, 1.0, 1e-8, 0.9, 0.95, step, step_seed(step))
     return values
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_the_tensor_op_passes_round_a_bf16_table_to_nearest_and_leave_stochastic_rounding_to_triton(kind):
+    start = random_case(3, 1, 1, 40, 37)[0].to(torch.bfloat16)
+    exact = fused_update(start.float().clone(), kind, lambda step: -1, steps=1, passes=row_update_torch)
+    nearest = fused_update(start.clone(), kind, lambda step: -1, steps=1, passes=row_update_torch)
+    assert torch.equal(nearest.cpu(), exact.cpu().to(torch.bfloat16)) and not torch.equal(nearest, start)
+    with pytest.raises(ValueError, match="stochastic rounding of a bf16 table needs the Triton update"):
+        fused_update(start.clone(), kind, lambda step: 7, steps=1, passes=row_update_torch)
+    # Which tables take these passes: off the GPU, unless a bf16 table is rounded stochastically.
+    assert row_update_torch.uses_torch_update(torch.zeros(2, 2), stochastic_rounding=True)
+    assert row_update_torch.uses_torch_update(torch.zeros(2, 2, dtype=torch.bfloat16), stochastic_rounding=False)
+    assert not row_update_torch.uses_torch_update(torch.zeros(2, 2, dtype=torch.bfloat16), stochastic_rounding=True)
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))

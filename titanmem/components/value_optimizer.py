@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from titanmem.components.row_update_torch import uses_torch_update
 from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
@@ -79,6 +80,12 @@ class RowWiseValueOptimizer:
         table = self._local_table()
         # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
         self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
+        # The fused passes: Triton kernels on a GPU (and wherever Philox bits are drawn), tensor ops elsewhere.
+        if uses_torch_update(table, self.rounding_seed is not None):
+            from titanmem.components import row_update_torch as passes
+        else:
+            from titanmem.kernels import row_update as passes
+        self._row_grad_sq, self._row_update_ = passes.row_grad_sq, passes.row_update_
         empty = table.new_empty(0, dtype=torch.float32)
         if kind == "adagrad":
             self.first, self.second = torch.zeros(table.shape[0], device=table.device, dtype=torch.float32), empty
@@ -112,7 +119,6 @@ class RowWiseValueOptimizer:
     def grad_norm(self, deterministic: bool = False) -> torch.Tensor:
         """The table's gradient norm this step (0 when no memory layer ran); also prepares the update."""
         from titanmem.kernels import row_segments
-        from titanmem.kernels.row_update import row_grad_sq
 
         table = self._local_table()
         merged = self._merge()
@@ -125,7 +131,7 @@ class RowWiseValueOptimizer:
         # (row blocks rank theirs against the others', `RowSelector`).
         selected = (self.row_selector(rows.long() + self.row_base, offsets, self.rows_group)
                     if self.row_selector is not None else None)
-        row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected)
+        row_sq = self._row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected)
         if self.slice_group is not None:
             # Every rank of the group grouped the same rows in the same order: sum their column parts.
             dist.all_reduce(row_sq, group=self.slice_group)
@@ -139,14 +145,12 @@ class RowWiseValueOptimizer:
 
     def step(self, lr_multiplier: float, clip: float = 1.0) -> None:
         """Apply the prepared update with lr = base lr × multiplier and the gradient scaled by `clip`."""
-        from titanmem.kernels.row_update import row_update_
-
         if self._prepared is None:
             return
         indices, weights, grad_out, pair_order, offsets, rows, row_sq, selected = self._prepared
         self._prepared = None
         self.steps += 1
-        row_update_(
+        self._row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
             self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
             self.steps, rounding_seed(self.rounding_seed, self.steps), selected, self.row_base, self.col_base,

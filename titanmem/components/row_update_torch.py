@@ -1,0 +1,84 @@
+"""The fused row-wise value update in plain PyTorch, for tables that do not live on a GPU.
+
+Same contract as `titanmem.kernels.row_update` (`row_grad_sq`, `row_update_`: the pairs grouped by row with
+`row_segments`, one pass for the rows' squared norms, one for the update), computed with tensor ops instead of a
+program per touched row. On a CPU the Triton kernels run under Triton's interpreter, whose cost is per program and
+per operation: a step of a small model spends most of its time there. These ops give the same update in fp32, with
+each row's gradient summed over its pairs in their order (`index_add_` on the CPU adds in index order), so a
+run's result does not depend on how its batch was split over ranks.
+
+A bf16 table is rounded to nearest here. Stochastic rounding draws Triton's Philox bits, so those tables keep the
+Triton kernels on every device (`uses_torch_update`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Pairs per chunk: bounds the [pairs, D] fp32 temporary of the gathered gradients.
+_CHUNK_PAIRS = 1 << 15
+
+
+def uses_torch_update(table: torch.Tensor, stochastic_rounding: bool) -> bool:
+    """Whether a table is updated by these ops rather than by the Triton kernels."""
+    return table.device.type != "cuda" and not (stochastic_rounding and table.dtype == torch.bfloat16)
+
+
+def row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor
+              ) -> torch.Tensor:
+    """[U, D] fp32: each touched row's Σ w · grad_out[t] over its pairs, in the order `pair_order` lists them."""
+    segments, dim = offsets.numel() - 1, grad_out.shape[1]
+    grads = torch.zeros(segments, dim, device=grad_out.device, dtype=torch.float32)
+    if segments == 0:
+        return grads
+    owner = torch.repeat_interleave(torch.arange(segments, device=grad_out.device), offsets.diff())
+    flat_weights = weights.reshape(-1)
+    slots = weights.shape[1]
+    for start in range(0, pair_order.numel(), _CHUNK_PAIRS):
+        pairs = pair_order[start:start + _CHUNK_PAIRS].long()
+        terms = grad_out[pairs // slots].float() * flat_weights[pairs].float()[:, None]
+        grads.index_add_(0, owner[start:start + _CHUNK_PAIRS], terms)
+    return grads
+
+
+def row_grad_sq(grad_out, weights, pair_order, offsets, deterministic: bool = True, selected=None) -> torch.Tensor:
+    """`titanmem.kernels.row_update.row_grad_sq` in tensor ops (always deterministic)."""
+    squares = (row_grads(grad_out, weights, pair_order, offsets) ** 2).sum(1)
+    return squares * selected if selected is not None else squares
+
+
+def row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer: int,
+                lr: float, weight_decay: float, clip: float, eps: float, beta1: float, beta2: float, step: int,
+                rounding_seed: int = -1, selected=None, row_base: int = 0, col_base: int = 0) -> None:
+    """`titanmem.kernels.row_update.row_update_` in tensor ops, for fp32 tables and bf16 tables rounded to nearest
+    (`rounding_seed` < 0); `row_base` and `col_base` only place the stochastic draws, which these ops do not make."""
+    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD  # the optimizer codes (imports Triton)
+
+    if rounding_seed >= 0 and values.dtype == torch.bfloat16:
+        raise ValueError("stochastic rounding of a bf16 table needs the Triton update (titanmem.kernels.row_update)")
+    if values.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the fused value update stores fp32 or bf16 tables, not {values.dtype}")
+    if rows.numel() == 0:
+        return
+    grad = row_grads(grad_out, weights, pair_order, offsets) * clip
+    rows = rows.long()
+    if selected is not None:
+        # A row left out keeps its value and its state bit for bit.
+        keep = selected.to(torch.bool)
+        rows, grad, row_sq = rows[keep], grad[keep], row_sq[keep]
+    value = values[rows].float() * (1.0 - lr * weight_decay)
+    if optimizer == SGD:
+        value = value - lr * grad
+    elif optimizer == ADAGRAD:
+        # Row-wise Adagrad: the accumulator grows by the mean squared (clipped) gradient of the row.
+        first[rows] += row_sq * (clip * clip / values.shape[1])
+        value = value - lr * grad / (first[rows].sqrt() + eps)[:, None]
+    elif optimizer == ADAM:
+        moment = beta1 * first[rows].float() + (1.0 - beta1) * grad
+        square = beta2 * second[rows].float() + (1.0 - beta2) * grad * grad
+        first[rows] = moment.to(first.dtype)
+        second[rows] = square.to(second.dtype)
+        value = value - lr * (moment / (1.0 - beta1**step)) / ((square / (1.0 - beta2**step)).sqrt() + eps)
+    else:
+        raise ValueError(f"unknown row-wise optimizer code {optimizer}")
+    values[rows] = value.to(values.dtype)
