@@ -430,8 +430,9 @@ def launch_ranks(worker, world: int, *args) -> None:
     """Run `worker(rank, world, port, *args)` as `world` local processes and wait for them all (an error if one
     failed). The processes fork from a server process that imported titanmem's trainer once (multiprocessing's
     forkserver), so a rank starts at once instead of spending seconds importing torch, DCP, datasets and Triton;
-    unlike fork, no rank inherits the test process's threads or state. The server starts on first use, with the
-    environment of that moment."""
+    unlike fork, no rank inherits the test process's threads or state. Each rank gets this process's environment as
+    it is now, as a spawned one would; only what the preloaded modules read at import comes from the server's start
+    (the conftest's settings)."""
     import multiprocessing
 
     import torch.multiprocessing as mp
@@ -440,4 +441,11 @@ def launch_ranks(worker, world: int, *args) -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload(
         ["helpers", "titanmem.train", "torch._dynamo", "titanmem.kernels.embedding_bag", "titanmem.kernels.row_update",
          "titanmem.components.row_update_torch"])
-    mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world, join=True, start_method="forkserver")
+    mp.start_processes(_rank_in_environment, args=(dict(os.environ), worker, world, free_port(), *args), nprocs=world,
+                       join=True, start_method="forkserver")
+
+
+def _rank_in_environment(rank: int, environment: dict, worker, world: int, port: int, *args) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    worker(rank, world, port, *args)

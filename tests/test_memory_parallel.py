@@ -30,3 +30,22 @@ def test_column_parallel_lookup_matches_one_process(tmp_path, world):
         # The slice's gradient sums the group's tokens and is divided by the group size (see the module doc).
         expected = reference_values.grad[:, rank * columns : (rank + 1) * columns] / world
         torch.testing.assert_close(got["grad_values"], expected)
+
+
+def environment_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import os
+
+    with open(os.path.join(folder, f"rank{rank}.env"), "w") as f:
+        f.write(os.environ.get("TITANMEM_TEST_LAUNCH_MARK", "unset"))
+
+
+def test_launched_ranks_see_the_environment_of_their_launch(tmp_path, monkeypatch):
+    """The ranks fork from a server started once per session: each launch must still hand them its own environment,
+    as a spawned process would get it."""
+    for mark in ("first", "second"):
+        monkeypatch.setenv("TITANMEM_TEST_LAUNCH_MARK", mark)
+        launch_ranks(environment_worker, 2, str(tmp_path))
+        assert [(tmp_path / f"rank{r}.env").read_text() for r in range(2)] == [mark, mark]
+    monkeypatch.delenv("TITANMEM_TEST_LAUNCH_MARK")
+    launch_ranks(environment_worker, 2, str(tmp_path))
+    assert (tmp_path / "rank0.env").read_text() == "unset"
