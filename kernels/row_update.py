@@ -331,9 +331,10 @@ def row_update_(
         values, first, second, grad_out, weights, pair_order, offsets, rows, _selection(selected, segments), slots,
         heavy_grads, weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
-        stride_heavy, lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step, max(rounding_seed, 0),
-        row_base, col_base, OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed), SELECTED=selected is not None,
-        HEAVY=slots is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        stride_heavy, lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step,
+        max(rounding_seed, 0), row_base, col_base, OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed),
+        SELECTED=selected is not None, HEAVY=slots is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
 
 

@@ -24,7 +24,7 @@ def exit_with(code: int):
     gloo's drops tensors once Python is gone. torchrun then reports a finished run as failed, and Slurm may requeue
     it. So a process launched as a rank of several (WORLD_SIZE > 1) skips the teardown, once its streams are flushed;
     main has already closed its files, checkpoints, lock and process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

@@ -52,12 +52,11 @@ def row_update_(values, first, second, grad_out, weights, pair_order, offsets, r
                 rounding_seed: int = -1, selected=None, row_base: int = 0, col_base: int = 0) -> None:
     """`titanmem.kernels.row_update.row_update_` in tensor ops, for fp32 tables and bf16 tables rounded to nearest
     (`rounding_seed` < 0); `row_base` and `col_base` only place the stochastic draws, which these ops do not make."""
-    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD  # the optimizer codes (imports Triton)
+    # The optimizer codes and the kernels' check of the table's dtype and rounding (imports Triton).
+    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD, _rounding
 
-    if rounding_seed >= 0 and values.dtype == torch.bfloat16:
+    if _rounding(values.dtype, rounding_seed) == 2:
         raise ValueError("stochastic rounding of a bf16 table needs the Triton update (titanmem.kernels.row_update)")
-    if values.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the fused value update stores fp32 or bf16 tables, not {values.dtype}")
     if rows.numel() == 0:
         return
     grad = row_grads(grad_out, weights, pair_order, offsets) * clip

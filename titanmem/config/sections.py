@@ -160,7 +160,8 @@ class Memory:
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
     `adagrad` (one fp32 state per row) and `adam` (lazy, row-sparse moments): fused row-wise updates of the touched
     rows only, with no dense gradient or dense state: Triton kernels on a GPU, tensor ops on a CPU (but a bf16 table
-    rounded stochastically keeps the kernels, interpreted there, for their random bits). `auto` is adagrad on CUDA (the fastest whose loss matched AdamW's in our 134m check, docs/benchmarks.md) and adamw on CPU."""
+    rounded stochastically keeps the kernels, interpreted there, for their random bits). `auto` is adagrad on CUDA
+    (the fastest whose loss matched AdamW's in our 134m check, docs/benchmarks.md) and adamw on CPU."""
 
     value_dtype: Literal["fp32", "bf16"] = "fp32"
     """Storage of the value table. `bf16` halves its memory (at 128B values, 34 GB instead of 69 GB per GPU on 8
