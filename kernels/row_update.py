@@ -116,13 +116,16 @@ def _row_update_kernel(
     values_ptr, first_ptr, second_ptr,
     grad_out_ptr, weights_ptr, pair_order_ptr, offsets_ptr, rows_ptr, selected_ptr, heavy_slots_ptr, heavy_grads_ptr,
     L, D, stride_values, stride_first, stride_second, stride_grad, stride_heavy,
-    lr, weight_decay, clip, eps, beta1, beta2, bias_correction1, bias_correction2, seed, row_base, col_base,
+    lr, weight_decay, eps, beta1, beta2, step_scalars_ptr, seed_ptr, row_base, col_base,
     OPTIMIZER: tl.constexpr, ROUNDING: tl.constexpr, SELECTED: tl.constexpr, HEAVY: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     segment = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < D
+    # The step's scalars come from the device (`step_scalars`): a step the device decided to skip writes nothing.
+    clip = tl.load(step_scalars_ptr)
+    # (A column bound of 0 rather than a masked `and`, which Triton's interpreter cannot take for this scalar.)
+    col_mask = cols < tl.where(tl.load(step_scalars_ptr + 1) != 0.0, D, 0)
     begin = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
     keep = True
@@ -152,12 +155,14 @@ def _row_update_kernel(
         second = beta2 * second + (1.0 - beta2) * grad * grad
         tl.store(first_ptrs, first.to(first_ptr.dtype.element_ty), mask=col_mask)
         tl.store(second_ptrs, second.to(second_ptr.dtype.element_ty), mask=col_mask)
+        bias_correction1 = tl.load(step_scalars_ptr + 2)
+        bias_correction2 = tl.load(step_scalars_ptr + 3)
         value = value - lr * (first / bias_correction1) / (tl.sqrt(second / bias_correction2) + eps)
     if ROUNDING == 1:
         value = _round_to_nearest_bf16(value)
     elif ROUNDING == 2:
         # Drawn by the element's place in the whole table, so that every layout of it draws the same bits.
-        value = _stochastic_round_to_bf16(value, seed, row + row_base, cols + col_base)
+        value = _stochastic_round_to_bf16(value, tl.load(seed_ptr), row + row_base, cols + col_base)
     tl.store(value_ptrs, value.to(values_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -184,13 +189,29 @@ def _stochastic_round_to_bf16(value, seed, row, cols):
     return tl.where(finite, rounded, value)
 
 
-def _rounding(dtype: torch.dtype, rounding_seed: int) -> int:
+def _rounding(dtype: torch.dtype, stochastic: bool) -> int:
     """How the kernel stores an updated value: 0 as it is (an fp32 table), 1 to nearest bf16, 2 stochastically."""
     if dtype == torch.float32:
         return 0
     if dtype != torch.bfloat16:
         raise ValueError(f"the fused value update stores fp32 or bf16 tables, not {dtype}")
-    return 2 if rounding_seed >= 0 else 1
+    return 2 if stochastic else 1
+
+
+def step_scalars(clip, step, beta1: float, beta2: float, apply=True, device=None) -> torch.Tensor:
+    """The scalars of one update as `row_update_` reads them from the device: [clip factor, apply (1 or 0),
+    1 - beta1**step, 1 - beta2**step] (fp32; Adam's bias corrections of the step being applied).
+
+    Numbers give a tensor on `device`; 0-d device tensors (the optimizer's clip factor, its applied-step count and its
+    decision to apply) give one computed there, so that nothing waits for the host. The powers are taken in fp64 either
+    way, and then rounded to fp32, as the kernels use them."""
+    if not any(isinstance(x, torch.Tensor) for x in (clip, step, apply)):
+        return torch.tensor([clip, float(apply), 1.0 - beta1**step, 1.0 - beta2**step], dtype=torch.float32,
+                            device=device)
+    on = next(x for x in (clip, step, apply) if isinstance(x, torch.Tensor)).device
+    step = torch.as_tensor(step, device=on).double().clamp(min=1)  # a skipped first step has no bias correction
+    return torch.stack([torch.as_tensor(clip, device=on).double(), torch.as_tensor(apply, device=on).double(),
+                        1.0 - beta1**step, 1.0 - beta2**step]).float()
 
 
 def _launch_shape(dim: int, deterministic: bool) -> tuple[dict, int]:
@@ -235,11 +256,30 @@ def heavy_row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: t
     return slots, grads
 
 
-def _heavy_rows(grad_out, weights, pair_order, offsets, cfg) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """`heavy_row_grads` at the launch config's threshold, with the row stride the kernels take."""
+def heavy_rows(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`heavy_row_grads` at the launch config's threshold, for both passes of a step to share: (slots, grads), empty
+    when no row is heavy. The chunks' sums do not depend on the column blocks, so one result serves a deterministic
+    norm pass and the update alike."""
+    grad_out, weights = grad_out.contiguous(), weights.contiguous()
+    dim = grad_out.shape[1]
+    cfg = launch_config("row_update", dim)
     slots, grads = heavy_row_grads(grad_out, weights, pair_order, offsets, cfg["HEAVY_PAIRS"], cfg["BLOCK_P"],
                                    cfg["BLOCK_D"], cfg["num_warps"])
-    return slots, grads, grads.stride(0) if grads is not None else 0
+    if slots is None:
+        return (torch.empty(0, dtype=torch.int32, device=grad_out.device),
+                torch.empty(0, dim, dtype=torch.float32, device=grad_out.device))
+    return slots, grads
+
+
+def _heavy_rows(grad_out, weights, pair_order, offsets, heavy_slots, heavy_grads
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """The heavy rows as the kernels take them (None when there are none), computed here unless given."""
+    if heavy_slots is None or heavy_grads is None:
+        heavy_slots, heavy_grads = heavy_rows(grad_out, weights, pair_order, offsets)
+    if heavy_slots.numel() == 0:
+        return None, None, 0
+    return heavy_slots, heavy_grads, heavy_grads.stride(0)
 
 
 @torch.library.custom_op("titanmem::row_grad_sq", mutates_args=())
@@ -250,9 +290,12 @@ def row_grad_sq(
     offsets: torch.Tensor,
     deterministic: bool,
     selected: torch.Tensor | None = None,
+    heavy_slots: torch.Tensor | None = None,
+    heavy_grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared norm [U] (fp32) of each touched row's summed gradient; rows as grouped by `row_segments`. `selected`
-    ([U] bool, per touched row), when given, leaves the other rows out: their squared norm is 0."""
+    ([U] bool, per touched row), when given, leaves the other rows out: their squared norm is 0. `heavy_slots` and
+    `heavy_grads`: the step's `heavy_rows`, when already summed (else summed here)."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = offsets.numel() - 1
     dim = grad_out.shape[1]
@@ -260,7 +303,8 @@ def row_grad_sq(
     atomic = column_blocks > 1
     row_sq = (torch.zeros if atomic else torch.empty)(segments, device=grad_out.device, dtype=torch.float32)
     if segments:
-        slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, cfg)
+        slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, heavy_slots,
+                                                       heavy_grads)
         _row_grad_sq_kernel[(segments, column_blocks)](
             grad_out, weights, pair_order, offsets, _selection(selected, segments), slots, heavy_grads, row_sq,
             weights.shape[1], dim, grad_out.stride(0), stride_heavy, SELECTED=selected is not None,
@@ -281,7 +325,7 @@ def _selection(selected: torch.Tensor | None, segments: int) -> torch.Tensor | N
 
 
 @row_grad_sq.register_fake
-def _(grad_out, weights, pair_order, offsets, deterministic, selected=None):
+def _(grad_out, weights, pair_order, offsets, deterministic, selected=None, heavy_slots=None, heavy_grads=None):
     return grad_out.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
 
 
@@ -299,46 +343,64 @@ def row_update_(
     optimizer: int,
     lr: float,
     weight_decay: float,
-    clip: float,
     eps: float,
     beta1: float,
     beta2: float,
-    step: int,
-    rounding_seed: int = -1,
+    scalars: torch.Tensor,
+    seed: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     row_base: int = 0,
     col_base: int = 0,
+    heavy_slots: torch.Tensor | None = None,
+    heavy_grads: torch.Tensor | None = None,
 ) -> None:
     """Apply one optimizer step, in place, to the touched rows of `values` (and their state `first`/`second`:
-    unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam). The update is computed
-    in fp32; a bf16 table is rounded back stochastically when `rounding_seed` >= 0 (seeded by it and the row), else
-    to nearest. `selected` ([U] bool, per touched row), when given, updates only those rows: the others, with their
+    unused [0] tensors for SGD, the [N] accumulator for Adagrad, the [N, D] moments for Adam). `scalars` are the
+    step's `step_scalars` on the device: the clip factor, whether to apply the step at all (a skipped step leaves
+    everything as it was), and Adam's bias corrections. The update is computed in fp32; a bf16 table is rounded back
+    stochastically when `seed` (an int64 [1] tensor, `rounding_seeds`) is given, seeded by it and the row, else to
+    nearest. `selected` ([U] bool, per touched row), when given, updates only those rows: the others, with their
     state, are left untouched (their `row_sq` must be 0, as `row_grad_sq` gives it with the same selection).
     `row_base` and `col_base` place `values` in the whole table (a block of it held by this rank): the stochastic
-    rounding draws by the element's place there."""
+    rounding draws by the element's place there. `heavy_slots`, `heavy_grads`: as for `row_grad_sq`."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     segments = rows.numel()
     if not segments:
         return
     dim = values.shape[1]
+    _check_scalars(scalars, seed)
     if optimizer == ADAGRAD:
         # The accumulator grows by the mean squared (clipped) gradient of its row. Advanced here, once per row, so
         # that the kernel's column blocks all read the same new value. Rows are distinct, so this is a plain update.
-        first[rows] += row_sq * (clip * clip / dim)
+        first[rows] += adagrad_increment(row_sq, scalars, dim)
     cfg, column_blocks = _launch_shape(dim, deterministic=False)
-    slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, cfg)
+    slots, heavy_grads, stride_heavy = _heavy_rows(grad_out, weights, pair_order, offsets, heavy_slots, heavy_grads)
     _row_update_kernel[(segments, column_blocks)](
         values, first, second, grad_out, weights, pair_order, offsets, rows, _selection(selected, segments), slots,
         heavy_grads, weights.shape[1], dim, values.stride(0),
         first.stride(0) if first.ndim == 2 else 0, second.stride(0) if second.ndim == 2 else 0, grad_out.stride(0),
-        stride_heavy, lr, weight_decay, clip, eps, beta1, beta2, 1.0 - beta1**step, 1.0 - beta2**step,
-        max(rounding_seed, 0), row_base, col_base, OPTIMIZER=optimizer, ROUNDING=_rounding(values.dtype, rounding_seed),
-        SELECTED=selected is not None, HEAVY=slots is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        stride_heavy, lr, weight_decay, eps, beta1, beta2, scalars, seed, row_base, col_base, OPTIMIZER=optimizer,
+        ROUNDING=_rounding(values.dtype, seed is not None), SELECTED=selected is not None, HEAVY=slots is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
 
 
+def adagrad_increment(row_sq: torch.Tensor, scalars: torch.Tensor, dim: int) -> torch.Tensor:
+    """What row-wise Adagrad adds to each touched row's accumulator: the mean squared clipped gradient of the row, or 0
+    on a skipped step (whose norms may be infinite or NaN)."""
+    clip, apply = scalars[0], scalars[1] != 0
+    return torch.where(apply, row_sq * (clip * clip / dim), 0.0)
+
+
+def _check_scalars(scalars: torch.Tensor, seed: torch.Tensor | None) -> None:
+    if scalars.dtype != torch.float32 or scalars.shape != (4,):
+        raise ValueError(f"scalars must be step_scalars' fp32 [4] tensor, got {scalars.dtype} of shape "
+                         f"{tuple(scalars.shape)}")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"seed must be an int64 tensor of one element, got {seed.dtype} of shape {tuple(seed.shape)}")
+
+
 @row_update_.register_fake
-def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay,
-      clip, eps, beta1, beta2, step, rounding_seed=-1, selected=None, row_base=0, col_base=0):
+def _(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer, lr, weight_decay, eps,
+      beta1, beta2, scalars, seed=None, selected=None, row_base=0, col_base=0, heavy_slots=None, heavy_grads=None):
     return None

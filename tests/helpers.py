@@ -282,7 +282,7 @@ def full_training_state(trainer) -> dict:
         for name in ("first", "second"):
             table = values._as_table(getattr(values, name))
             state[f"values.{name}"] = (table.full_tensor() if isinstance(table, DTensor) else table).clone()
-        state["values.steps"] = values.steps
+        state["values.steps"] = int(values.steps)
     return state
 
 

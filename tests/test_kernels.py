@@ -8,7 +8,8 @@ from helpers import FP32_UNIT, assert_close_in_scale
 from titanmem.kernels import config as kernel_config
 from titanmem.components import row_update_torch
 from titanmem.kernels import row_update
-from titanmem.kernels.row_update import ADAGRAD, ADAM, OPTIMIZERS, SGD, heavy_row_grads, row_grad_sq, row_update_
+from titanmem.kernels.row_update import (ADAGRAD, ADAM, OPTIMIZERS, SGD, heavy_row_grads, row_grad_sq, row_update_,
+                                        step_scalars)
 
 # The kernels run compiled on a GPU when there is one, else interpreted on CPU; references are float64 on CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,7 +187,7 @@ def test_fused_row_updates_match_the_optimizer_on_the_restricted_dense_gradient(
         torch.testing.assert_close(cpu64(row_sq), (dense_grad[touched] ** 2).sum(1), rtol=1e-5, atol=1e-5)
         clip = 0.5 if step == 2 else 1.0
         passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
-                    clip, eps, betas[0], betas[1], step)
+                           eps, betas[0], betas[1], step_scalars(clip, step, *betas, device=DEVICE))
         expected = reference_row_update(code, *expected, dense_grad[touched], touched, lr, wd, clip, eps, betas, step)
         torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
         if code != SGD:
@@ -225,7 +226,8 @@ def test_a_row_selection_updates_only_the_selected_rows_and_leaves_the_others_bi
         torch.testing.assert_close(cpu64(row_sq), (dense_grad[rows.cpu().long()] ** 2).sum(1) * selected,
                                    rtol=1e-5, atol=1e-5)
         passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, code, lr, wd,
-                    1.0, eps, betas[0], betas[1], step, -1, selected.to(DEVICE))
+                           eps, betas[0], betas[1], step_scalars(1.0, step, *betas, device=DEVICE), None,
+                           selected.to(DEVICE))
         expected = reference_row_update(code, *expected, dense_grad[chosen], chosen, lr, wd, 1.0, eps, betas, step)
         torch.testing.assert_close(cpu64(values), expected[0], rtol=1e-5, atol=1e-5)
         left_out = torch.ones(50, dtype=torch.bool)
@@ -264,6 +266,60 @@ def test_heavy_rows_are_summed_in_chunks_to_their_whole_gradient(chunk):
     assert heavy_row_grads(grad_out, weights, pair_order, offsets, int(lengths.max()), 2, 32, 1) == (None, None)
 
 
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("norm", [float("nan"), float("inf")])
+def test_a_step_the_device_skips_leaves_values_and_state_bit_identical(kind, norm, passes):
+    """`scalars` with apply = 0, as the device sets it for a non-finite step, whose clip factor and row norms may be
+    NaN or infinite: no value, moment or accumulator moves, not even by weight decay; the same scalars with apply = 1
+    do move them."""
+    code = OPTIMIZERS[kind]
+    values, indices, weights, grad_out = random_case(21, 6, 7, 40, 45, hot_rows=12)
+    generator = torch.Generator().manual_seed(5)
+    first = torch.rand(40, generator=generator) if code == ADAGRAD else torch.rand(40, 45, generator=generator) \
+        if code == ADAM else torch.zeros(0)
+    second = torch.rand(40, 45, generator=generator) if code == ADAM else torch.zeros(0)
+    state = [values, first.to(DEVICE), second.to(DEVICE)]
+    before = [t.clone() for t in state]
+    pair_order, offsets, rows = kernels.row_segments(indices, 40)
+    row_sq = passes.row_grad_sq(grad_out * norm, weights, pair_order, offsets, True)
+    skipped = step_scalars(torch.tensor(norm, device=DEVICE), torch.tensor(3, device=DEVICE), 0.9, 0.95,
+                           torch.tensor(False, device=DEVICE))
+    passes.row_update_(*state, grad_out * norm, weights, pair_order, offsets, rows, row_sq, code, 0.05, 0.1, 1e-8,
+                       0.9, 0.95, skipped)
+    for name, after, start in zip(("values", "first", "second"), state, before):
+        assert torch.equal(after.cpu(), start.cpu()), name
+    row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True)
+    passes.row_update_(*state, grad_out, weights, pair_order, offsets, rows, row_sq, code, 0.05, 0.1, 1e-8, 0.9, 0.95,
+                       step_scalars(1.0, 3, 0.9, 0.95, device=DEVICE))
+    assert not torch.equal(values.cpu(), before[0].cpu())
+
+
+def test_step_scalars_on_the_device_equal_those_of_numbers():
+    """The optimizer's scalars from 0-d tensors (its clip factor, applied-step count and decision) equal those a host
+    caller makes from numbers, bit for bit; a skip before any applied step has finite bias corrections."""
+    for clip, step, apply in ((1.0, 1, True), (0.37, 5, True), (0.5, 12345, False)):
+        expected = step_scalars(clip, step, 0.9, 0.95, apply)
+        got = step_scalars(torch.tensor(clip, dtype=torch.float64, device=DEVICE), torch.tensor(step, device=DEVICE),
+                           0.9, 0.95, torch.tensor(apply, device=DEVICE))
+        assert torch.equal(got.cpu(), expected), (clip, step, apply)
+    first_skip = step_scalars(torch.tensor(1.0, device=DEVICE), torch.tensor(0, device=DEVICE), 0.9, 0.95,
+                              torch.tensor(False, device=DEVICE))
+    assert bool(first_skip.isfinite().all()) and bool((first_skip[2:] > 0).all())
+
+
+def test_malformed_step_scalars_and_seeds_are_refused(passes):
+    values, indices, weights, grad_out = random_case(1, 3, 4, 20, 8)
+    pair_order, offsets, rows = kernels.row_segments(indices, 20)
+    row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True)
+    empty = torch.zeros(0, device=DEVICE)
+    good = step_scalars(1.0, 1, 0.9, 0.95, device=DEVICE)
+    for scalars, seed, message in ((good.double(), None, "step_scalars' fp32"), (good[:3], None, "step_scalars' fp32"),
+                                   (good, torch.tensor([1.5], device=DEVICE), "int64 tensor of one element")):
+        with pytest.raises(ValueError, match=message):
+            passes.row_update_(values, empty, empty, grad_out, weights, pair_order, offsets, rows, row_sq, SGD, 0.1,
+                               0.0, 1e-8, 0.9, 0.95, scalars, seed)
+
+
 def test_a_row_selection_of_the_wrong_length_is_refused():
     values, indices, weights, grad_out = random_case(1, 3, 4, 20, 8)
     pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])
@@ -300,6 +356,11 @@ def bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cut, torch.where(bits == cut, cut, cut + 0x10000)
 
 
+def seed_tensor(seed: int) -> torch.Tensor | None:
+    """A stochastic-rounding seed as the update takes it; None (round to nearest) for -1."""
+    return torch.tensor([seed], device=DEVICE) if seed >= 0 else None
+
+
 def fused_update(values, kind, step_seed, steps=3, lr=0.05, passes=row_update):
     """`steps` updates of `values` (in place) with fixed random reads, and the optimizer state."""
     code = OPTIMIZERS[kind]
@@ -315,7 +376,8 @@ def fused_update(values, kind, step_seed, steps=3, lr=0.05, passes=row_update):
         pair_order, offsets, touched = kernels.row_segments(indices, rows)
         row_sq = passes.row_grad_sq(grad_out, weights, pair_order, offsets, True)
         passes.row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code, lr,
-                           0.1, 1.0, 1e-8, 0.9, 0.95, step, step_seed(step))
+                           0.1, 1e-8, 0.9, 0.95, step_scalars(1.0, step, 0.9, 0.95, device=DEVICE),
+                           seed_tensor(step_seed(step)))
     return values
 
 
@@ -364,7 +426,8 @@ def test_stochastic_rounding_is_unbiased_where_nearest_loses_small_updates():
         for name, table in tables.items():
             # Each step moves every value by 1e-4 (2 reads × lr 5e-5), under a tenth of bf16's step below 1.0.
             row_update_(table, empty, empty, grad_out, weights, pair_order, offsets, touched, row_sq, sgd, 5e-5,
-                        0.0, 1.0, 1e-8, 0.9, 0.95, step, 99 + step if name == "stochastic" else -1)
+                        0.0, 1e-8, 0.9, 0.95, step_scalars(1.0, step, 0.9, 0.95, device=DEVICE),
+                        seed_tensor(99 + step if name == "stochastic" else -1))
     exact = tables["fp32"].double()
     assert torch.allclose(exact, torch.full_like(exact, 1 - steps * 1e-4), atol=1e-6)
     assert torch.equal(tables["nearest"].double(), torch.ones_like(exact))  # every update rounded away
@@ -451,8 +514,9 @@ def test_stochastic_rounding_draws_by_the_place_in_the_whole_table():
     def update(table, indices, grad_out, row_base=0, col_base=0):
         pair_order, offsets, touched = kernels.row_segments(indices, table.shape[0])
         row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, True)
-        row_update_(table, empty, empty, grad_out, weights, pair_order, offsets, touched, row_sq, SGD, 0.01, 0.0, 1.0,
-                    1e-8, 0.9, 0.95, 1, 1234, None, row_base, col_base)
+        row_update_(table, empty, empty, grad_out, weights, pair_order, offsets, touched, row_sq, SGD, 0.01, 0.0, 1e-8,
+                    0.9, 0.95, step_scalars(1.0, 1, 0.9, 0.95, device=DEVICE), seed_tensor(1234), None, row_base,
+                    col_base)
 
     update(whole, indices, grad_out)
     block = random_case(14, 1, 1, 40, 64)[0].to(torch.bfloat16)[16:, 24:].clone()

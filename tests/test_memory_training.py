@@ -72,6 +72,100 @@ def test_row_wise_value_optimizers_train_only_the_touched_rows(small_config, kin
     assert losses[-1] < losses[0]
 
 
+def poison_at(trainer, bad_step, where):
+    """Make step `bad_step` non-finite: a NaN in a dense gradient ("dense"), or in the value table's recorded read-out
+    gradients alone ("values"), so that only its own norm is NaN."""
+    if where == "dense":
+        original_backward = trainer.forward_backward
+
+        def forward_backward(inputs, labels):
+            loss = original_backward(inputs, labels)
+            if trainer.train_state.step == bad_step:
+                next(trainer.model.parameters()).grad.fill_(float("nan"))
+            return loss
+
+        trainer.forward_backward = forward_backward
+        return
+    values = trainer.optimizers.values
+    original_merge = values._merge
+
+    def merge():
+        merged = original_merge()
+        if trainer.train_state.step == bad_step and merged is not None:
+            indices, weights, grad_out = merged
+            merged = indices, weights, torch.full_like(grad_out, float("nan"))
+        return merged
+
+    values._merge = merge
+
+
+def value_state(trainer) -> dict:
+    values = trainer.optimizers.values
+    return {"table": values._local_table().detach().clone(), "first": values.first.clone(),
+            "second": values.second.clone(), "steps": values.steps.clone()}
+
+
+@pytest.mark.parametrize("where", ["dense", "values"])
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_a_nonfinite_step_leaves_the_table_and_its_optimizer_state_as_they_were(small_config, kind, implementation,
+                                                                                where):
+    """foreach: the host reads the norms and skips; fused: the device decides, for AdamW and the row-wise optimizer
+    alike, and the host reads nothing until the step is settled. Either way a non-finite step, whichever norm it is
+    in, moves no weight, no value row, no moment, accumulator or step count."""
+    trainer = Trainer(small_config(training={"steps": 3, "seq_len": 16, "local_batch_size": 2,
+                                             "on_nonfinite_loss": "skip"},
+                                   memory={**TINY_MEMORY, "value_optimizer": kind, "value_lr": 0.05},
+                                   optimizer={"implementation": implementation}))
+    assert trainer.optimizers.skips_on_device == (implementation == "fused")
+    poison_at(trainer, 3, where)
+    try:
+        trainer.config.training.steps = 2
+        trainer.train()
+        weights, state = {k: v.clone() for k, v in trainer.model.state_dict().items()}, value_state(trainer)
+        assert int(state["steps"]) == 2
+        trainer.config.training.steps = 3
+        trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.train_state.nonfinite_skips == 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights[name]), f"{name} changed in a skipped step"
+    for name, value in value_state(trainer).items():
+        assert torch.equal(value, state[name]), f"the value optimizer's {name} changed in a skipped step"
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_row_wise_steps_decided_on_the_device_train_exactly_as_steps_decided_on_the_host(small_config, monkeypatch,
+                                                                                         kind):
+    """The device-side decision changes when the host looks, not what is computed: with a skipped step among them,
+    the same losses, skips, weights, value rows and value optimizer state (Adam's bias correction follows the count
+    of applied steps) as a run whose host reads and decides every step."""
+    from titanmem.components.optimizer import Optimizers
+
+    def train(on_device):
+        monkeypatch.setattr(Optimizers, "skips_on_device", property(lambda self: on_device))
+        trainer = Trainer(small_config(training={"steps": 6, "seq_len": 16, "local_batch_size": 2,
+                                                 "on_nonfinite_loss": "skip"},
+                                       memory={**TINY_MEMORY, "value_optimizer": kind, "value_lr": 0.05},
+                                       optimizer={"implementation": "fused"}, metrics={"log_freq": 5}))
+        poison_at(trainer, 2, "values")
+        try:
+            losses = trainer.train()
+        finally:
+            trainer.close()
+        return losses, trainer.train_state.nonfinite_skips, trainer.model.state_dict(), value_state(trainer)
+
+    on_device, on_host = train(True), train(False)
+    assert sorted(on_device[0]) == list(range(1, 7)) and on_device[0] == on_host[0]
+    assert on_device[1] == on_host[1] == 1
+    assert int(on_device[3]["steps"]) == 5
+    for name, value in on_device[2].items():
+        assert torch.equal(value, on_host[2][name]), name
+    for name, value in on_device[3].items():
+        assert torch.equal(value, on_host[3][name]), name
+
+
 def test_row_wise_adam_state_survives_a_crash_and_resume(tmp_path, small_config):
     sections = dict(
         training={"steps": 6, "seq_len": 16, "local_batch_size": 2, "deterministic": True},

@@ -23,7 +23,7 @@ import triton
 
 import titanmem.kernels as kernels
 from titanmem.kernels import config as kernel_config
-from titanmem.kernels.row_update import OPTIMIZERS, row_grad_sq, row_update_
+from titanmem.kernels.row_update import OPTIMIZERS, row_grad_sq, row_update_, step_scalars
 
 ROWS_PER_TOKEN = 4 * 32  # heads × knn
 
@@ -136,9 +136,11 @@ def breakdown(values, indices, weights, grad_out, sweep: bool) -> dict[str, str]
     def grad_sq():
         row_grad_sq(grad_out, weights, pair_order, offsets, False)
 
+    scalars = step_scalars(1.0, 1, 0.9, 0.95, device=values.device)
+
     def update():
         row_update_(values, first, empty, grad_out, weights, pair_order, offsets, touched, row_sq, OPTIMIZERS["adagrad"],
-                    0.0, 0.0, 1.0, 1e-8, 0.9, 0.95, 1)
+                    0.0, 0.0, 1e-8, 0.9, 0.95, scalars)
 
     def sparse_backward():
         kernels.weighted_bag_sparse_backward(grad_out, values, indices, weights, False)
@@ -239,7 +241,7 @@ def run_shape(rows: int, dim: int, tokens: int, ceiling: float, sweep: bool) -> 
             row_sq = row_grad_sq(grad_out, weights, pair_order, offsets, False)
             row_sq.sum().sqrt()  # the table's gradient norm, for clipping and the logs
             row_update_(values, first, second, grad_out, weights, pair_order, offsets, touched, row_sq, code,
-                        0.0, 0.0, 1.0, 1e-8, 0.9, 0.95, 1)
+                        0.0, 0.0, 1e-8, 0.9, 0.95, step_scalars(1.0, 1, 0.9, 0.95, device=values.device))
 
         timed(result, f"bwd + fused {kind}", fused, baseline)
         first = second = None  # noqa: F841  (free the states before the next optimizer's)

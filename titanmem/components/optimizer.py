@@ -162,19 +162,26 @@ class Optimizers:
 
     @property
     def skips_on_device(self) -> bool:
-        """Whether the device itself can drop a non-finite step (fused AdamW's `found_inf`), so that a step needs no
-        host sync. A row-wise value optimizer decides on the host (`step`)."""
-        return self.values is None and bool(self.dense.defaults["fused"])
+        """Whether the device itself can drop a non-finite step, so that a step needs no host sync: fused AdamW reads
+        its `found_inf`, and the row-wise value optimizer its `apply` flag. AdamW's other implementations decide on
+        the host (`step`)."""
+        return bool(self.dense.defaults["fused"]) or not self.dense_trains
 
     def step_unless_nonfinite(self, scalars: torch.Tensor) -> None:
-        """Apply the update unless a value of `scalars` (the loss and the norms, on the device) is not finite; the
+        """Apply the update unless a value of `scalars` ([loss, *grad_norms()], on the device) is not finite; the
         device decides, the host does not wait. A dropped step leaves the weights, moments and step counts as they
         were."""
-        self.dense.found_inf = (~scalars.isfinite().all()).float()
-        try:
-            self.dense.step()
-        finally:
-            del self.dense.found_inf
+        finite = scalars.isfinite().all()
+        if not self.dense_trains:
+            self.dense.step()  # no parameter to update; stepped so that the lr schedule follows a stepped optimizer
+        else:
+            self.dense.found_inf = (~finite).float()
+            try:
+                self.dense.step()
+            finally:
+                del self.dense.found_inf
+        if self.values is not None:
+            self._step_values(scalars[2], finite)
 
     def step(self, loss: float, norms: list[float]) -> bool:
         """Apply the update, or drop it when the loss or a norm is not finite; returns whether it was applied."""
@@ -185,11 +192,14 @@ class Optimizers:
             return False
         self.dense.step()
         if self.values is not None:
-            # The table follows the same schedule multiplier as every AdamW group (set by the lr scheduler).
-            group = self.dense.param_groups[0]
-            self.values.step(group["lr"] / group["initial_lr"],
-                             clip_coefficient(norms[1], self.config.memory.value_max_norm))
+            self._step_values(torch.tensor(norms[1], device=self.device), True)
         return True
+
+    def _step_values(self, norm: torch.Tensor, apply: torch.Tensor | bool) -> None:
+        # The table follows the same schedule multiplier as every AdamW group (set by the lr scheduler).
+        group = self.dense.param_groups[0]
+        self.values.step(group["lr"] / group["initial_lr"],
+                         clip_coefficient(norm, self.config.memory.value_max_norm), apply)
 
     @property
     def dense_trains(self) -> bool:

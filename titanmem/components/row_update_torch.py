@@ -41,24 +41,34 @@ def row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.T
     return grads
 
 
-def row_grad_sq(grad_out, weights, pair_order, offsets, deterministic: bool = True, selected=None) -> torch.Tensor:
+def heavy_rows(grad_out, weights, pair_order, offsets) -> tuple[None, None]:
+    """No row is summed apart here: `row_grads` adds every pair in one `index_add_`, a hot row's too."""
+    return None, None
+
+
+def row_grad_sq(grad_out, weights, pair_order, offsets, deterministic: bool = True, selected=None, heavy_slots=None,
+                heavy_grads=None) -> torch.Tensor:
     """`titanmem.kernels.row_update.row_grad_sq` in tensor ops (always deterministic)."""
     squares = (row_grads(grad_out, weights, pair_order, offsets) ** 2).sum(1)
     return squares * selected if selected is not None else squares
 
 
 def row_update_(values, first, second, grad_out, weights, pair_order, offsets, rows, row_sq, optimizer: int,
-                lr: float, weight_decay: float, clip: float, eps: float, beta1: float, beta2: float, step: int,
-                rounding_seed: int = -1, selected=None, row_base: int = 0, col_base: int = 0) -> None:
+                lr: float, weight_decay: float, eps: float, beta1: float, beta2: float, scalars: torch.Tensor,
+                seed=None, selected=None, row_base: int = 0, col_base: int = 0, heavy_slots=None,
+                heavy_grads=None) -> None:
     """`titanmem.kernels.row_update.row_update_` in tensor ops, for fp32 tables and bf16 tables rounded to nearest
-    (`rounding_seed` < 0); `row_base` and `col_base` only place the stochastic draws, which these ops do not make."""
-    # The optimizer codes and the kernels' check of the table's dtype and rounding (imports Triton).
-    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD, _rounding
+    (no `seed`); `row_base` and `col_base` only place the stochastic draws, which these ops do not make."""
+    # The optimizer codes and the kernels' checks of the table's dtype, rounding and scalars (imports Triton).
+    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD, _check_scalars, _rounding, adagrad_increment
 
-    if _rounding(values.dtype, rounding_seed) == 2:
+    if _rounding(values.dtype, seed is not None) == 2:
         raise ValueError("stochastic rounding of a bf16 table needs the Triton update (titanmem.kernels.row_update)")
-    if rows.numel() == 0:
+    _check_scalars(scalars, seed)
+    # Off the GPU, reading the decision costs no wait.
+    if rows.numel() == 0 or scalars[1] == 0:
         return
+    clip, bias_correction1, bias_correction2 = scalars[0], scalars[2], scalars[3]
     grad = row_grads(grad_out, weights, pair_order, offsets) * clip
     rows = rows.long()
     if selected is not None:
@@ -70,14 +80,14 @@ def row_update_(values, first, second, grad_out, weights, pair_order, offsets, r
         value = value - lr * grad
     elif optimizer == ADAGRAD:
         # Row-wise Adagrad: the accumulator grows by the mean squared (clipped) gradient of the row.
-        first[rows] += row_sq * (clip * clip / values.shape[1])
+        first[rows] += adagrad_increment(row_sq, scalars, values.shape[1])
         value = value - lr * grad / (first[rows].sqrt() + eps)[:, None]
     elif optimizer == ADAM:
         moment = beta1 * first[rows].float() + (1.0 - beta1) * grad
         square = beta2 * second[rows].float() + (1.0 - beta2) * grad * grad
         first[rows] = moment.to(first.dtype)
         second[rows] = square.to(second.dtype)
-        value = value - lr * (moment / (1.0 - beta1**step)) / ((square / (1.0 - beta2**step)).sqrt() + eps)
+        value = value - lr * (moment / bias_correction1) / ((square / bias_correction2).sqrt() + eps)
     else:
         raise ValueError(f"unknown row-wise optimizer code {optimizer}")
     values[rows] = value.to(values.dtype)

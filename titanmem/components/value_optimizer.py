@@ -20,8 +20,6 @@ group), so that Adagrad's row statistic and the clipping norm are those of whole
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -65,7 +63,10 @@ class RowWiseValueOptimizer:
         self.weight_decay = weight_decay
         self.betas = betas
         self.eps = eps
-        self.steps = 0
+        table = self._local_table()
+        # Applied updates so far, on the device: a step is applied or skipped there (`step`'s `apply`), and Adam's bias
+        # correction and the rounding draws follow this count without the host reading it.
+        self.steps = torch.zeros((), dtype=torch.int64, device=table.device)
         self.replica_group = replica_group
         self.slice_group = slice_group
         self.rows_group = rows_group
@@ -77,7 +78,6 @@ class RowWiseValueOptimizer:
         # A block of rows receives the reads of other blocks as -1 (read nothing).
         self.rows_sharded = isinstance(values.weight, DTensor) and any(
             isinstance(p, Shard) and p.dim == 0 for p in values.weight.placements)
-        table = self._local_table()
         # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
         self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
         # The fused passes: Triton kernels on a GPU (and wherever Philox bits are drawn), tensor ops elsewhere.
@@ -85,7 +85,7 @@ class RowWiseValueOptimizer:
             from titanmem.components import row_update_torch as passes
         else:
             from titanmem.kernels import row_update as passes
-        self._row_grad_sq, self._row_update_ = passes.row_grad_sq, passes.row_update_
+        self._row_grad_sq, self._row_update_, self._heavy_rows = passes.row_grad_sq, passes.row_update_, passes.heavy_rows
         empty = table.new_empty(0, dtype=torch.float32)
         if kind == "adagrad":
             self.first, self.second = torch.zeros(table.shape[0], device=table.device, dtype=torch.float32), empty
@@ -131,29 +131,40 @@ class RowWiseValueOptimizer:
         # (row blocks rank theirs against the others', `RowSelector`).
         selected = (self.row_selector(rows.long() + self.row_base, offsets, self.rows_group)
                     if self.row_selector is not None else None)
-        row_sq = self._row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected)
+        # Summed once for both passes.
+        heavy = self._heavy_rows(grad_out, weights, pair_order, offsets)
+        row_sq = self._row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected, *heavy)
         if self.slice_group is not None:
             # Every rank of the group grouped the same rows in the same order: sum their column parts.
             dist.all_reduce(row_sq, group=self.slice_group)
         # The update kernel averages the row statistic over the table's local width; make that the whole row's mean.
         local_row_sq = row_sq * (table.shape[1] / self.full_width)
-        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq, selected)
+        self._prepared = (indices, weights, grad_out, pair_order, offsets, rows, local_row_sq, selected, heavy)
         squared_norm = row_sq.sum()
         if self.rows_group is not None:
             dist.all_reduce(squared_norm, group=self.rows_group)
         return squared_norm.sqrt()
 
-    def step(self, lr_multiplier: float, clip: float = 1.0) -> None:
-        """Apply the prepared update with lr = base lr × multiplier and the gradient scaled by `clip`."""
+    def step(self, lr_multiplier: float, clip: torch.Tensor | float = 1.0, apply: torch.Tensor | bool = True
+             ) -> None:
+        """Apply the prepared update with lr = base lr × multiplier and the gradient scaled by `clip`, where `apply`
+        holds. Both may be 0-d device tensors (`clip_coefficient`, and the device's own finite check): then nothing
+        here waits for the device, and a step it decides to skip changes no value, state or step count."""
         if self._prepared is None:
             return
-        indices, weights, grad_out, pair_order, offsets, rows, row_sq, selected = self._prepared
+        from titanmem.kernels.row_update import step_scalars
+
+        indices, weights, grad_out, pair_order, offsets, rows, row_sq, selected, heavy = self._prepared
         self._prepared = None
-        self.steps += 1
+        device = self.steps.device
+        apply = torch.as_tensor(apply, device=device)
+        self.steps += apply.to(torch.int64)
+        scalars = step_scalars(torch.as_tensor(clip, device=device), self.steps, self.betas[0], self.betas[1], apply)
+        seed = rounding_seeds(self.rounding_seed, self.steps) if self.rounding_seed is not None else None
         self._row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,
-            self.code, self.base_lr * lr_multiplier, self.weight_decay, clip, self.eps, self.betas[0], self.betas[1],
-            self.steps, rounding_seed(self.rounding_seed, self.steps), selected, self.row_base, self.col_base,
+            self.code, self.base_lr * lr_multiplier, self.weight_decay, self.eps, self.betas[0], self.betas[1],
+            scalars, seed, selected, self.row_base, self.col_base, *heavy,
         )
 
     def discard(self) -> None:
@@ -164,7 +175,7 @@ class RowWiseValueOptimizer:
     def state_dict(self) -> dict:
         # Keyed by the optimizer kind: a checkpoint of another kind then simply lacks these keys (see checkpoint.py).
         return {self.kind: {"first": self._as_table(self.first), "second": self._as_table(self.second),
-                            "steps": torch.tensor(self.steps)}}
+                            "steps": self.steps}}
 
     def _as_table(self, state: torch.Tensor) -> torch.Tensor:
         """Per-element state is saved as a global DTensor laid out like the table. Per-row state is the same on every
@@ -185,7 +196,7 @@ class RowWiseValueOptimizer:
             return
         for name in ("first", "second"):
             getattr(self, name).copy_(local_tensor(state[name]))
-        self.steps = int(state["steps"])
+        self.steps.copy_(torch.as_tensor(state["steps"]).reshape(()))
 
 
 def rounding_seed(seed: int | None, step: int) -> int:
@@ -193,13 +204,35 @@ def rounding_seed(seed: int | None, step: int) -> int:
     so that a resumed run draws the same bits."""
     if seed is None:
         return -1
-    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77) & 0xFFFFFFFFFFFFFFFF
+    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77) & _MASK64
     mixed ^= mixed >> 29
     return (mixed * 0xBF58476D1CE4E5B9 >> 33) & 0x7FFFFFFF
 
 
-def clip_coefficient(norm: float, max_norm: float) -> float:
-    """The factor that scales a gradient of `norm` down to `max_norm` (1 when within it, or when max_norm is 0)."""
-    if max_norm <= 0 or not math.isfinite(norm) or norm <= max_norm:
-        return 1.0
-    return max_norm / (norm + 1e-6)
+_MASK64 = (1 << 64) - 1
+
+
+def rounding_seeds(seed: int, steps: torch.Tensor) -> torch.Tensor:
+    """`rounding_seed(seed, step)` for an int64 tensor of steps, on its device (int64, same shape): the same 64-bit
+    arithmetic, done in two's complement (products and sums wrap, shifts are made logical)."""
+
+    def signed(constant: int) -> int:
+        constant &= _MASK64
+        return constant - (1 << 64) if constant >> 63 else constant
+
+    def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+        return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+    mixed = steps.to(torch.int64) * 0x85EBCA77 + signed(seed * 0x9E3779B1)
+    mixed = mixed ^ shift_right(mixed, 29)
+    return shift_right(mixed * signed(0xBF58476D1CE4E5B9), 33) & 0x7FFFFFFF
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor (0-d, on the norm's device) that scales a gradient of `norm` down to `max_norm`: 1 when within it,
+    when max_norm is 0, or when the norm is not finite (that step is skipped anyway). Taken in fp64, as a host
+    computation would."""
+    norm = norm.double()
+    if max_norm <= 0:
+        return torch.ones_like(norm)
+    return torch.where(norm.isfinite() & (norm > max_norm), max_norm / (norm + 1e-6), 1.0)
