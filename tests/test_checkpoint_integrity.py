@@ -196,7 +196,7 @@ def test_verification_is_spread_over_ranks_and_every_rank_falls_back(tmp_path):
 
     def launch(steps, name):
         sections = dict(training={"steps": steps, "seq_len": 32, "local_batch_size": 2},
-                        memory={"enabled": True}, checkpoint={"enable": True, "interval": 2},
+                        memory={"enabled": True}, checkpoint={"enable": True, "interval": 2, "io_threads": 1},
                         parallelism={"dp_shard": 2})
         launch_ranks(train_worker, 2, str(tmp_path), sections, name)
         return torch.load(tmp_path / name)

@@ -19,11 +19,12 @@ def test_kills_at_five_points_recover_exactly(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in crashes]
     assert len(rows) == 5
-    # Where each must resume: an async save is complete only once the next save waits for it, and a save killed
-    # before its rename is not complete.
-    for crash, resumed in zip(crashes, (2, 2, 2, 4, 2)):
+    # Where each may resume: a save killed before its rename is not complete; an async save completes in the
+    # background once written, so a crash after it (step 5) or as it starts (its thread may win the race on so small a
+    # checkpoint) finds it complete or not. The tool checks that the relaunch took the newest complete one on disk.
+    for crash, possible in zip(crashes, ({2, 4}, {2}, {2, 4}, {4}, {2})):
         row = next(r for r in rows if r.startswith(f"| {crash} "))
-        assert f"resumed at {resumed}, {6 - resumed} losses bit-identical" in row, row
+        assert any(f"resumed at {resumed}, {6 - resumed} losses bit-identical" in row for resumed in possible), row
 
 
 def test_kills_of_every_rank_with_a_rows_sharded_table_recover_exactly(tmp_path):

@@ -140,7 +140,8 @@ def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
                 recorder = ReadRecorder()
         model = build_planned_model(plan, device, recorder)
         if purpose in ("eval", "generate", "export"):
-            load_model_weights(model, plan.checkpoint_to_load, verify=config.checkpoint.verify_on_load)
+            load_model_weights(model, plan.checkpoint_to_load, verify=config.checkpoint.verify_on_load,
+                               threads=config.checkpoint.io_threads)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -346,7 +346,7 @@ class Trainer:
         """A new run's start from another run's checkpoint or an exported model (`checkpoint.initial_load_path`)."""
         if self.config.checkpoint.initial_load_model_only:
             load_model_weights(self.model, path, field="checkpoint.initial_load_path",
-                               verify=self.config.checkpoint.verify_on_load)
+                               verify=self.config.checkpoint.verify_on_load, threads=self.config.checkpoint.io_threads)
             what = "model weights"
         else:
             self.checkpointer.load(path, fall_back=False)

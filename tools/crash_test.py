@@ -10,8 +10,9 @@ Each crash is `point:step[:sync|async]` (points: titanmem/components/faults.py).
 with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
 finishes. With `--nproc N` every launch is a torchrun of N gloo CPU ranks, each of which kills itself at the point
 (as a node that loses power takes all its ranks), and torchrun ends the launch. The check, in deterministic mode on CPU:
-- the relaunch resumes from the checkpoint that must be the newest complete one at that crash (a save killed before
-  its rename is not complete; an async save is complete only once the next save or the end has waited for it);
+- the relaunch resumes from the newest complete checkpoint the crash left on disk, and that one is a checkpoint that
+  may be complete at that crash (a save killed before its rename is not; an async save becomes complete in the
+  background as soon as it is written, so a crash after it finds it complete or not, by how far its thread got);
 - every loss the relaunch logs equals the uninterrupted run's bit for bit (TensorBoard's float32 values).
 Prints one markdown row per crash and exits 1 if any fails.
 """
@@ -63,15 +64,26 @@ def losses(folder: Path, name: str) -> dict[int, float]:
     return found
 
 
-def expected_resume(point: str, step: int, interval: int, mode: str) -> int:
-    """The newest complete checkpoint when the process dies at (point, step)."""
+def possible_resumes(point: str, step: int, interval: int, mode: str) -> set[int]:
+    """The checkpoints that may be the newest complete one when the process dies at (point, step)."""
     if point in ("save:renamed", "resumed"):
-        return step
-    if point in ("save:written", "save:background"):
-        return step - interval  # this save never completed; the one before it did (its end was waited for)
+        return {step}
+    if point == "save:written":
+        return {step - interval}  # this sync save never completed; the one before it did
+    if point == "save:background":
+        # Its thread may finish the save (a tiny one) before the main thread reaches the crash; the save before it
+        # was waited for.
+        return {step - interval, step}
     last_save = (step - 1) // interval * interval  # `step`: killed after the step, before its own save
-    # An async save completes when the next save (or the end) waits for it: the last one is still in flight.
-    return last_save - interval if mode == "async" and last_save > 0 else last_save
+    # The last async save may still be in flight; the one before it was waited for by the last one.
+    return {max(last_save - interval, 0), last_save} if mode == "async" else {last_save}
+
+
+def newest_complete(folder: Path) -> int:
+    from titanmem.components.checkpoint import complete_checkpoint_steps
+
+    steps = complete_checkpoint_steps(folder / "checkpoint") if (folder / "checkpoint").is_dir() else []
+    return steps[-1] if steps else 0
 
 
 def parse(crash: str) -> tuple[str, int, str]:
@@ -99,17 +111,21 @@ def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[s
     died = killed.returncode == -9 if NPROC == 1 else killed.returncode != 0 and "SIGKILL" in killed.stderr
     if not died:
         return crash, mode, f"not killed (exit {killed.returncode})", killed.stderr[-2000:]
+    on_disk = newest_complete(folder)
     relaunch = launch(folder, "tb2", steps, interval, dcp_mode, extra)
     if relaunch.returncode != 0:
         return crash, mode, f"relaunch failed (exit {relaunch.returncode})", relaunch.stderr[-2000:]
-    want = expected_resume(point, step, interval, mode)
+    possible = possible_resumes(point, step, interval, mode)
     said = re.search(r"resumed at step (\d+)|starting at step 0", relaunch.stderr)
     resumed = int(said.group(1)) if said and said.group(1) else 0
     got = losses(folder, "tb2")
     expected_steps = list(range(resumed + 1, steps + 1))
     problems = []
-    if resumed != want:
-        problems.append(f"resumed at {resumed}, expected {want}")
+    if on_disk not in possible:
+        problems.append(f"the crash left step-{on_disk} the newest complete checkpoint, expected one of "
+                        f"{sorted(possible)}")
+    if resumed != on_disk:
+        problems.append(f"resumed at {resumed}, but step-{on_disk} was the newest complete checkpoint")
     if sorted(got) != expected_steps:
         problems.append(f"logged steps {sorted(got)}")
     unequal = [s for s in expected_steps if got.get(s) != reference[s]]

@@ -3,8 +3,8 @@
 A save writes into `step-N.partial`, and only after every rank has finished is it renamed to `step-N`; a rename is
 atomic, so a crash at any moment leaves either the old set of checkpoints or the old set plus one complete new one.
 Resume picks the newest `step-N` that holds DCP's `.metadata` file. With `async_mode`, training goes on while a
-background thread writes the save; the rename waits for the write, and the next save and the end of training wait
-for both.
+background thread writes the save, sums its files and, once every rank has done so, makes it complete (the manifest,
+then the rename); the next save and the end of training wait for that thread only if it is still busy.
 
 `CheckpointManager` takes a mapping of named Stateful objects (model, optimizers, lr schedule, data loader, RNG,
 counters) and knows nothing else about them: adding state to a checkpoint is adding one entry. Every entry must be a
@@ -111,9 +111,9 @@ def _damage(path: str | Path, problems: list[str]) -> str:
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder",
-                       verify: bool = True) -> None:
-    """Only the model's weights from a checkpoint folder or an exported one, resharded to `model`'s plan; reads,
-    never writes. A damaged checkpoint stops with a config error in `field`."""
+                       verify: bool = True, threads: int = 1) -> None:
+    """Only the model's weights from a checkpoint folder or an exported one, resharded to `model`'s plan, read by
+    `threads` threads per rank; reads, never writes. A damaged checkpoint stops with a config error in `field`."""
     if is_export(path):
         load_export(model, path)
         return
@@ -122,7 +122,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "c
     if verify and (problems := checkpoint_problems(path)):
         raise ConfigError(field, f"{_damage(path, problems)}; read an earlier one (checkpoint.load_step)")
     state = {"model": get_model_state_dict(model)}
-    load_tensors(state, path)
+    load_tensors(state, path, threads)
     set_model_state_dict(model, state["model"])
 
 
@@ -199,7 +199,7 @@ class CheckpointManager:
         self.last_saved_step = -1
         # The steps this run's timeline went back to (`rollbacks_of`), recorded in every checkpoint it saves.
         self.rollbacks: list[int] = []
-        # A background save: its step, and its write followed by the checksums of this rank's files.
+        # A background save: its step, and its write, checksums and completion.
         self._pending: tuple[int, Future] | None = None
         self._summer: ThreadPoolExecutor | None = None
         self._stager = None
@@ -235,33 +235,46 @@ class CheckpointManager:
         _barrier()
         self.last_saved_step = step
         if self.config.async_mode == "disabled":
-            dcp.save(self._state_dict(), checkpoint_id=str(partial))
+            dcp.save(self._state_dict(), storage_writer=self._writer(partial))
             digests = self._own_digests(partial)
             crash_point("save:written", step)
             self._complete(step, digests)
             logger.info("saved checkpoint step-%d; training waited %.2f s", step, time.perf_counter() - start)
         else:
-            write = dcp.async_save(self._state_dict(), checkpoint_id=str(partial), process_group=self._process_group,
-                                   async_stager=self._stager)
-            # The checksums follow the write in the background too.
-            self._pending = (step, self._summer.submit(lambda: (write.result(), self._own_digests(partial))[1]))
+            write = dcp.async_save(self._state_dict(), storage_writer=self._writer(partial),
+                                   process_group=self._process_group, async_stager=self._stager)
+            self._pending = (step, self._summer.submit(self._finish_in_background, step, write, partial))
             crash_point("save:background", step)
             logger.info("checkpoint step-%d copied for writing in the background; training waited %.2f s", step,
                         time.perf_counter() - start)
         return self.folder / f"step-{step}"
 
+    def _writer(self, partial: Path) -> dcp.FileSystemWriter:
+        # Each thread writes a file of its own; the files are fsynced before the save can complete.
+        return dcp.FileSystemWriter(str(partial), thread_count=self.config.io_threads, sync_files=True)
+
+    def _finish_in_background(self, step: int, write: Future, partial: Path) -> None:
+        """The background thread's part of an async save: the write, this rank's checksums, and the completion, which
+        waits for every rank's (`_complete` gathers them over the save's own process group, so that training's
+        collectives never wait on it). A crash at any point before the rename leaves the previous checkpoint the
+        newest complete one."""
+        start = time.perf_counter()
+        write.result()
+        self._complete(step, self._own_digests(partial))
+        logger.info("checkpoint step-%d complete: written in the background in %.2f s", step,
+                    time.perf_counter() - start)
+
     def wait(self) -> None:
-        """Let a background save finish, and make it a complete checkpoint."""
+        """Let a background save finish; it is a complete checkpoint when this returns."""
         if self._pending is None:
             return
-        step, summed = self._pending
+        step, finished = self._pending
         self._pending = None
         start = time.perf_counter()
-        digests = summed.result()
-        # Every rank's write is done once every rank's future is: `_complete` gathers them all.
-        self._complete(step, digests)
-        logger.info("saved checkpoint step-%d in the background; training waited %.2f s for its end", step,
-                    time.perf_counter() - start)
+        finished.result()
+        waited = time.perf_counter() - start
+        if waited > 0.01:
+            logger.info("training waited %.2f s for the background save of step-%d to finish", waited, step)
 
     def _own_digests(self, partial: Path) -> dict[str, dict]:
         """Checksums of the files this rank wrote into `partial`."""
@@ -330,7 +343,7 @@ class CheckpointManager:
         step = saved_step(path)
         state = self._state_dict()
         self._match_saved(state, saved_shapes(path), path)
-        load_tensors(state, path)
+        load_tensors(state, path, self.config.io_threads)
         for name, stateful in self.states.items():
             if name in state:
                 stateful.load_state_dict(state[name])

@@ -319,13 +319,19 @@ class Checkpoint:
     spread over the ranks (docs/benchmarks.md has its cost); false skips it, as for checkpoints saved before manifests
     existed."""
 
+    io_threads: int = bounded(8, ge=1)
+    """Threads per rank that write a checkpoint (each its own file, `__<rank>_<n>.distcp`) and that read one: a single
+    stream gets a fraction of what a local NVMe disk or a cluster file system delivers to several. Any count reads a
+    checkpoint written with any other (docs/benchmarks.md has the measured rates)."""
+
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
     """`disabled`: training waits while a checkpoint is written. `async`: training waits only while the state is
-    copied to CPU memory, and goes on while a background thread writes it; the next save, and the end of training,
-    wait for the write to finish. `async_with_pinned_mem`: as `async`, copying into pinned CPU buffers that are kept
-    from save to save (faster GPU-to-CPU copies, at the cost of host memory the size of this rank's state; on CPU
-    runs the same as `async`). A checkpoint becomes complete only once written: a crash during a background write
-    leaves the previous one the newest complete checkpoint."""
+    copied to CPU memory, and goes on while a background thread writes it and, as soon as every rank has written its
+    part, makes it complete; the next save, and the end of training, wait for that only if it is still running.
+    `async_with_pinned_mem`: as `async`, copying into pinned CPU buffers that are kept from save to save (faster
+    GPU-to-CPU copies, at the cost of host memory the size of this rank's state; on CPU runs the same as `async`). A
+    checkpoint becomes complete only once written: a crash during a background write leaves the previous one the
+    newest complete checkpoint."""
 
 
 @dataclass
