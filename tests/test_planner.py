@@ -131,3 +131,73 @@ def test_weak_scaling_trains_rank_zeros_share_of_a_larger_world_on_this_cpu(tmp_
 
 def plan_tool_script(script, *argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+KNOWN_RATES = dict(matmul_flops_per_s=3.1e14, activation_elements_per_s=7.0e11, memory_reads_per_s=1.7e12,
+                   row_update_bytes_per_s=4.4e12, hbm_bytes_per_s=3.0e12)
+# Dense and Memory+ flavours of two sizes: the three fitted terms are all exercised, in different proportions.
+CALIBRATION_RUNS = ["llama_134m", "llama_134m_memory", "llama_1.3b", "llama_1.3b_memory"]
+
+
+def synthetic_steps(rates) -> list[dict]:
+    """What a GPU of exactly `rates` would measure for each calibration run (one GPU: no communication)."""
+    from titanmem.planner import build_meta, resolve_for, step_work
+    from titanmem.config import build_config
+
+    measured = []
+    for run in CALIBRATION_RUNS:
+        config, _ = build_config(["--job.config_file", f"train_configs/{run}.toml"])
+        plan = resolve_for(config, 1)
+        work = step_work(plan, build_meta(plan))
+        measured.append({"run": run, "step_s": rates.compute_seconds(work),
+                         "value_update_s": rates.row_update_seconds(work)})
+    return measured
+
+
+def test_the_step_model_fit_recovers_the_rates_of_its_measurements():
+    from titanmem.step_model import Measurement, StepRates, StepWork, fit
+
+    truth = StepRates(**KNOWN_RATES, source="test")
+    works = [StepWork(3e12, 2e9, 0, 1.3e8), StepWork(9e11, 1.5e9, 4e10, 1.1e8, row_update_bytes=8e10),
+             StepWork(1.2e13, 1e9, 0, 1.3e9), StepWork(1.1e13, 1e9, 2e10, 1.2e9, row_update_bytes=4e10)]
+    measurements = [Measurement(f"run {i}", work, truth.compute_seconds(work), truth.row_update_seconds(work))
+                    for i, work in enumerate(works)]
+    fitted = fit(measurements, truth.hbm_bytes_per_s, "test")
+    for name, value in KNOWN_RATES.items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=1e-6), name
+    # No measurement reads memory: that term costs nothing rather than a made-up rate.
+    dense_only = fit(measurements[::2], truth.hbm_bytes_per_s, "test")
+    assert dense_only.memory_reads_per_s == float("inf") and dense_only.row_update_bytes_per_s == float("inf")
+    assert dense_only.matmul_flops_per_s == pytest.approx(KNOWN_RATES["matmul_flops_per_s"], rel=1e-6)
+    # A fit never makes a rate negative: a term that would need one is dropped (infinite rate) instead.
+    noisy = [Measurement(m.name, m.work, m.step_seconds * (1.3 if i % 2 else 0.8), m.row_update_seconds)
+             for i, m in enumerate(measurements)]
+    assert all(rate > 0 for rate in vars(fit(noisy, 3e12, "test")).values() if isinstance(rate, float))
+    with pytest.raises(ValueError, match="not longer than its update"):
+        fit([Measurement("broken", works[1], 1e-6, 1e-3)], 3e12, "test")
+
+
+def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_with_them(tmp_path):
+    """`--load` on measurements that a GPU of known rates would make: the fitted rates reproduce every run's step
+    (error 0.0%), and the planner's own estimate is compared with them for every run."""
+    import json
+
+    from titanmem.step_model import StepRates
+
+    saved = tmp_path / "steps.json"
+    saved.write_text(json.dumps({"source": "synthetic", "measurements": synthetic_steps(
+        StepRates(**KNOWN_RATES, source="test"))}))
+    result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(saved)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "matmul_flops_per_s=3.1e+14," in result.stdout and "source='synthetic'" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| llama_")]
+    assert len(rows) == len(CALIBRATION_RUNS)
+    for row in rows:
+        assert row.split("|")[-2].strip() in ("+0.0%", "-0.0%"), row
+    broken = tmp_path / "broken.json"
+    broken.write_text("{}")
+    result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(broken)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "not a measurements file" in result.stderr
+    assert "Traceback" not in result.stderr

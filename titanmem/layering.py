@@ -26,6 +26,7 @@ MODULE_LAYERS: dict[str, str] = {
     "titanmem": "utils",  # the package root only sets up the import path
     "titanmem.layering": "utils",
     "titanmem.utils": "utils",
+    "titanmem.step_model": "utils",
     "titanmem.kernels": "kernels",
     "titanmem.config": "config",
     "titanmem.models": "models",

@@ -7,8 +7,9 @@ gradients, optimizer states, activations, communication buffers and allocator he
 (docs/planner.md states them, and docs/benchmarks.md compares them with measured peaks).
 
 `rank_plans` enumerates the (dp_replicate, dp_shard, tp, mp) meshes of a cluster, estimates each, and ranks those
-that fit by estimated tokens per second per GPU, from a step-time model: compute at an assumed MFU and the value
-update, plus the communication on the critical path (TP exchanges, and the value table's by its layout:
+that fit by estimated tokens per second per GPU, from a step-time model: compute from rates measured on a GPU
+(`titanmem.step_model`: matmuls, elementwise work, the memory lookups, the optimizer steps and the value update),
+plus the communication on the critical path (TP exchanges, and the value table's by its layout:
 `titanmem.distributed.value_layout_cost`), plus what FSDP traffic the compute cannot hide.
 """
 
@@ -30,13 +31,11 @@ from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.models.llama import Transformer
 from titanmem.models.memory import ProductKeyMemory
 from titanmem.distributed.value_layout_cost import (INTER_NODE_BYTES_PER_S, INTRA_NODE_BYTES_PER_S, ring,
-                                                    value_table_seconds)
+                                                    value_exchange_seconds, value_update_work)
 from titanmem.plan import RunPlan, resolve_plan, value_table_work
+from titanmem.step_model import MEASURED, StepRates, StepWork
 
 GB = 1e9
-# H100 SXM dense bf16 peak, and the share of it a training step reaches (the ranking's compute term).
-PEAK_FLOPS = 989e12
-ASSUMED_MFU = 0.4
 # The memory telemetry's counts per row of the whole table, per memory layer and pooled: an int64 window and a bool
 # "ever read" (titanmem/eval/telemetry.py).
 TELEMETRY_BYTES_PER_ROW = 9
@@ -309,14 +308,30 @@ def _bandwidth(cluster: Cluster, ranks_spanned: int) -> float:
     return INTRA_NODE_BYTES_PER_S if ranks_spanned <= cluster.gpus_per_node else INTER_NODE_BYTES_PER_S
 
 
-def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int) -> tuple[float, float]:
+def step_work(plan: RunPlan, model: Transformer) -> StepWork:
+    """What one GPU of `plan` computes in a training step (`model`: its parallelized meta model, `build_meta`)."""
+    dims, args = plan.parallel, plan.model_args
+    table = model.memory_values.weight if model.memory_values is not None else None
+    tokens = plan.config.training.local_batch_size * plan.config.training.seq_len * plan.accumulation_steps
+    flops = flops_per_token(args, count_parameters(model), plan.config.training.seq_len)
+    dense = sum(_local(p).numel() for p in model.parameters() if p is not table and p.requires_grad)
+    memory_reads = gathered = dense_values = 0.0
+    if args.memory is not None:
+        memory = args.memory
+        memory_reads = tokens * len(memory.layers) * memory.heads * memory.knn * memory.v_dim / dims.mp / dims.tp
+        gathered, dense_values = value_update_work(plan.value_slice_sharding, plan.value_optimizer,
+                                                   value_table_work(plan.config, memory, dims))
+    return StepWork(matmul_flops=flops * tokens / dims.tp, activation_elements=tokens * args.n_layers * args.dim / dims.tp,
+                    memory_reads=memory_reads, dense_parameters=dense, row_update_bytes=gathered,
+                    dense_value_elements=dense_values)
+
+
+def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int,
+               rates: StepRates = MEASURED) -> tuple[float, float]:
     """(estimated step seconds, of which communication on the critical path), by the model in the module doc."""
     dims, args = plan.parallel, plan.model_args
     table = model.memory_values.weight if model.memory_values is not None else None
-    counts = count_parameters(model)
-    step_tokens = tokens * plan.accumulation_steps  # per data-parallel rank
-    compute = flops_per_token(args, counts, plan.config.training.seq_len) * step_tokens / dims.tp / (
-        PEAK_FLOPS * ASSUMED_MFU)
+    compute = rates.compute_seconds(step_work(plan, model))
     dense = sum(p.numel() for p in model.parameters() if p is not table) / dims.tp
     # FSDP over dp_shard (consecutive ranks after tp), and HSDP's all-reduce over the replicas: hidden by compute.
     shard_span = dims.dp_shard * dims.tp
@@ -328,12 +343,10 @@ def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int)
     critical = plan.accumulation_steps * len(model.layers) * ring(8 * tokens * args.dim * 2, dims.tp,
                                                                    _bandwidth(cluster, dims.tp))
     if args.memory is not None:
-        # The value table's exchanges (mp, the slice's replicas or the grid) and its update, by its layout.
-        exchange, update = value_table_seconds(
+        # The value table's exchanges (mp, the slice's replicas or the grid), by its layout.
+        critical += value_exchange_seconds(
             plan.value_slice_sharding, plan.value_optimizer, value_table_work(plan.config, args.memory, dims),
             _bandwidth(cluster, dims.mp * dims.tp), _bandwidth(cluster, dims.world_size))
-        critical += exchange
-        compute += update
     return compute + critical + max(0.0, fsdp - compute), critical
 
 

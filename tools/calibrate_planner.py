@@ -1,15 +1,26 @@
-"""The planner's estimate against the measured peak memory of a few training steps, on this machine's one GPU.
+"""The planner against measured training steps on this machine's one GPU: peak memory, and step time, whose rates
+(`titanmem.step_model`) it fits.
 
-Each run is a train_configs name, optionally followed by config overrides joined with ':'. For each, it trains 3 steps
-(no checkpoint, no eval, no loader workers), takes the whole run's `torch.cuda.max_memory_allocated`, and compares it
-with `titanmem.planner`'s per-GPU need (without headroom) for one GPU. docs/benchmarks.md has a run.
+Each run is a train_configs name, optionally followed by config overrides joined with ':'.
+- memory: trains 3 steps (no checkpoint, no eval, no loader workers), takes the whole run's
+  `torch.cuda.max_memory_allocated`, and compares it with the planner's per-GPU need (without headroom).
+- step_time: times `--steps` steps after `--warmup` (`tools/bench_train.py`, which also splits out the row-wise value
+  update), fits the step model's rates to them (`titanmem.step_model.fit`), and prints the rates, ready to paste into
+  `titanmem/step_model.py` as `MEASURED`, and each run's measured step against the planner's estimate with the
+  committed rates and with the fitted ones. `--save FILE` keeps the measurements as JSON; `--load FILE` fits and
+  compares those instead of measuring (on any machine). docs/planner.md and docs/benchmarks.md have runs.
 
-    python tools/calibrate_planner.py llama_134m llama_134m_memory llama_1.3b_memory \\
+    python tools/calibrate_planner.py --what step_time --save /tmp/steps.json
+    python tools/calibrate_planner.py --what memory llama_134m llama_134m_memory llama_1.3b_memory \\
         llama_134m_memory:--activation_checkpoint.mode:full llama_1.3b_memory:--memory.value_dtype:bf16
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from titanmem.config import build_config  # noqa: E402
-from titanmem.planner import Cluster, estimate_config  # noqa: E402
+from titanmem.planner import Cluster, _step_time, build_meta, estimate_config, resolve_for, step_work  # noqa: E402
+from titanmem.step_model import MEASURED, Measurement, StepRates, StepWork, fit  # noqa: E402
 from titanmem.train import main as train  # noqa: E402
+
+STEP_TIME_RUNS = ["llama_134m", "llama_134m_memory", "llama_373m", "llama_373m_memory", "llama_1.3b",
+                  "llama_1.3b_memory"]
+MEMORY_RUNS = ["llama_134m", "llama_134m_memory", "llama_1.3b_memory"]
+
+
+def config_of(run: str):
+    name, *overrides = run.split(":")
+    config, _ = build_config(["--job.config_file", f"train_configs/{name}.toml", *overrides])
+    return config
 
 
 def measured_peak(argv: list[str]) -> int:
@@ -38,18 +60,16 @@ def measured_peak(argv: list[str]) -> int:
     return peak
 
 
-def main(runs: list[str]) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("calibration measures GPU memory: run it on a machine with a GPU")
+def memory_table(runs: list[str]) -> None:
     rows = []
     for run in runs:
         name, *overrides = run.split(":")
-        config_argv = ["--job.config_file", f"train_configs/{name}.toml", *overrides]
-        peak = measured_peak([*config_argv, "--training.steps", "3", "--checkpoint.enable", "false",
-                              "--eval.interval", "0", "--metrics.enable_tensorboard", "false", "--data.num_workers",
-                              "0", "--job.dump_folder", f"/tmp/calibrate_planner/{name}"])
-        config, _ = build_config(config_argv)
-        estimate = estimate_config(config, Cluster(1, 1, torch.cuda.get_device_properties(0).total_memory / 1e9))
+        peak = measured_peak(["--job.config_file", f"train_configs/{name}.toml", *overrides, "--training.steps", "3",
+                              "--checkpoint.enable", "false", "--eval.interval", "0", "--metrics.enable_tensorboard",
+                              "false", "--data.num_workers", "0", "--job.dump_folder",
+                              f"/tmp/calibrate_planner/{name}"])
+        estimate = estimate_config(config_of(run),
+                                   Cluster(1, 1, torch.cuda.get_device_properties(0).total_memory / 1e9))
         rows.append((run.replace(":", " "), peak, estimate.needed))
     print("| run | measured peak GB | planner GB | planner error |")
     print("| --- | ---: | ---: | ---: |")
@@ -57,5 +77,93 @@ def main(runs: list[str]) -> None:
         print(f"| {run} | {peak / 1e9:.2f} | {needed / 1e9:.2f} | {needed / peak - 1:+.1%} |")
 
 
+def measure_steps(runs: list[str], steps: int, warmup: int) -> list[dict]:
+    """Each run's mean step and value-update seconds, timed by `tools/bench_train.py`."""
+    from bench_train import bench
+
+    measured = []
+    for run in runs:
+        result = bench(run, steps, warmup)
+        measured.append({"run": run, "step_s": result["step_s"], "value_update_s": result["split"]["value update"]})
+        print(f"measured {run}: {result['step_s'] * 1e3:.1f} ms per step", file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    return measured
+
+
+def planned(run: str):
+    plan = resolve_for(config_of(run), 1)
+    return plan, build_meta(plan)
+
+
+def planner_seconds(run: str, rates: StepRates) -> float:
+    plan, model = planned(run)
+    tokens = plan.config.training.local_batch_size * plan.config.training.seq_len
+    return _step_time(plan, model, Cluster(1, 1, 80.0), tokens, rates)[0]
+
+
+def step_time_table(measured: list[dict], source: str) -> StepRates:
+    measurements = []
+    for record in measured:
+        plan, model = planned(record["run"])
+        work: StepWork = step_work(plan, model)
+        measurements.append(Measurement(record["run"], work, record["step_s"], record["value_update_s"]))
+    fitted = fit(measurements, MEASURED.hbm_bytes_per_s, source)
+    print("```python\nMEASURED = StepRates(")
+    for name in ("matmul_flops_per_s", "activation_elements_per_s", "memory_reads_per_s", "row_update_bytes_per_s",
+                 "hbm_bytes_per_s"):
+        print(f"    {name}={getattr(fitted, name):.3g},")
+    print(f"    source={fitted.source!r},\n)\n```\n")
+    print("| run | measured step | of which value update | planner (committed rates) | error | planner (fitted) | "
+          "error |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for record in measured:
+        committed, refit = planner_seconds(record["run"], MEASURED), planner_seconds(record["run"], fitted)
+        step = record["step_s"]
+        print(f"| {record['run'].replace(':', ' ')} | {step * 1e3:.1f} ms | {record['value_update_s'] * 1e3:.1f} ms | "
+              f"{committed * 1e3:.1f} ms | {committed / step - 1:+.1%} | {refit * 1e3:.1f} ms | {refit / step - 1:+.1%} |")
+    return fitted
+
+
+def source_line(args) -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{card}, torch {torch.__version__}, commit {commit}, {datetime.date.today()}: python "
+            f"tools/calibrate_planner.py --what step_time --steps {args.steps} --warmup {args.warmup}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", help="train_configs names, with ':'-joined overrides")
+    parser.add_argument("--what", choices=("memory", "step_time"), default="step_time")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--save", type=Path, help="write the step-time measurements to this JSON file")
+    parser.add_argument("--load", type=Path, help="fit the step-time measurements of this JSON file (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.what == "memory":
+        if not torch.cuda.is_available():
+            parser.error("the memory calibration measures GPU memory: run it on a machine with a GPU")
+        memory_table(args.runs or MEMORY_RUNS)
+        return 0
+    if args.load is not None:
+        try:
+            saved = json.loads(args.load.read_text())
+            measured, source = saved["measurements"], saved["source"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--load {args.load}: not a measurements file of this tool ({e})")
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the step-time calibration times GPU steps: run it on a machine with a GPU, or --load a file")
+        measured, source = measure_steps(args.runs or STEP_TIME_RUNS, args.steps, args.warmup), source_line(args)
+        if args.save is not None:
+            args.save.write_text(json.dumps({"source": source, "measurements": measured}, indent=1))
+    step_time_table(measured, source)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["llama_134m", "llama_134m_memory", "llama_1.3b_memory"])
+    sys.exit(main())

@@ -18,17 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from titanmem.step_model import MEASURED, DENSE_ADAMW_BYTES_PER_ELEMENT, StepRates
+
 # Links, per GPU and direction: NVLink 4 within an H100 node, one 400 Gb/s NIC per GPU between nodes.
 INTRA_NODE_BYTES_PER_S = 450e9
 INTER_NODE_BYTES_PER_S = 50e9
-# The fused row-wise update's rate in bytes of gathered gradient rows (many pairs share a token's row, which L2
-# serves): 134m Memory+ on one H200 updates 12.6M pairs of 768 fp32 columns (77 GB gathered over its two passes) in
-# 15.0 ms (docs/benchmarks.md, commit 6e64f94).
-ROW_UPDATE_BYTES_PER_S = 5.2e12
-# Dense AdamW streams about 32 bytes per fp32 element (weight, gradient and two moments read, three written) at
-# roughly the HBM's rate.
-DENSE_ADAMW_BYTES_PER_ELEMENT = 32
-HBM_BYTES_PER_S = 3.0e12
 
 
 @dataclass(frozen=True)
@@ -63,34 +57,43 @@ def column_exchange_seconds(work: ValueTableWork, bandwidth: float) -> float:
 
 
 def value_table_seconds(layout: str, optimizer: str, work: ValueTableWork, mp_bandwidth: float,
-                        replica_bandwidth: float) -> tuple[float, float]:
+                        replica_bandwidth: float, rates: StepRates = MEASURED) -> tuple[float, float]:
     """(exchange seconds, update seconds) per step and GPU of `layout` trained by `optimizer`; `mp_bandwidth` is the
     mp group's link, `replica_bandwidth` the link across the slice's replicas (the slowest the grid spans)."""
+    gathered, dense_elements = value_update_work(layout, optimizer, work)
+    update = gathered / rates.row_update_bytes_per_s + dense_elements * DENSE_ADAMW_BYTES_PER_ELEMENT / (
+        rates.hbm_bytes_per_s)
+    return value_exchange_seconds(layout, optimizer, work, mp_bandwidth, replica_bandwidth), update
+
+
+def value_exchange_seconds(layout: str, optimizer: str, work: ValueTableWork, mp_bandwidth: float,
+                           replica_bandwidth: float) -> float:
+    """The exchange part of `value_table_seconds`."""
     t, p, d, m, r, e = work.tokens, work.pairs, work.v_dim, work.mp, work.copies, work.element_bytes
     slice_elements = work.n_values * d / m
     if layout == "rows" and r > 1:
         g = r * m
         per_call = ((g - 1) * t * p * 8 + r * t * d * (4 + e) * (g - 1) / g) / replica_bandwidth + ring(
             g * t * p * 4, g, replica_bandwidth)
-        exchange = work.calls * per_call
-        if optimizer == "adamw":
-            return exchange, slice_elements / r * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
-        return exchange, _row_update_seconds(work, pairs_per_call=m * t * p)
+        return work.calls * per_call
     exchange = column_exchange_seconds(work, mp_bandwidth)
     if optimizer == "adamw":
-        if layout == "fsdp":
-            exchange += ring(6 * slice_elements, r, replica_bandwidth)
-            return exchange, slice_elements / r * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
-        exchange += ring(2 * 4 * slice_elements, r, replica_bandwidth)
-        return exchange, slice_elements * DENSE_ADAMW_BYTES_PER_ELEMENT / HBM_BYTES_PER_S
+        return exchange + ring((6 if layout == "fsdp" else 2 * 4) * slice_elements, r, replica_bandwidth)
     records = work.calls * (t * m * p * 12 + t * d * 4) * r
-    return exchange + ring(records, r, replica_bandwidth), _row_update_seconds(work, pairs_per_call=r * m * t * p)
+    return exchange + ring(records, r, replica_bandwidth)
 
 
-def _row_update_seconds(work: ValueTableWork, pairs_per_call: int) -> float:
-    """Two passes over the step's pairs, each gathering its token's gradient row (D/M fp32 columns)."""
-    gathered = work.calls * pairs_per_call * (work.v_dim / work.mp) * 4 * 2
-    return gathered / ROW_UPDATE_BYTES_PER_S
+def value_update_work(layout: str, optimizer: str, work: ValueTableWork) -> tuple[float, float]:
+    """(gradient bytes a row-wise update gathers, table elements dense AdamW steps) per step and GPU. A row-wise
+    update makes two passes over the step's pairs, each gathering its token's gradient row (D/M fp32 columns): a
+    rows-sharded block's pairs are M·T·p per call on average, a replicated slice's R·M·T·p."""
+    t, p, d, m, r = work.tokens, work.pairs, work.v_dim, work.mp, work.copies
+    slice_elements = work.n_values * d / m
+    if optimizer == "adamw":
+        # FSDP and row blocks step their share of the slice; a replicated slice is stepped whole by every copy.
+        return 0.0, slice_elements / r if layout == "fsdp" or (layout == "rows" and r > 1) else slice_elements
+    pairs_per_call = m * t * p if layout == "rows" and r > 1 else r * m * t * p
+    return work.calls * pairs_per_call * (d / m) * 4 * 2, 0.0
 
 
 def layouts_for(optimizer: str) -> tuple[str, ...]:
