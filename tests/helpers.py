@@ -449,3 +449,16 @@ def _rank_in_environment(rank: int, environment: dict, worker, world: int, port:
     os.environ.clear()
     os.environ.update(environment)
     worker(rank, world, port, *args)
+
+
+def poison_gradients_at(trainer, bad_step):
+    """Make step `bad_step` non-finite: a NaN in the first parameter's gradient."""
+    original = trainer.forward_backward
+
+    def forward_backward(inputs, labels):
+        loss = original(inputs, labels)
+        if trainer.train_state.step == bad_step:
+            next(trainer.model.parameters()).grad.fill_(float("nan"))
+        return loss
+
+    trainer.forward_backward = forward_backward

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import crash_after
+from helpers import crash_after, poison_gradients_at
 from titanmem.config import ConfigError
 from titanmem.train import Trainer
 
@@ -76,15 +76,7 @@ def poison_at(trainer, bad_step, where):
     """Make step `bad_step` non-finite: a NaN in a dense gradient ("dense"), or in the value table's recorded read-out
     gradients alone ("values"), so that only its own norm is NaN."""
     if where == "dense":
-        original_backward = trainer.forward_backward
-
-        def forward_backward(inputs, labels):
-            loss = original_backward(inputs, labels)
-            if trainer.train_state.step == bad_step:
-                next(trainer.model.parameters()).grad.fill_(float("nan"))
-            return loss
-
-        trainer.forward_backward = forward_backward
+        poison_gradients_at(trainer, bad_step)
         return
     values = trainer.optimizers.values
     original_merge = values._merge

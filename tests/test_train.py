@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helpers import FP32_UNIT, assert_close_in_scale, train_run as run
+from helpers import FP32_UNIT, assert_close_in_scale, poison_gradients_at, train_run as run
 from titanmem.components.checkpoint import complete_checkpoint_steps
 from titanmem.components.lr_scheduler import WarmupDecay
 from titanmem.components.optimizer import build_param_groups
@@ -90,18 +90,6 @@ def test_gradient_accumulation_matches_one_big_batch(small_config):
     accumulated, _ = run(small_config(training={"steps": 3, "local_batch_size": 2, "global_batch_size": 4}))
     for step in big:
         assert accumulated[step] == pytest.approx(big[step], rel=1e-5)
-
-
-def poison_gradients_at(trainer, bad_step):
-    original = trainer.forward_backward
-
-    def forward_backward(inputs, labels):
-        loss = original(inputs, labels)
-        if trainer.train_state.step == bad_step:
-            next(trainer.model.parameters()).grad.fill_(float("nan"))
-        return loss
-
-    trainer.forward_backward = forward_backward
 
 
 # foreach: the host reads the loss and norms every step and decides; fused: the device drops the update itself
