@@ -321,8 +321,12 @@ def step_work(plan: RunPlan, model: Transformer) -> StepWork:
         memory_reads = tokens * len(memory.layers) * memory.heads * memory.knn * memory.v_dim / dims.mp / dims.tp
         gathered, dense_values = value_update_work(plan.value_slice_sharding, plan.value_optimizer,
                                                    value_table_work(plan.config, memory, dims))
-    return StepWork(matmul_flops=flops * tokens / dims.tp, activation_elements=tokens * args.n_layers * args.dim / dims.tp,
-                    memory_reads=memory_reads, dense_parameters=dense, row_update_bytes=gathered,
+    # Activation checkpointing runs the forward of its blocks again in backward: a third more of their work.
+    checkpointing = plan.config.activation_checkpoint
+    recompute = 1 + {"full": 1.0, "selective": 1 / checkpointing.selective_layer_stride}.get(checkpointing.mode, 0.0) / 3
+    return StepWork(matmul_flops=recompute * flops * tokens / dims.tp,
+                    activation_elements=recompute * tokens * args.n_layers * args.dim / dims.tp,
+                    memory_reads=recompute * memory_reads, dense_parameters=dense, row_update_bytes=gathered,
                     dense_value_elements=dense_values)
 
 

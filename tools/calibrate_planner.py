@@ -34,7 +34,7 @@ from titanmem.step_model import MEASURED, Measurement, StepRates, StepWork, fit 
 from titanmem.train import main as train  # noqa: E402
 
 STEP_TIME_RUNS = ["llama_134m", "llama_134m_memory", "llama_373m", "llama_373m_memory", "llama_1.3b",
-                  "llama_1.3b_memory"]
+                  "llama_1.3b_memory", "llama_134m_memory:--activation_checkpoint.mode:full"]
 MEMORY_RUNS = ["llama_134m", "llama_134m_memory", "llama_1.3b_memory"]
 
 
