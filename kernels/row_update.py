@@ -23,6 +23,8 @@ never on the rest of the batch or on the layout that gathered it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -221,55 +223,149 @@ def _launch_shape(dim: int, deterministic: bool) -> tuple[dict, int]:
     return cfg, triton.cdiv(dim, cfg["BLOCK_D"])
 
 
+@dataclass(frozen=True)
+class HeavyRows:
+    """The touched rows of more than `HEAVY_PAIRS` pairs and their chunks, fixed once the pairs are grouped by row."""
+
+    slots: torch.Tensor
+    """[U] int32: each touched row's place among the heavy rows, -1 for the others."""
+    segments: torch.Tensor
+    """[H]: the heavy rows, as touched-row numbers (ascending)."""
+    begins: torch.Tensor
+    """[C]: each chunk's first pair, as a position in `pair_order`."""
+    ends: torch.Tensor
+    """[C]: one past each chunk's last pair."""
+    chunk_offsets: torch.Tensor
+    """[H + 1]: each heavy row's chunks, in order."""
+
+
+def heavy_threshold(dim: int) -> int:
+    """The launch config's `HEAVY_PAIRS` for rows of width `dim`: rows of more pairs are summed in chunks."""
+    return launch_config("row_update", dim)["HEAVY_PAIRS"]
+
+
+def heavy_row_chunks(offsets: torch.Tensor, heavy_pairs: int, counts: tuple[int, int] | None = None) -> HeavyRows:
+    """The heavy rows of the grouping `offsets` and their chunks of `heavy_pairs` pairs, each starting at its row's
+    first pair (none, possibly). `counts` (heavy rows, chunks), when the caller already read them from the device
+    (`row_groups`), spare the host sync that finds them here."""
+    lengths = offsets.diff()
+    heavy = lengths > heavy_pairs
+    pieces = torch.where(heavy, (lengths + heavy_pairs - 1) // heavy_pairs, 0)
+    if counts is None:
+        counts = tuple(int(x) for x in torch.stack([heavy.sum(), pieces.sum()]).tolist())
+    rows, count = counts
+    device = offsets.device
+    if rows == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return HeavyRows(torch.full((lengths.numel(),), -1, dtype=torch.int32, device=device), empty, empty, empty,
+                         torch.zeros(1, dtype=torch.int64, device=device))
+    # The heavy rows' numbers, in order, without a data-dependent `nonzero`: each one's place is its running count.
+    place = torch.cumsum(heavy, 0) - 1
+    segments = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+    segments.scatter_(0, torch.where(heavy, place, rows), torch.arange(lengths.numel(), device=device))
+    segments = segments[:rows]
+    chunk_offsets = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+    torch.cumsum(pieces[segments], dim=0, out=chunk_offsets[1:])
+    owner = torch.repeat_interleave(torch.arange(rows, device=device), pieces[segments], output_size=count)
+    begins = offsets[segments][owner] + (torch.arange(count, device=device) - chunk_offsets[owner]) * heavy_pairs
+    ends = torch.minimum(begins + heavy_pairs, offsets[segments + 1][owner])
+    slots = torch.where(heavy, place, -1).to(torch.int32)
+    return HeavyRows(slots, segments, begins, ends, chunk_offsets)
+
+
+def _no_heavy_rows(chunks: HeavyRows) -> bool:
+    return chunks.segments.numel() == 0
+
+
+def row_groups(indices: torch.Tensor, num_rows: int, unread: bool = False, heavy_pairs: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HeavyRows | None]:
+    """`row_segments`' grouping of the pairs by row, and with `heavy_pairs` the heavy rows' chunks
+    (`heavy_row_chunks`; None without), at the cost of one host sync for all the sizes they depend on (plus, with
+    `unread`, the one that leaves the unread pairs out before the sort). Returns (pair_order, offsets, rows, heavy)."""
+    flat = indices.reshape(-1)
+    read = None
+    if unread:
+        read = (flat >= 0).nonzero().squeeze(1)
+        flat = flat[read]
+    if flat.dtype == torch.int64 and num_rows <= 2**31:
+        flat = flat.to(torch.int32)  # radix sort time grows with the key's width (see `row_segments`)
+    sorted_rows, pair_order = torch.sort(flat, stable=True)
+    if read is not None:
+        pair_order = read[pair_order]
+    pairs, device = sorted_rows.numel(), indices.device
+    if pairs == 0:
+        offsets = torch.zeros(1, dtype=torch.int64, device=device)
+        return pair_order, offsets, indices.new_empty(0), (
+            heavy_row_chunks(offsets, heavy_pairs, (0, 0)) if heavy_pairs is not None else None)
+    starts = torch.ones(pairs, dtype=torch.bool, device=device)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
+    segment = torch.cumsum(starts, 0) - 1
+    # Each segment's first pair, in a table as long as the pairs could make segments; the others (and the dummy slot
+    # that takes every non-start) end up at `pairs`, so their lengths are 0.
+    padded = torch.full((pairs + 1,), pairs, dtype=torch.int64, device=device)
+    padded.scatter_(0, torch.where(starts, segment, pairs), torch.arange(pairs, device=device))
+    padded[pairs] = pairs
+    sizes = [segment[-1] + 1]
+    if heavy_pairs is not None:
+        lengths = padded.diff()
+        heavy = lengths > heavy_pairs
+        sizes += [heavy.sum(), torch.where(heavy, (lengths + heavy_pairs - 1) // heavy_pairs, 0).sum()]
+    sizes = [int(x) for x in torch.stack(sizes).tolist()]  # the one read of the device
+    offsets = padded[:sizes[0] + 1]
+    rows = sorted_rows[offsets[:-1]].to(indices.dtype)
+    heavy_rows = heavy_row_chunks(offsets, heavy_pairs, (sizes[1], sizes[2])) if heavy_pairs is not None else None
+    return pair_order, offsets, rows, heavy_rows
+
+
+def sum_heavy_rows(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, chunks: HeavyRows,
+                   block_p: int, block_d: int, num_warps: int) -> torch.Tensor:
+    """The summed gradients [H, D] (fp32) of the heavy rows: each chunk by a program of its own, then each row's
+    chunks added in order."""
+    device, dim = grad_out.device, grad_out.shape[1]
+    count, rows = chunks.begins.numel(), chunks.segments.numel()
+    column_blocks = triton.cdiv(dim, block_d)
+    partial = torch.empty(count, dim, device=device, dtype=torch.float32)
+    _chunk_sum_kernel[(count, column_blocks)](
+        grad_out, weights, pair_order, chunks.begins, chunks.ends, partial, weights.shape[1], dim, grad_out.stride(0),
+        partial.stride(0), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    # Each heavy row's chunks, added in order: the same kernel, over the chunk sums as pairs of weight 1.
+    grads = torch.empty(rows, dim, device=device, dtype=torch.float32)
+    _chunk_sum_kernel[(rows, column_blocks)](
+        partial, torch.ones(count, device=device), torch.arange(count, device=device), chunks.chunk_offsets[:-1],
+        chunks.chunk_offsets[1:], grads, 1, dim, partial.stride(0), grads.stride(0), BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return grads
+
+
 def heavy_row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor,
                     heavy_pairs: int, block_p: int, block_d: int, num_warps: int
                     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """The summed gradients [H, D] (fp32) of the touched rows of more than `heavy_pairs` pairs, and each touched row's
     slot among them ([U] int32, -1 for the others); (None, None) when there are none (one host sync to tell)."""
-    lengths = offsets.diff()
-    heavy = (lengths > heavy_pairs).nonzero().squeeze(1)
-    if heavy.numel() == 0:
+    chunks = heavy_row_chunks(offsets, heavy_pairs)
+    if _no_heavy_rows(chunks):
         return None, None
-    device, dim = grad_out.device, grad_out.shape[1]
-    pieces = (lengths[heavy] + heavy_pairs - 1) // heavy_pairs
-    piece_offsets = torch.zeros(heavy.numel() + 1, dtype=torch.int64, device=device)
-    torch.cumsum(pieces, dim=0, out=piece_offsets[1:])
-    count = int(piece_offsets[-1])
-    owner = torch.repeat_interleave(torch.arange(heavy.numel(), device=device), pieces, output_size=count)
-    begins = offsets[heavy][owner] + (torch.arange(count, device=device) - piece_offsets[owner]) * heavy_pairs
-    ends = torch.minimum(begins + heavy_pairs, offsets[heavy + 1][owner])
-    column_blocks = triton.cdiv(dim, block_d)
-    partial = torch.empty(count, dim, device=device, dtype=torch.float32)
-    _chunk_sum_kernel[(count, column_blocks)](
-        grad_out, weights, pair_order, begins, ends, partial, weights.shape[1], dim, grad_out.stride(0),
-        partial.stride(0), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    # Each heavy row's chunks, added in order: the same kernel, over the chunk sums as pairs of weight 1.
-    grads = torch.empty(heavy.numel(), dim, device=device, dtype=torch.float32)
-    _chunk_sum_kernel[(heavy.numel(), column_blocks)](
-        partial, torch.ones(count, device=device), torch.arange(count, device=device), piece_offsets[:-1],
-        piece_offsets[1:], grads, 1, dim, partial.stride(0), grads.stride(0), BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
-    slots = torch.full((lengths.numel(),), -1, dtype=torch.int32, device=device)
-    slots[heavy] = torch.arange(heavy.numel(), dtype=torch.int32, device=device)
-    return slots, grads
+    return chunks.slots, sum_heavy_rows(grad_out, weights, pair_order, chunks, block_p, block_d, num_warps)
 
 
-def heavy_rows(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`heavy_row_grads` at the launch config's threshold, for both passes of a step to share: (slots, grads), empty
-    when no row is heavy. The chunks' sums do not depend on the column blocks, so one result serves a deterministic
-    norm pass and the update alike."""
+def heavy_rows(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor, offsets: torch.Tensor,
+               chunks: HeavyRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heavy rows' slots and summed gradients at the launch config's threshold, for both passes of a step to
+    share: empty when no row is heavy. `chunks`: their chunks from `row_groups`, else found here (a host sync). The
+    chunks' sums do not depend on the column blocks, so one result serves a deterministic norm pass and the update
+    alike."""
     grad_out, weights = grad_out.contiguous(), weights.contiguous()
     dim = grad_out.shape[1]
     cfg = launch_config("row_update", dim)
-    slots, grads = heavy_row_grads(grad_out, weights, pair_order, offsets, cfg["HEAVY_PAIRS"], cfg["BLOCK_P"],
-                                   cfg["BLOCK_D"], cfg["num_warps"])
-    if slots is None:
+    if chunks is None:
+        chunks = heavy_row_chunks(offsets, cfg["HEAVY_PAIRS"])
+    if _no_heavy_rows(chunks):
         return (torch.empty(0, dtype=torch.int32, device=grad_out.device),
                 torch.empty(0, dim, dtype=torch.float32, device=grad_out.device))
-    return slots, grads
+    return chunks.slots, sum_heavy_rows(grad_out, weights, pair_order, chunks, cfg["BLOCK_P"], cfg["BLOCK_D"],
+                                        cfg["num_warps"])
 
 
 def _heavy_rows(grad_out, weights, pair_order, offsets, heavy_slots, heavy_grads

@@ -320,6 +320,37 @@ def test_malformed_step_scalars_and_seeds_are_refused(passes):
                                0.0, 1e-8, 0.9, 0.95, scalars, seed)
 
 
+@pytest.mark.parametrize("unread", [False, True])
+def test_row_groups_with_one_read_of_the_device_equal_the_grouping_and_chunks_found_step_by_step(unread):
+    """`row_groups` (every size read at once) against `row_segments` and `heavy_row_chunks` (each finding its own):
+    the same pair order, offsets, rows, heavy rows and chunks, for batches with hot rows, rows exactly a multiple of
+    the chunk, a single row, unread pairs, and none at all."""
+    from titanmem.kernels.row_update import heavy_row_chunks, row_groups
+
+    generator = torch.Generator().manual_seed(int(unread))
+    cases = [torch.randint(0, 30, (24, 5), generator=generator), torch.full((7, 3), 4), torch.zeros(0, 4,
+             dtype=torch.int64), torch.randint(0, 1000, (9, 11), generator=generator)]
+    cases[0][:, :4] = 7  # 96 pairs of one row
+    cases[0][:4, 4] = 11  # 4 pairs
+    for indices in cases:
+        if unread and indices.numel():
+            indices = indices.masked_fill(torch.rand(indices.shape, generator=generator) < 0.4, -1)
+        indices = indices.to(DEVICE)
+        expected = kernels.row_segments(indices, 1000, unread=unread)
+        for chunk in (1, 3, 4, 10**6):
+            *got, chunks = row_groups(indices, 1000, unread=unread, heavy_pairs=chunk)
+            for name, a, b in zip(("pair order", "offsets", "rows"), got, expected):
+                assert torch.equal(a.cpu(), b.cpu()) and a.dtype == b.dtype, (name, chunk)
+            reference = heavy_row_chunks(expected[1], chunk)
+            for name in ("slots", "segments", "begins", "ends", "chunk_offsets"):
+                assert torch.equal(getattr(chunks, name).cpu(), getattr(reference, name).cpu()), (name, chunk)
+            lengths = expected[1].diff().cpu()
+            assert torch.equal(chunks.segments.cpu(), (lengths > chunk).nonzero().squeeze(1))
+            if chunks.begins.numel():  # the chunks tile each heavy row's pairs in order
+                assert bool((chunks.ends - chunks.begins <= chunk).all())
+        assert row_groups(indices, 1000, unread=unread)[3] is None
+
+
 def test_a_row_selection_of_the_wrong_length_is_refused():
     values, indices, weights, grad_out = random_case(1, 3, 4, 20, 8)
     pair_order, offsets, rows = kernels.row_segments(indices, values.shape[0])

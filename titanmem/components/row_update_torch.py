@@ -41,7 +41,7 @@ def row_grads(grad_out: torch.Tensor, weights: torch.Tensor, pair_order: torch.T
     return grads
 
 
-def heavy_rows(grad_out, weights, pair_order, offsets) -> tuple[None, None]:
+def heavy_rows(grad_out, weights, pair_order, offsets, chunks=None) -> tuple[None, None]:
     """No row is summed apart here: `row_grads` adds every pair in one `index_add_`, a hot row's too."""
     return None, None
 

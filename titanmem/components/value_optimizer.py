@@ -81,10 +81,13 @@ class RowWiseValueOptimizer:
         # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
         self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
         # The fused passes: Triton kernels on a GPU (and wherever Philox bits are drawn), tensor ops elsewhere.
+        # The kernels sum a hot row's pairs in chunks, found with the grouping (`row_groups`); the tensor ops do not.
         if uses_torch_update(table, self.rounding_seed is not None):
             from titanmem.components import row_update_torch as passes
+            self._heavy_pairs = None
         else:
             from titanmem.kernels import row_update as passes
+            self._heavy_pairs = passes.heavy_threshold(table.shape[1])
         self._row_grad_sq, self._row_update_, self._heavy_rows = passes.row_grad_sq, passes.row_update_, passes.heavy_rows
         empty = table.new_empty(0, dtype=torch.float32)
         if kind == "adagrad":
@@ -118,7 +121,7 @@ class RowWiseValueOptimizer:
 
     def grad_norm(self, deterministic: bool = False) -> torch.Tensor:
         """The table's gradient norm this step (0 when no memory layer ran); also prepares the update."""
-        from titanmem.kernels import row_segments
+        from titanmem.kernels.row_update import row_groups
 
         table = self._local_table()
         merged = self._merge()
@@ -126,13 +129,14 @@ class RowWiseValueOptimizer:
             self._prepared = None
             return torch.zeros((), device=table.device)
         indices, weights, grad_out = merged
-        pair_order, offsets, rows = row_segments(indices, table.shape[0], unread=self.rows_sharded)
+        # Every size the step's passes depend on is read from the device here, once.
+        pair_order, offsets, rows, chunks = row_groups(indices, table.shape[0], self.rows_sharded, self._heavy_pairs)
         # Every replica and every rank of the slice group ranks the same merged reads alike: they select the same rows
         # (row blocks rank theirs against the others', `RowSelector`).
         selected = (self.row_selector(rows.long() + self.row_base, offsets, self.rows_group)
                     if self.row_selector is not None else None)
         # Summed once for both passes.
-        heavy = self._heavy_rows(grad_out, weights, pair_order, offsets)
+        heavy = self._heavy_rows(grad_out, weights, pair_order, offsets, chunks)
         row_sq = self._row_grad_sq(grad_out, weights, pair_order, offsets, deterministic, selected, *heavy)
         if self.slice_group is not None:
             # Every rank of the group grouped the same rows in the same order: sum their column parts.
