@@ -157,15 +157,10 @@ def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
 
 
-def row_segments(indices: torch.Tensor, num_rows: int, unread: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the (token, slot) pairs by value row, for a table of `num_rows` rows. With `unread`, `indices` may hold
-    negative entries, pairs that read nothing: they are left out before the sort (which then sorts only the pairs
-    read, however many are not), at the cost of a host sync.
-
-    Returns the pair ids sorted by row (a stable sort, so ties keep token order: the sums are deterministic), the
-    segment offsets [U + 1] into that order, and the U distinct rows, ascending.
-    """
+def sort_pairs_by_row(indices: torch.Tensor, num_rows: int, unread: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs' rows, sorted (stable), and the pair ids in that order; with `unread`, the negative entries left out
+    first (a host sync)."""
     flat = indices.reshape(-1)
     read = None
     if unread:
@@ -178,6 +173,19 @@ def row_segments(indices: torch.Tensor, num_rows: int, unread: bool = False
     sorted_rows, pair_order = torch.sort(flat, stable=True)
     if read is not None:
         pair_order = read[pair_order]
+    return sorted_rows, pair_order
+
+
+def row_segments(indices: torch.Tensor, num_rows: int, unread: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the (token, slot) pairs by value row, for a table of `num_rows` rows. With `unread`, `indices` may hold
+    negative entries, pairs that read nothing: they are left out before the sort (which then sorts only the pairs
+    read, however many are not), at the cost of a host sync.
+
+    Returns the pair ids sorted by row (a stable sort, so ties keep token order: the sums are deterministic), the
+    segment offsets [U + 1] into that order, and the U distinct rows, ascending.
+    """
+    sorted_rows, pair_order = sort_pairs_by_row(indices, num_rows, unread)
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     rows = rows.to(indices.dtype)
     offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=indices.device)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from titanmem.kernels.config import launch_config
-from titanmem.kernels.embedding_bag import load_pair_chunk
+from titanmem.kernels.embedding_bag import load_pair_chunk, sort_pairs_by_row
 
 SGD, ADAGRAD, ADAM = 0, 1, 2
 OPTIMIZERS = {"sgd": SGD, "adagrad": ADAGRAD, "adam": ADAM}
@@ -282,16 +282,7 @@ def row_groups(indices: torch.Tensor, num_rows: int, unread: bool = False, heavy
     """`row_segments`' grouping of the pairs by row, and with `heavy_pairs` the heavy rows' chunks
     (`heavy_row_chunks`; None without), at the cost of one host sync for all the sizes they depend on (plus, with
     `unread`, the one that leaves the unread pairs out before the sort). Returns (pair_order, offsets, rows, heavy)."""
-    flat = indices.reshape(-1)
-    read = None
-    if unread:
-        read = (flat >= 0).nonzero().squeeze(1)
-        flat = flat[read]
-    if flat.dtype == torch.int64 and num_rows <= 2**31:
-        flat = flat.to(torch.int32)  # radix sort time grows with the key's width (see `row_segments`)
-    sorted_rows, pair_order = torch.sort(flat, stable=True)
-    if read is not None:
-        pair_order = read[pair_order]
+    sorted_rows, pair_order = sort_pairs_by_row(indices, num_rows, unread)
     pairs, device = sorted_rows.numel(), indices.device
     if pairs == 0:
         offsets = torch.zeros(1, dtype=torch.int64, device=device)
