@@ -201,3 +201,33 @@ def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_w
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "not a measurements file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_committed_step_rates_reproduce_the_measured_steps_they_were_fitted_to():
+    """docs/planner_step_times.json is the source of `titanmem.step_model.MEASURED`: refitting it gives the same
+    rates, and the planner's one-GPU estimate is within 15% of every one-GPU step in it."""
+    import json
+
+    from titanmem.config import build_config
+    from titanmem.planner import Cluster, _step_time, build_meta, resolve_for, step_work
+    from titanmem.step_model import MEASURED, Measurement, fit
+
+    saved = json.loads((ROOT / "docs" / "planner_step_times.json").read_text())
+    measurements, errors = [], {}
+    for record in saved["measurements"]:
+        if record.get("world", 1) != 1:
+            continue
+        name, *overrides = record["run"].split(":")
+        config, _ = build_config(["--job.config_file", f"train_configs/{name}.toml", *overrides])
+        plan = resolve_for(config, 1)
+        model = build_meta(plan)
+        tokens = config.training.local_batch_size * config.training.seq_len
+        errors[record["run"]] = _step_time(plan, model, Cluster(1, 1, 80.0), tokens)[0] / record["step_s"] - 1
+        if record["value_update_s"] is not None:
+            measurements.append(Measurement(record["run"], step_work(plan, model), record["step_s"],
+                                            record["value_update_s"]))
+    refit = fit(measurements, MEASURED.hbm_bytes_per_s, "refit")
+    for name in ("matmul_flops_per_s", "activation_elements_per_s", "memory_reads_per_s", "row_update_bytes_per_s"):
+        assert getattr(refit, name) == pytest.approx(getattr(MEASURED, name), rel=0.01), name
+    assert len(errors) >= 5 and all(abs(error) < 0.15 for error in errors.values()), errors
+

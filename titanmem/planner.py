@@ -318,7 +318,8 @@ def step_work(plan: RunPlan, model: Transformer) -> StepWork:
     memory_reads = gathered = dense_values = 0.0
     if args.memory is not None:
         memory = args.memory
-        memory_reads = tokens * len(memory.layers) * memory.heads * memory.knn * memory.v_dim / dims.mp / dims.tp
+        # Under mp each rank bags the whole group's tokens on its 1/mp of the columns: as many reads as alone.
+        memory_reads = tokens * len(memory.layers) * memory.heads * memory.knn * memory.v_dim / dims.tp
         gathered, dense_values = value_update_work(plan.value_slice_sharding, plan.value_optimizer,
                                                    value_table_work(plan.config, memory, dims))
     # Activation checkpointing runs the forward of its blocks again in backward: a third more of their work.

@@ -5,7 +5,8 @@ A step's compute on one GPU is the sum of
 - its elementwise work (norms, activation functions, rope, casts, the loss and their backward), which grows with
   tokens × layers × dim, not with the FLOPs: it is what makes a small model's MFU low;
 - the memory layers' lookups (the key search's selections, the gather of the value rows and their backward), per
-  value element read: tokens × memory layers × heads × knn × v_dim / mp;
+  value element read: tokens × memory layers × heads × knn × v_dim (under mp a rank bags the group's tokens on its
+  share of the columns: the same count);
 - the dense optimizer step: `DENSE_ADAMW_BYTES_PER_ELEMENT` per dense parameter at the HBM's rate;
 - the value table's update, by its layout (`titanmem.distributed.value_layout_cost`), at the row-update rate.
 
@@ -31,7 +32,7 @@ class StepWork:
     activation_elements: float
     """tokens × layers × dim (÷ tp): the residual stream's elements the elementwise kernels pass over."""
     memory_reads: float
-    """Value elements the memory layers read: tokens × memory layers × heads × knn × v_dim (÷ mp)."""
+    """Value elements the memory layers read: tokens × memory layers × heads × knn × v_dim (÷ tp)."""
     dense_parameters: float
     """Dense parameters this GPU steps with AdamW."""
     row_update_bytes: float = 0.0
@@ -67,14 +68,17 @@ class StepRates:
         return self.fitted_seconds(work) + self.optimizer_seconds(work) + self.row_update_seconds(work)
 
 
-# One NVIDIA H100 80GB HBM3; `python tools/calibrate_planner.py` (docs/planner.md has the run and the fit's table).
+# Fitted to the one-GPU steps in docs/planner_step_times.json (`python tools/calibrate_planner.py --load
+# docs/planner_step_times.json` prints these; docs/planner.md has its table). The matmul rate comes out at the card's
+# measured bf16 GEMM ceiling (779 TFLOP/s in the same session), and the rest of a step's time is the elementwise work.
 MEASURED = StepRates(
-    matmul_flops_per_s=3.96e14,
-    activation_elements_per_s=1.0e12,
-    memory_reads_per_s=2.0e12,
-    row_update_bytes_per_s=5.2e12,
+    matmul_flops_per_s=7.82e14,
+    activation_elements_per_s=6.55e9,
+    memory_reads_per_s=2.99e11,
+    row_update_bytes_per_s=5.34e12,
     hbm_bytes_per_s=3.0e12,
-    source="placeholder until the first calibration run",
+    source="one NVIDIA H200, eager, bf16 autocast, fused AdamW, row-wise Adagrad: the steps of docs/benchmarks.md at "
+           "commits 9827c38 (tools/bench_train.py --steps 20 --warmup 8) and ccb9f99, in docs/planner_step_times.json",
 )
 
 

@@ -18,6 +18,7 @@ Each run is a train_configs name, optionally followed by config overrides joined
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import subprocess
@@ -29,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from titanmem.config import build_config  # noqa: E402
-from titanmem.planner import Cluster, _step_time, build_meta, estimate_config, resolve_for, step_work  # noqa: E402
+from titanmem.planner import (  # noqa: E402
+    Cluster, _step_time, build_meta, estimate_config, fake_world, resolve_for, step_work,
+)
 from titanmem.step_model import MEASURED, Measurement, StepRates, StepWork, fit  # noqa: E402
 from titanmem.train import main as train  # noqa: E402
 
@@ -90,37 +93,48 @@ def measure_steps(runs: list[str], steps: int, warmup: int) -> list[dict]:
     return measured
 
 
-def planned(run: str):
-    plan = resolve_for(config_of(run), 1)
-    return plan, build_meta(plan)
+def planned(run: str, world: int = 1):
+    """The plan of `run` on `world` GPUs of one node, its parallelized meta model, and the planner's cluster."""
+    plan = resolve_for(config_of(run), world, world)
+    with fake_world(world) if world > 1 else contextlib.nullcontext():
+        return plan, build_meta(plan), Cluster(1, world, 80.0)
 
 
-def planner_seconds(run: str, rates: StepRates) -> float:
-    plan, model = planned(run)
+def planner_seconds(run: str, rates: StepRates, world: int = 1) -> float:
+    plan, model, cluster = planned(run, world)
     tokens = plan.config.training.local_batch_size * plan.config.training.seq_len
-    return _step_time(plan, model, Cluster(1, 1, 80.0), tokens, rates)[0]
+    return _step_time(plan, model, cluster, tokens, rates)[0]
 
 
 def step_time_table(measured: list[dict], source: str) -> StepRates:
+    """Fit the rates to the one-GPU records whose value update was measured (or that have none), then compare every
+    record, on one GPU or several (its `world`), with the planner's estimate."""
     measurements = []
     for record in measured:
-        plan, model = planned(record["run"])
+        if record.get("world", 1) != 1 or record.get("value_update_s", 0.0) is None:
+            continue
+        plan, model, _ = planned(record["run"])
         work: StepWork = step_work(plan, model)
-        measurements.append(Measurement(record["run"], work, record["step_s"], record["value_update_s"]))
+        measurements.append(Measurement(record["run"], work, record["step_s"], record.get("value_update_s", 0.0)))
     fitted = fit(measurements, MEASURED.hbm_bytes_per_s, source)
     print("```python\nMEASURED = StepRates(")
     for name in ("matmul_flops_per_s", "activation_elements_per_s", "memory_reads_per_s", "row_update_bytes_per_s",
                  "hbm_bytes_per_s"):
         print(f"    {name}={getattr(fitted, name):.3g},")
     print(f"    source={fitted.source!r},\n)\n```\n")
-    print("| run | measured step | of which value update | planner (committed rates) | error | planner (fitted) | "
-          "error |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | GPUs | measured step | of which value update | in the fit | planner (committed rates) | error | "
+          "planner (fitted) | error |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    fitted_runs = {m.name for m in measurements}
     for record in measured:
-        committed, refit = planner_seconds(record["run"], MEASURED), planner_seconds(record["run"], fitted)
-        step = record["step_s"]
-        print(f"| {record['run'].replace(':', ' ')} | {step * 1e3:.1f} ms | {record['value_update_s'] * 1e3:.1f} ms | "
-              f"{committed * 1e3:.1f} ms | {committed / step - 1:+.1%} | {refit * 1e3:.1f} ms | {refit / step - 1:+.1%} |")
+        world = record.get("world", 1)
+        committed = planner_seconds(record["run"], MEASURED, world)
+        refit = planner_seconds(record["run"], fitted, world)
+        step, update = record["step_s"], record.get("value_update_s", 0.0)
+        print(f"| {record['run'].replace(':', ' ')} | {world} | {step * 1e3:.1f} ms | "
+              f"{'?' if update is None else f'{update * 1e3:.1f} ms'} | "
+              f"{'yes' if world == 1 and record['run'] in fitted_runs else 'no'} | {committed * 1e3:.1f} ms | "
+              f"{committed / step - 1:+.1%} | {refit * 1e3:.1f} ms | {refit / step - 1:+.1%} |")
     return fitted
 
 

@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 def print_ranking(config, cluster: Cluster, top: int) -> None:
     fitting, failing = rank_plans(config, cluster)
     print(f"\n## Meshes that fit, fastest first ({len(fitting)} of {len(fitting) + len(failing)} that resolve)\n")
-    print("Estimated step time: compute at 40% of H100 bf16 peak and the value update, plus TP exchanges and the "
-          "value table's exchanges by its layout (critical path), plus FSDP traffic the compute cannot hide; NVLink "
-          "450 GB/s within a node, 50 GB/s per GPU between nodes. Ranked by tokens/s per GPU, since tp ranks share "
-          "a batch.\n")
+    print("Estimated step time: compute at the rates measured on one GPU (titanmem/step_model.py: matmuls, "
+          "elementwise work, lookups, optimizer, value update), plus TP exchanges and the value table's exchanges by "
+          "its layout (critical path), plus FSDP traffic the compute cannot hide; NVLink 450 GB/s within a node, "
+          "50 GB/s per GPU between nodes. Ranked by tokens/s per GPU, since tp ranks share a batch.\n")
     print("| # | mesh | GB per GPU | tokens per step | step s (est.) | of which exchanges s | tokens/s per GPU (est.) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for index, found in enumerate(fitting[:top], start=1):
