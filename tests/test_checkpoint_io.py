@@ -106,7 +106,8 @@ def test_a_failed_background_save_stops_the_next_save_and_leaves_no_complete_che
     def failing_digests(folder, names):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.CheckpointManager, "_own_digests", lambda self, partial: failing_digests(partial, []))
+    monkeypatch.setattr(checkpoint.CheckpointManager, "_own_digests",
+                        lambda self, partial, writer: failing_digests(partial, []))
     manager = CheckpointManager(Checkpoint(async_mode="async"), tmp_path, {"state": Holder(random_state(3))},
                                 total_steps=10)
     try:
@@ -129,3 +130,55 @@ def test_a_run_saved_with_several_writer_threads_resumes_with_one(tmp_path):
     assert main([*common, "--training.steps", "3", "--checkpoint.io_threads", "1"]) == 0
     assert complete_checkpoint_steps(tmp_path / "checkpoint") == [2, 3]
     assert len(files_of_rank(tmp_path / "checkpoint" / "step-3", 0)) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_files_are_summed_as_they_are_written_exactly_as_by_reading_them(tmp_path, threads, monkeypatch):
+    """The writer's digests of every data file equal `file_digests` of the file on disk (chunk boundaries crossed
+    by the writes included), and the save uses them: it reads none of its data files back."""
+    import titanmem.components.checkpoint as checkpoint
+    from titanmem.components import manifest, summing_writer
+
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 4096)  # many chunks, and writes that straddle them
+    monkeypatch.setattr(summing_writer, "CHUNK_BYTES", 4096)
+    read_back = []
+    reading = checkpoint.file_digests
+    monkeypatch.setattr(checkpoint, "file_digests", lambda folder, names: read_back.extend(names) or reading(folder,
+                                                                                                          names))
+    state = random_state(11)
+    manager = CheckpointManager(Checkpoint(io_threads=threads), tmp_path, {"state": Holder(state)}, total_steps=1)
+    writer = manager._writer(tmp_path / "probe")
+    manager._writer = lambda partial: writer.reset(str(partial)) or writer  # keep the writer to look at its digests
+    manager.save(1)
+    folder = tmp_path / "step-1"
+    names = files_of_rank(folder, 0)
+    assert len(names) == threads and sorted(writer.digests) == names
+    assert writer.digests == manifest.file_digests(folder, names)
+    assert all(len(digest["crc32"]) > 1 for digest in writer.digests.values())
+    assert not any(name.endswith(".distcp") for name in read_back)  # only the index was read to sum it
+    assert checkpoint_problems(folder) == []
+
+
+def test_a_stream_that_is_moved_has_no_digest_and_its_file_is_read_instead(tmp_path):
+    import io
+
+    from titanmem.components.summing_writer import _SummingStream
+
+    for move in (lambda s: s.seek(3), lambda s: s.truncate(5)):
+        stream = _SummingStream(io.BytesIO())
+        stream.write(b"0123456789")
+        move(stream)
+        assert stream.digest() is None
+    stream = _SummingStream(io.BytesIO())
+    stream.write(b"abc")
+    stream.seek(0, 2)  # to its end: still appending
+    stream.writelines([b"de", bytearray(b"f")])
+    assert stream.digest() == {"size": 6, "crc32": [f"{zlib_crc(b'abcdef'):08x}"]}
+    assert _SummingStream(io.BytesIO()).digest() == {"size": 0, "crc32": ["00000000"]}
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
+

@@ -46,6 +46,7 @@ from titanmem.components.manifest import (
     write_manifest,
 )
 from titanmem.components.staging import CpuStager
+from titanmem.components.summing_writer import SummingWriter
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Checkpoint as CheckpointConfig
 
@@ -234,33 +235,34 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
         self.last_saved_step = step
+        writer = self._writer(partial)
         if self.config.async_mode == "disabled":
-            dcp.save(self._state_dict(), storage_writer=self._writer(partial))
-            digests = self._own_digests(partial)
+            dcp.save(self._state_dict(), storage_writer=writer)
+            digests = self._own_digests(partial, writer)
             crash_point("save:written", step)
             self._complete(step, digests)
             logger.info("saved checkpoint step-%d; training waited %.2f s", step, time.perf_counter() - start)
         else:
-            write = dcp.async_save(self._state_dict(), storage_writer=self._writer(partial),
-                                   process_group=self._process_group, async_stager=self._stager)
-            self._pending = (step, self._summer.submit(self._finish_in_background, step, write, partial))
+            write = dcp.async_save(self._state_dict(), storage_writer=writer, process_group=self._process_group,
+                                   async_stager=self._stager)
+            self._pending = (step, self._summer.submit(self._finish_in_background, step, write, partial, writer))
             crash_point("save:background", step)
             logger.info("checkpoint step-%d copied for writing in the background; training waited %.2f s", step,
                         time.perf_counter() - start)
         return self.folder / f"step-{step}"
 
-    def _writer(self, partial: Path) -> dcp.FileSystemWriter:
-        # Each thread writes a file of its own; the files are fsynced before the save can complete.
-        return dcp.FileSystemWriter(str(partial), thread_count=self.config.io_threads, sync_files=True)
+    def _writer(self, partial: Path) -> SummingWriter:
+        # Each thread writes a file of its own, summed as it goes; the files are fsynced before the save can complete.
+        return SummingWriter(str(partial), thread_count=self.config.io_threads, sync_files=True)
 
-    def _finish_in_background(self, step: int, write: Future, partial: Path) -> None:
+    def _finish_in_background(self, step: int, write: Future, partial: Path, writer: SummingWriter) -> None:
         """The background thread's part of an async save: the write, this rank's checksums, and the completion, which
         waits for every rank's (`_complete` gathers them over the save's own process group, so that training's
         collectives never wait on it). A crash at any point before the rename leaves the previous checkpoint the
         newest complete one."""
         start = time.perf_counter()
         write.result()
-        self._complete(step, self._own_digests(partial))
+        self._complete(step, self._own_digests(partial, writer))
         logger.info("checkpoint step-%d complete: written in the background in %.2f s", step,
                     time.perf_counter() - start)
 
@@ -276,10 +278,14 @@ class CheckpointManager:
         if waited > 0.01:
             logger.info("training waited %.2f s for the background save of step-%d to finish", waited, step)
 
-    def _own_digests(self, partial: Path) -> dict[str, dict]:
-        """Checksums of the files this rank wrote into `partial`."""
+    def _own_digests(self, partial: Path, writer: SummingWriter) -> dict[str, dict]:
+        """Checksums of the files this rank wrote into `partial`: those the writer summed as it wrote them, where the
+        file on disk has the size it wrote; the others summed by reading them."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return file_digests(partial, files_of_rank(partial, rank))
+        names = files_of_rank(partial, rank)
+        summed = {name: digest for name in names if (digest := writer.digests.get(name)) is not None
+                  and digest["size"] == (partial / name).stat().st_size}
+        return {**summed, **file_digests(partial, [name for name in names if name not in summed])}
 
     def _complete(self, step: int, digests: dict[str, dict]) -> None:
         """Rank 0 gathers every rank's checksums into the manifest, renames the finished `step-N.partial` to
