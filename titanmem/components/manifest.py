@@ -5,8 +5,9 @@ loaded.
 Checksums are CRC-32 of 64 MiB chunks: zlib computes one at several GB/s per core and releases the GIL, so the chunks
 of a file are summed in parallel threads, and a value table of hundreds of GB costs seconds per rank. (CRC-32 catches
 damage, not tampering; a planted checkpoint is the restricted unpickler's concern, `checkpoint_io`.) Each rank sums
-the files it wrote, where they are still hot in the page cache; rank 0 adds any other file (DCP's `.metadata`) and
-writes `manifest.json`. A load spreads the verification over the ranks the same way.
+the files it wrote, as it writes them (`titanmem.components.summing_writer`; a file written otherwise is read back
+while still hot in the page cache); rank 0 adds any other file (DCP's `.metadata`) and writes `manifest.json`. A load
+spreads the verification over the ranks the same way.
 """
 
 from __future__ import annotations
