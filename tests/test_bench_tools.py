@@ -62,3 +62,20 @@ def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_pat
     assert not (tmp_path / "plan" / "reference").exists()
     reused = subprocess.run([*drill, "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert reused.returncode == 2 and "holds an earlier drill" in reused.stderr
+
+
+def test_bench_checkpoint_measures_the_disk_and_a_save_and_cold_loads_of_a_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "tools/bench_checkpoint.py", "--work", str(tmp_path), "--disk", "0.1", "--run",
+         "debug_model --training.device cpu --training.seq_len 32 --training.local_batch_size 2 "
+         "--checkpoint.io_threads 3 --data.num_workers 0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    disk = [line for line in result.stdout.splitlines() if line.startswith("| 1 file") or line.startswith("| 8 files")]
+    assert len(disk) == 2 and all(float(cell) > 0 for line in disk for cell in line.strip("|").split("|")[2:])
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| debug_model"))
+    cells = [float(cell) for cell in row.strip("|").split("|")[1:]]
+    checkpoint_gb, save_s, save_rate = cells[:3]
+    assert checkpoint_gb > 0 and save_s > 0 and save_rate > 0
+    assert cells[3] < save_s  # the files were summed as written: little or nothing read back
+    assert not list(tmp_path.glob("disk-*.bin"))  # the disk probe cleans up

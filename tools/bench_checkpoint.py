@@ -1,11 +1,13 @@
-"""What checkpoint manifests cost: the checksums of a save and the verification of a resume, on this machine.
+"""Checkpoint I/O on this machine: the disk's sequential rates, and what a save and a resume take against them.
 
-For each config: train 2 steps and save; then resume three times from that save (verified, unverified, verified),
-each after evicting the checkpoint's files from the page cache, so that every load reads from disk. Prints a table
-of save time (and its checksums) and cold load time (and its verification). docs/benchmarks.md has a run.
+With `--disk GB`, first the disk under `--work`: GB written in 1 and in 8 files at once (buffered, then fsynced) and
+read back cold. Then for each config: train 2 steps and save; then resume three times from that save (verified,
+unverified, verified), each after evicting the checkpoint's files from the page cache, so that every load reads from
+disk. Prints a table of save time (and the checksums it read back), cold load time (and its verification), and the
+rates. Thread counts and async modes are config overrides of the run. docs/benchmarks.md has runs.
 
-    python tools/bench_checkpoint.py --work /tmp/ck \
-        --run "llama_134m_memory --memory.n_keys 2048" --run "llama_1.3b_memory --training.local_batch_size 2"
+    python tools/bench_checkpoint.py --work /tmp/ck --disk 16 \
+        --run "llama_1.3b_memory --checkpoint.io_threads 1" --run "llama_1.3b_memory --checkpoint.io_threads 8"
 """
 
 from __future__ import annotations
@@ -40,11 +42,63 @@ def evict(folder: Path) -> None:
     """Drop the folder's files from the page cache (they are on disk: DCP and the manifest fsync them)."""
     for path in folder.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_file(path)
+
+
+def evict_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_rates(work: Path, gigabytes: float, files: int) -> tuple[float, float]:
+    """GB/s writing `gigabytes` of random bytes into `files` files at once (each by its thread, then fsynced), and
+    reading them back after evicting them from the page cache."""
+    import mmap
+    import threading
+
+    block = 64 << 20
+    blocks = max(1, int(gigabytes * 1e9 / files / block))
+    buffer = mmap.mmap(-1, block)
+    buffer.write(os.urandom(block))
+    paths = [work / f"disk-{i}.bin" for i in range(files)]
+
+    def write(path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for _ in range(blocks):
+                os.write(fd, buffer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(path: Path) -> None:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.read(block):
+                pass
+
+    def timed_threads(function) -> float:
+        threads = [threading.Thread(target=function, args=(path,)) for path in paths]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        written = timed_threads(write)
+        for path in paths:
+            evict_file(path)
+        read_back = timed_threads(read)
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    total = blocks * block * files / 1e9
+    return total / written, total / read_back
 
 
 def measure(config: str, extra: list[str], work: Path) -> tuple[float, float, float, float, float, float]:
@@ -76,7 +130,16 @@ def main() -> None:
                         help="a train_configs name, then config overrides, as one quoted string; repeatable")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_checkpoint"),
                         help="scratch folder (twice the checkpoint size free)")
+    parser.add_argument("--disk", type=float, default=0.0, metavar="GB",
+                        help="first measure the disk's sequential rates with this many GB (0: skip)")
     args = parser.parse_args()
+    if args.disk > 0:
+        print("| disk under --work | GB | write GB/s (fsynced) | cold read GB/s |")
+        print("| --- | ---: | ---: | ---: |")
+        for files in (1, 8):
+            write, read = disk_rates(args.work, args.disk, files)
+            print(f"| {files} file{'s' if files > 1 else ''} at once | {args.disk:g} | {write:.2f} | {read:.2f} |", flush=True)
+        print()
     checkpoint.file_digests = timed("checksums", checkpoint.file_digests)
     checkpoint.checkpoint_problems = timed("verify", checkpoint.checkpoint_problems)
     checkpoint.CheckpointManager.save = timed("save", checkpoint.CheckpointManager.save)
@@ -85,11 +148,12 @@ def main() -> None:
     for run in args.run:
         config, *extra = shlex.split(run)
         rows.append((run, *measure(config, extra, args.work)))
-    print("| run | checkpoint GB | save s | of which checksums s | cold load, verified s | of which verification s "
-          "| cold load, unverified s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | checkpoint GB | save s | save GB/s | of which checksums read back s | cold load, verified s | of "
+          "which verification s | cold load, unverified s | unverified GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run, gb, save, sums, load, verify, unverified in rows:
-        print(f"| {run} | {gb:.1f} | {save:.2f} | {sums:.2f} | {load:.2f} | {verify:.2f} | {unverified:.2f} |")
+        print(f"| {run} | {gb:.2f} | {save:.2f} | {gb / save:.2f} | {sums:.2f} | {load:.2f} | {verify:.2f} | "
+              f"{unverified:.2f} | {gb / unverified:.2f} |")
 
 
 if __name__ == "__main__":
