@@ -307,6 +307,21 @@ def test_step_scalars_on_the_device_equal_those_of_numbers():
     assert bool(first_skip.isfinite().all()) and bool((first_skip[2:] > 0).all())
 
 
+def test_the_rounding_seed_computed_on_the_device_equals_the_64_bit_mix_of_the_host():
+    """`rounding_seeds` wraps int64 products and sums and makes its shifts logical: the same seeds as the unsigned
+    arithmetic of `rounding_seed`, for seeds and steps that overflow 64 bits in every term."""
+    import random
+
+    from titanmem.components.value_optimizer import rounding_seed, rounding_seeds
+
+    rng = random.Random(0)
+    steps = [0, 1, 2, 3, 100, 2**20, 2**31 - 1, 2**40, rng.getrandbits(62), 2**63 - 1]
+    for seed in (0, 1, 7, 1234, 2**31 - 1, 2**40 + 3, rng.getrandbits(63), 2**64 + 5):
+        got = rounding_seeds(seed, torch.tensor(steps, device=DEVICE)).cpu().tolist()
+        assert got == [rounding_seed(seed, step) for step in steps], seed
+        assert all(0 <= value < 2**31 for value in got)
+
+
 def test_malformed_step_scalars_and_seeds_are_refused(passes):
     values, indices, weights, grad_out = random_case(1, 3, 4, 20, 8)
     pair_order, offsets, rows = kernels.row_segments(indices, 20)
