@@ -291,11 +291,12 @@ def row_groups(indices: torch.Tensor, num_rows: int, unread: bool = False, heavy
     starts = torch.ones(pairs, dtype=torch.bool, device=device)
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
     segment = torch.cumsum(starts, 0) - 1
-    # Each segment's first pair, in a table as long as the pairs could make segments; the others (and the dummy slot
-    # that takes every non-start) end up at `pairs`, so their lengths are 0.
-    padded = torch.full((pairs + 1,), pairs, dtype=torch.int64, device=device)
-    padded.scatter_(0, torch.where(starts, segment, pairs), torch.arange(pairs, device=device))
-    padded[pairs] = pairs
+    # Each segment's first pair, in a table as long as the pairs could make segments; the others end up at `pairs`,
+    # so their lengths are 0. Every non-start goes to a dummy slot past the table (no write from the host: that
+    # would be a sync).
+    padded = torch.full((pairs + 2,), pairs, dtype=torch.int64, device=device)
+    padded.scatter_(0, torch.where(starts, segment, pairs + 1), torch.arange(pairs, device=device))
+    padded = padded[:pairs + 1]
     sizes = [segment[-1] + 1]
     if heavy_pairs is not None:
         lengths = padded.diff()
