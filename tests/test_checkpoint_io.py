@@ -182,3 +182,28 @@ def zlib_crc(data: bytes) -> int:
 
     return zlib.crc32(data)
 
+
+@pytest.mark.parametrize("staging", ["pageable", "pinned"])
+def test_a_sync_save_staged_either_way_saves_the_state_as_it_was(tmp_path, staging):
+    """Staged through buffers kept from save to save (`sync_staging = "pinned"`), each save holds the state of its own
+    step, not the buffers' earlier contents."""
+    state = random_state(5)
+    manager = CheckpointManager(Checkpoint(sync_staging=staging, io_threads=2), tmp_path, {"state": Holder(state)},
+                                total_steps=4)
+    try:
+        expected = {}
+        for step in (2, 4):
+            for tensor in state.values():
+                if tensor.is_floating_point():
+                    tensor.add_(step)
+            expected[step] = {name: tensor.clone() for name, tensor in state.items()}
+            manager.save(step)
+    finally:
+        manager.close()
+    assert manager._stager is None  # released at close
+    for step in (2, 4):
+        loaded = {"state": zeros_like(state)}
+        load_tensors(loaded, tmp_path / f"step-{step}", threads=2)
+        for name, tensor in expected[step].items():
+            assert torch.equal(loaded["state"][name], tensor), (step, name)
+

@@ -207,6 +207,8 @@ class CheckpointManager:
         self._process_group = None
         if config.async_mode != "disabled":
             self._start_async()
+        elif config.sync_staging == "pinned":
+            self._stager = CpuStager(pinned=True)
 
     def _start_async(self) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -237,7 +239,8 @@ class CheckpointManager:
         self.last_saved_step = step
         writer = self._writer(partial)
         if self.config.async_mode == "disabled":
-            dcp.save(self._state_dict(), storage_writer=writer)
+            state = self._state_dict()
+            dcp.save(self._stager.stage(state) if self._stager is not None else state, storage_writer=writer)
             digests = self._own_digests(partial, writer)
             crash_point("save:written", step)
             self._complete(step, digests)

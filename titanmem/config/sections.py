@@ -324,6 +324,13 @@ class Checkpoint:
     stream gets a fraction of what a local NVMe disk or a cluster file system delivers to several. Any count reads a
     checkpoint written with any other (docs/benchmarks.md has the measured rates)."""
 
+    sync_staging: Literal["pageable", "pinned"] = "pageable"
+    """How a synchronous save (`async_mode = "disabled"`) takes the state off the GPU. `pageable`: DCP's writer threads
+    copy each tensor as they write it, which holds the write below a fast disk (1.5 GB/s on an H100 host against the
+    disk's 2.4). `pinned`: first into page-locked buffers kept from save to save (host memory the size of this rank's
+    state; the first save allocates them), at tens of GB/s, and the threads then write at the disk's speed
+    (docs/benchmarks.md). `async_with_pinned_mem` stages the same way and writes in the background."""
+
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
     """`disabled`: training waits while a checkpoint is written. `async`: training waits only while the state is
     copied to CPU memory, and goes on while a background thread writes it and, as soon as every rank has written its
