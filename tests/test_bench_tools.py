@@ -79,3 +79,15 @@ def test_bench_checkpoint_measures_the_disk_and_a_save_and_cold_loads_of_a_run(t
     assert checkpoint_gb > 0 and save_s > 0 and save_rate > 0
     assert cells[3] < save_s  # the files were summed as written: little or nothing read back
     assert not list(tmp_path.glob("disk-*.bin"))  # the disk probe cleans up
+
+
+def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_count(tmp_path):
+    result = subprocess.run([sys.executable, "tools/bench_checkpoint.py", "--work", str(tmp_path), "--state", "0.02",
+                             "--threads", "1", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith(("| pageable", "| pinned"))]
+    assert [(row[0], row[1]) for row in rows] == [("pageable", "1"), ("pinned", "1"), ("pageable", "2"),
+                                                   ("pinned", "2")]
+    assert all(row[5] == f"{row[1]} of {row[1]}" and float(row[4]) > 0 and float(row[7]) > 0 for row in rows)
+    assert not list(tmp_path.glob("state-*"))

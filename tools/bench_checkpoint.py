@@ -4,8 +4,11 @@ With `--disk GB`, first the disk under `--work`: GB written in 1 and in 8 files 
 read back cold. Then for each config: train 2 steps and save; then resume three times from that save (verified,
 unverified, verified), each after evicting the checkpoint's files from the page cache, so that every load reads from
 disk. Prints a table of save time (and the checksums it read back), cold load time (and its verification), and the
-rates. Thread counts and async modes are config overrides of the run. docs/benchmarks.md has runs.
+rates. Thread counts and async modes are config overrides of the run. `--state GB` saves and cold-loads a synthetic
+state of that size shaped like a 1.3b Memory+ run's, with each of `--threads` writer and reader threads, copied off
+the GPU by the writer threads or staged into pinned buffers first. docs/benchmarks.md has runs.
 
+    python tools/bench_checkpoint.py --work /tmp/ck --disk 6 --state 25 --threads 1 8 16
     python tools/bench_checkpoint.py --work /tmp/ck --disk 16 \
         --run "llama_1.3b_memory --checkpoint.io_threads 1" --run "llama_1.3b_memory --checkpoint.io_threads 8"
 """
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 import titanmem.components.checkpoint as checkpoint  # noqa: E402
 from titanmem.train import main as train  # noqa: E402
@@ -101,6 +106,62 @@ def disk_rates(work: Path, gigabytes: float, files: int) -> tuple[float, float]:
     return total / written, total / read_back
 
 
+def synthetic_state(gigabytes: float, device: str) -> dict:
+    """About `gigabytes` of fp32 tensors shaped like a 1.3b Memory+ run's state: a 1M-row table, its per-row state, and
+    24 blocks of weights with two moments each, scaled to the size asked."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = max(1, int(gigabytes * 1e9 * 0.35 / 4 / 2048))
+    layer = [(2048, 2048)] * 4 + [(5632, 2048)] * 3 + [(2048,)] * 2
+    layers = int(gigabytes * 1e9 * 0.65 / 4 / 3 / sum(torch.Size(s).numel() for s in layer))
+
+    def block(prefix: str) -> dict:
+        return {f"{prefix}.{i}.{j}": torch.randn(shape, generator=generator, device=device)
+                for i in range(layers) for j, shape in enumerate(layer)}
+
+    return {"model": {**block("w"), "values": torch.randn(rows, 2048, generator=generator, device=device)},
+            "optimizer": {**block("m"), **block("v"), "rows": torch.rand(rows, generator=generator, device=device)}}
+
+
+def state_io(work: Path, gigabytes: float, thread_counts: list[int]) -> None:
+    """Save and cold-load a synthetic state with each thread count: pageable (DCP's writer threads copy off the GPU)
+    and staged into pinned buffers first; prints a table."""
+    import torch.distributed.checkpoint as dcp
+
+    from titanmem.components.checkpoint_io import load_tensors
+    from titanmem.components.staging import CpuStager
+    from titanmem.components.summing_writer import SummingWriter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = synthetic_state(gigabytes, device)
+    size = sum(t.numel() * t.element_size() for t in checkpoint.flatten(state).values()) / 1e9
+    stager = CpuStager(pinned=True)
+    stager.stage(state)  # allocate the pinned buffers outside the timing
+    print(f"| synthetic state, {size:.1f} GB on {device} | threads | staging s | write s | write GB/s | files summed as "
+          "written | cold load s | load GB/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for threads in thread_counts:
+        for staging in ("pageable", "pinned"):
+            folder = work / f"state-{threads}-{staging}"
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.perf_counter()
+            source = stager.stage(state) if staging == "pinned" else state
+            staged = time.perf_counter() - start
+            writer = SummingWriter(str(folder), thread_count=threads, sync_files=True)
+            dcp.save(source, storage_writer=writer)
+            written = time.perf_counter() - start
+            summed = sum(digest is not None for digest in writer.digests.values())
+            evict(folder)
+            start = time.perf_counter()
+            load_tensors(state, folder, threads)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            loaded = time.perf_counter() - start
+            shutil.rmtree(folder)
+            print(f"| {staging} | {threads} | {staged:.2f} | {written:.2f} | {size / written:.2f} | "
+                  f"{summed} of {len(writer.digests)} | {loaded:.2f} | {size / loaded:.2f} |", flush=True)
+    stager.close()
+
+
 def measure(config: str, extra: list[str], work: Path) -> tuple[float, float, float, float, float, float]:
     folder = work / config
     shutil.rmtree(folder, ignore_errors=True)
@@ -126,8 +187,12 @@ def measure(config: str, extra: list[str], work: Path) -> tuple[float, float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True,
+    parser.add_argument("--run", action="append", default=[],
                         help="a train_configs name, then config overrides, as one quoted string; repeatable")
+    parser.add_argument("--state", type=float, default=0.0, metavar="GB",
+                        help="also save and cold-load a synthetic state of this many GB (on the GPU if there is one)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 8],
+                        help="the writer and reader thread counts of --state")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_checkpoint"),
                         help="scratch folder (twice the checkpoint size free)")
     parser.add_argument("--disk", type=float, default=0.0, metavar="GB",
@@ -140,10 +205,15 @@ def main() -> None:
             write, read = disk_rates(args.work, args.disk, files)
             print(f"| {files} file{'s' if files > 1 else ''} at once | {args.disk:g} | {write:.2f} | {read:.2f} |", flush=True)
         print()
+    if args.state > 0:
+        state_io(args.work, args.state, args.threads)
+        print()
     checkpoint.file_digests = timed("checksums", checkpoint.file_digests)
     checkpoint.checkpoint_problems = timed("verify", checkpoint.checkpoint_problems)
     checkpoint.CheckpointManager.save = timed("save", checkpoint.CheckpointManager.save)
     checkpoint.CheckpointManager.load = timed("load", checkpoint.CheckpointManager.load)
+    if not args.run:
+        return
     rows = []
     for run in args.run:
         config, *extra = shlex.split(run)
