@@ -8,7 +8,9 @@ eval), runs `--warmup` steps, then times `--steps` steps back to back (their mea
 - backward: the rest of forward + backward;
 - value update: the row-wise value optimizer (its norm, gathers and fused update);
 - optimizer: the rest of the optimizer step (norms, clipping, AdamW, and a row-wise optimizer's host sync);
-- exposed communication: from a profile of 3 more steps, the time NCCL kernels run while no compute kernel does.
+- exposed communication: from a profile of 3 more steps, the time NCCL kernels run while no compute kernel does;
+- host syncs per step: over 3 more steps, by CUDA's sync debug mode. `--decide_on host` makes the host decide each
+  step's update (as without fused AdamW), to compare with the device's decision.
 
 The bf16 GEMM ceiling of the same run (an 8192³ matmul) is printed first, so that MFU can be read against what this
 GPU reaches today. docs/benchmarks.md has the runs. On several GPUs, launch it with torchrun, one run per launch:
@@ -104,6 +106,24 @@ def exposed_communication(trainer, batches, steps: int = 3) -> float | None:
     return _uncovered(comm, compute) / 1e6 / steps
 
 
+def host_syncs_per_step(trainer, batches, steps: int = 3) -> float | None:
+    """Mean host syncs per step (CUDA's sync debug mode, which warns at each); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                trainer.train_step(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    trainer.settle()
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
 def _uncovered(spans: list[tuple[int, int]], cover: list[tuple[int, int]]) -> float:
     """Total length of the union of `spans` outside the union of `cover`."""
     def union(intervals):
@@ -127,7 +147,9 @@ def _uncovered(spans: list[tuple[int, int]], cover: list[tuple[int, int]]) -> fl
     return total
 
 
-def bench(run: str, steps: int, warmup: int) -> dict:
+def bench(run: str, steps: int, warmup: int, decide_on: str = "auto") -> dict:
+    """`decide_on = "host"` makes the host read every step's loss and norms and decide whether to apply it, as
+    without fused AdamW; "auto" leaves it to the device where it can (`Optimizers.skips_on_device`)."""
     from titanmem.train import Trainer
 
     name, *overrides = run.split(":")
@@ -137,6 +159,9 @@ def bench(run: str, steps: int, warmup: int) -> dict:
                               "--job.dump_folder", f"/tmp/bench_train/{name}"])
     trainer = Trainer(config)
     trainer.read_late = True  # as in training: no host sync per step where the device can skip a step itself
+    if decide_on == "host":
+        optimizers = type(trainer.optimizers)
+        trainer.optimizers.__class__ = type("HostDeciding", (optimizers,), {"skips_on_device": property(lambda _: False)})
     cuda = trainer.device.type == "cuda"
     clock = PhaseClock(cuda)
     trainer.model.forward = clock.timed("forward", trainer.model.forward)
@@ -168,6 +193,7 @@ def bench(run: str, steps: int, warmup: int) -> dict:
         wall = (time.perf_counter() - start) / steps
         totals = clock.seconds()
         exposed = exposed_communication(trainer, batches)
+        syncs = host_syncs_per_step(trainer, batches)
     finally:
         trainer.close()
 
@@ -182,7 +208,8 @@ def bench(run: str, steps: int, warmup: int) -> dict:
     tokens = trainer.plan.tokens_per_step / trainer.world_size
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     return {"run": run.replace(":", " "), "tokens_per_gpu_s": tokens / wall, "step_s": wall,
-            "flops_per_token": trainer.flops_per_token, "peak_gb": peak, "split": split, "exposed": exposed}
+            "flops_per_token": trainer.flops_per_token, "peak_gb": peak, "split": split, "exposed": exposed,
+            "syncs": syncs}
 
 
 def main() -> None:
@@ -190,6 +217,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="train_configs names, with ':'-joined overrides")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--decide_on", choices=("auto", "host"), default="auto",
+                        help="host: the host reads each step's loss and norms and decides whether to apply it")
     args = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(args.runs) > 1:
         # A second trainer in the same processes would start a second NCCL world after the first one's end.
@@ -198,10 +227,10 @@ def main() -> None:
     if ceiling is not None:
         print(f"bf16 GEMM ceiling (8192³) now: {ceiling:,.0f} TFLOP/s on {torch.cuda.get_device_name()}\n")
     print("| run | tokens/s per GPU | step s | MFU (of 989 TFLOP/s) | of the GEMM ceiling | peak GB | forward | backward "
-          "| value update | optimizer | exposed comm |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| value update | optimizer | exposed comm | host syncs per step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in args.runs:
-        r = bench(run, args.steps, args.warmup)
+        r = bench(run, args.steps, args.warmup, args.decide_on)
         achieved = r["tokens_per_gpu_s"] * r["flops_per_token"] / 1e12
         split = r["split"]
         cells = [f"{split[p] * 1e3:.1f} ms" for p in PHASES]
@@ -209,7 +238,8 @@ def main() -> None:
         print(f"| {r['run']} | {r['tokens_per_gpu_s']:,.0f} | {r['step_s']:.3f} | {mfu} | "
               + (f"{achieved / ceiling:.1%}" if ceiling else "-") + " | "
               + (f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-") + " | " + " | ".join(cells) + " | "
-              + (f"{r['exposed'] * 1e3:.1f} ms" if r["exposed"] is not None else "-") + " |", flush=True)
+              + (f"{r['exposed'] * 1e3:.1f} ms" if r["exposed"] is not None else "-") + " | "
+              + (f"{r['syncs']:.1f}" if r["syncs"] is not None else "-") + " |", flush=True)
 
 
 if __name__ == "__main__":
