@@ -1,14 +1,17 @@
 """Fused row-wise optimizer updates of the value table, straight from the memory layers' output gradients.
 
 No [N, D] gradient is ever formed. The (token, slot) pairs of every memory-layer call since the last step (all
-layers, all micro-batches) are grouped by value row (see `row_segments`), and two passes run over the touched rows:
+layers, all micro-batches) are grouped by value row (`row_groups`, which reads every size the passes need from the
+device at once), and two passes run over the touched rows:
 
 1. `row_grad_sq`: the squared norm of each touched row's summed gradient, Σ_pairs w · grad_out[t]. Their sum is the
    value table's gradient norm, used for its separate clipping and logged; row-wise Adagrad also needs it per row.
 2. `row_update_`: recompute each row's gradient, scale it by the clip factor and apply the optimizer to that row in
    place: SGD, row-wise Adagrad (one fp32 accumulator per row), or lazy Adam (moments of untouched rows are not
-   decayed, as in torch.optim.SparseAdam; bias correction uses the global step). Weight decay is decoupled and, like
-   the moments, applied only to the rows a step touches.
+   decayed, as in torch.optim.SparseAdam; bias correction uses the count of applied steps). Weight decay is
+   decoupled and, like the moments, applied only to the rows a step touches. The step's clip factor, whether to apply
+   it at all, and Adam's bias corrections come from the device (`step_scalars`), so that the host never has to read
+   the norms to decide: a step the device skips writes nothing.
 
 Recomputing the row gradient in pass 2 costs one more read of the gathered output gradients, which is what it takes
 to clip by the global norm without materialising the gradients.
@@ -16,7 +19,8 @@ to clip by the global norm without materialising the gradients.
 A row's pairs are summed by one program, in order; a hot row (read by most tokens of the whole batch, which under a
 rows-sharded table means the whole data-parallel group's batch) would make that program the step's tail. Rows of more
 than `HEAVY_PAIRS` pairs are therefore summed beforehand in chunks of that many pairs, by a program each, and their
-chunks then added in order (`heavy_row_grads`): both passes read these rows' gradients instead of their pairs. The
+chunks then added in order (`heavy_row_chunks`, `sum_heavy_rows`), once per step: both passes read these rows'
+gradients instead of their pairs. The
 chunks start at the row's first pair, so the sum's association depends only on the row's pairs and their order,
 never on the rest of the batch or on the layout that gathered it.
 """
