@@ -196,11 +196,18 @@ def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_w
     for row in rows:
         assert row.split("|")[-2].strip() in ("+0.0%", "-0.0%"), row
     broken = tmp_path / "broken.json"
-    broken.write_text("{}")
-    result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(broken)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "not a measurements file" in result.stderr
-    assert "Traceback" not in result.stderr
+    for content, message in (
+            ("{}", "not a measurements file"),
+            ('{"source": "x", "measurements": [{"run": "llama_134m", "step_s": -1}]}', "step_s must be a positive"),
+            ('{"source": "x", "measurements": [{"run": "llama_134m", "step_s": 0.1, "world": 0}]}', "world must be"),
+            ('{"source": "x", "measurements": [{"run": "no_such_config", "step_s": 0.1}]}', "no_such_config.toml"),
+            ('{"source": "x", "measurements": [{"run": "llama_134m_memory", "step_s": 0.001, "value_update_s": 0.01}]}',
+             "the measurement is wrong")):
+        broken.write_text(content)
+        result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(broken)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and message in result.stderr, (content, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
 
 
 def test_the_committed_step_rates_reproduce_the_measured_steps_they_were_fitted_to():

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from titanmem.config import build_config  # noqa: E402
+from titanmem.config import ConfigError, build_config  # noqa: E402
 from titanmem.planner import (  # noqa: E402
     Cluster, _step_time, build_meta, estimate_config, fake_world, resolve_for, step_work,
 )
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             saved = json.loads(args.load.read_text())
             measured, source = saved["measurements"], saved["source"]
+            for number, record in enumerate(measured, start=1):
+                check_record(record, number)
         except (OSError, ValueError, KeyError, TypeError) as e:
             parser.error(f"--load {args.load}: not a measurements file of this tool ({e})")
     else:
@@ -175,8 +177,29 @@ def main(argv: list[str] | None = None) -> int:
         measured, source = measure_steps(args.runs or STEP_TIME_RUNS, args.steps, args.warmup), source_line(args)
         if args.save is not None:
             args.save.write_text(json.dumps({"source": source, "measurements": measured}, indent=1))
-    step_time_table(measured, source)
+    try:
+        step_time_table(measured, source)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a fit the measurements cannot give (a step shorter than its own update)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def check_record(record, number: int) -> None:
+    """One measurement as `--save` writes it: a run, its step seconds (> 0), its value-update seconds (>= 0, or null
+    when not measured) and its GPUs (default 1)."""
+    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+        raise ValueError(f"measurement {number} has no run name")
+    step, update, world = record.get("step_s"), record.get("value_update_s", 0.0), record.get("world", 1)
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
+        raise ValueError(f"measurement {number} ({record['run']}): step_s must be a positive number of seconds")
+    if update is not None and (not isinstance(update, (int, float)) or isinstance(update, bool) or update < 0):
+        raise ValueError(f"measurement {number} ({record['run']}): value_update_s must be seconds >= 0, or null")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"measurement {number} ({record['run']}): world must be a positive number of GPUs")
 
 
 if __name__ == "__main__":
