@@ -198,6 +198,10 @@ def main() -> None:
     parser.add_argument("--disk", type=float, default=0.0, metavar="GB",
                         help="first measure the disk's sequential rates with this many GB (0: skip)")
     args = parser.parse_args()
+    if args.disk < 0 or args.state < 0 or min(args.threads) < 1:
+        parser.error("--disk and --state take GB >= 0, --threads counts >= 1")
+    if not args.run and not args.disk and not args.state:
+        parser.error("nothing to measure: give --run, --disk or --state")
     if args.disk > 0:
         print("| disk under --work | GB | write GB/s (fsynced) | cold read GB/s |")
         print("| --- | ---: | ---: | ---: |")
