@@ -52,8 +52,12 @@ class StepRates:
     hbm_bytes_per_s: float
     source: str
 
+    def adamw_seconds(self, elements: float) -> float:
+        """Dense AdamW over `elements` fp32 elements, streamed at the HBM's rate."""
+        return elements * DENSE_ADAMW_BYTES_PER_ELEMENT / self.hbm_bytes_per_s
+
     def optimizer_seconds(self, work: StepWork) -> float:
-        return (work.dense_parameters + work.dense_value_elements) * DENSE_ADAMW_BYTES_PER_ELEMENT / self.hbm_bytes_per_s
+        return self.adamw_seconds(work.dense_parameters + work.dense_value_elements)
 
     def row_update_seconds(self, work: StepWork) -> float:
         return work.row_update_bytes / self.row_update_bytes_per_s

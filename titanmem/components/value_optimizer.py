@@ -163,7 +163,7 @@ class RowWiseValueOptimizer:
         device = self.steps.device
         apply = torch.as_tensor(apply, device=device)
         self.steps += apply.to(torch.int64)
-        scalars = step_scalars(torch.as_tensor(clip, device=device), self.steps, self.betas[0], self.betas[1], apply)
+        scalars = step_scalars(clip, self.steps, self.betas[0], self.betas[1], apply)
         seed = rounding_seeds(self.rounding_seed, self.steps) if self.rounding_seed is not None else None
         self._row_update_(
             self._local_table().data, self.first, self.second, grad_out, weights, pair_order, offsets, rows, row_sq,

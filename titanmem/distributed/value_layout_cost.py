@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from titanmem.step_model import MEASURED, DENSE_ADAMW_BYTES_PER_ELEMENT, StepRates
+from titanmem.step_model import MEASURED, StepRates
 
 # Links, per GPU and direction: NVLink 4 within an H100 node, one 400 Gb/s NIC per GPU between nodes.
 INTRA_NODE_BYTES_PER_S = 450e9
@@ -61,8 +61,7 @@ def value_table_seconds(layout: str, optimizer: str, work: ValueTableWork, mp_ba
     """(exchange seconds, update seconds) per step and GPU of `layout` trained by `optimizer`; `mp_bandwidth` is the
     mp group's link, `replica_bandwidth` the link across the slice's replicas (the slowest the grid spans)."""
     gathered, dense_elements = value_update_work(layout, optimizer, work)
-    update = gathered / rates.row_update_bytes_per_s + dense_elements * DENSE_ADAMW_BYTES_PER_ELEMENT / (
-        rates.hbm_bytes_per_s)
+    update = gathered / rates.row_update_bytes_per_s + rates.adamw_seconds(dense_elements)
     return value_exchange_seconds(layout, optimizer, work, mp_bandwidth, replica_bandwidth), update
 
 
