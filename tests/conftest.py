@@ -1,4 +1,11 @@
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the checkout's root on the import path, where its kernels/ folder (installed as
+# titanmem.kernels) would shadow the PyPI package `kernels` that transformers imports. titanmem itself is installed.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 # Offline by construction: a test that reaches for the hub fails fast instead of retrying for 20 s.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

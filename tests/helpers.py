@@ -65,12 +65,12 @@ def make_config(dump_folder, **sections) -> JobConfig:
 
 
 def train_tiny_run(folder, **sections) -> None:
-    """Train the debug Memory+ model for 3 steps of 2 × 32 tokens in this process, saving checkpoints into `folder`
-    (per `sections`, e.g. checkpoint={"enable": True, "interval": 3})."""
+    """Train the debug Memory+ model (or the `memory` section given) for 3 steps of 2 × 32 tokens in this process,
+    saving checkpoints into `folder` (per `sections`, e.g. checkpoint={"enable": True, "interval": 3})."""
     from titanmem.train import Trainer
 
-    trainer = Trainer(make_config(folder, training={"steps": 3, "seq_len": 32, "local_batch_size": 2},
-                                  memory={"enabled": True}, **sections))
+    sections = {"memory": {"enabled": True}, **sections}
+    trainer = Trainer(make_config(folder, training={"steps": 3, "seq_len": 32, "local_batch_size": 2}, **sections))
     trainer.train()
     trainer.close()
 

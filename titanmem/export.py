@@ -1,45 +1,105 @@
 """Export a checkpoint as one portable folder: `python -m titanmem.export --job.config_file FILE
 --export.folder DIR [--checkpoint.load_step N] [--export.max_shard_gb 5] [--export.dtype bf16]`.
 
-The model is built by the same path as training on one process, and the checkpoint's weights (of whatever plan
-saved it; DCP reshards) are loaded into it, read-only. The folder gets the weights as safetensors files with their
-index, `config.json` (the model and memory settings, the dtype and the step) and the tokenizer. Any plan's checkpoint
-of the same weights exports the same bytes. `checkpoint.initial_load_path` starts a new run from such a folder, and
-eval and generate read it.
+The weights are streamed from the checkpoint's files (of whatever plan saved it: its blocks are put together row by
+row) to the exported ones, a block of rows at a time, read-only: the host never holds the model, so a value table
+larger than its memory exports all the same. The model is built on the meta device only, for the names, shapes and
+dtypes that the checkpoint must hold. The folder gets the weights as safetensors files with their index,
+`config.json` (the model and memory settings, the dtype and the step) and the tokenizer. Any plan's checkpoint of the
+same weights exports the same bytes. `checkpoint.initial_load_path` starts a new run from such a folder, and eval and
+generate read it; it can itself be exported again (another dtype, another format).
 """
 
 from __future__ import annotations
 
+import logging
+import resource
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-from titanmem.build import start_reader
-from titanmem.components.checkpoint import saved_step
-from titanmem.components.export import write_export
+from titanmem.build import build_model
+from titanmem.components.checkpoint import checkpoint_problems, saved_step
+from titanmem.components.export import is_export, write_export
+from titanmem.components.hf_checkpoint import is_hf_folder
+from titanmem.components.stored_tensors import StoredTensors, open_stored_tensors, outputs_of, require_shapes
 from titanmem.config import resolve_asset_path
+from titanmem.config.errors import ConfigError
+from titanmem.distributed.initialize import model_name
+from titanmem.plan import RunPlan, plan_from_command_line
 from titanmem.utils import exit_with, setup_logging
+
+logger = logging.getLogger(__name__)
 
 USAGE = ("python -m titanmem.export [--job.config_file FILE] --export.folder DIR [--checkpoint.load_step N] "
          "[--print_config] [--section.key VALUE ...]")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 once the folder is written, 2 after a config error (one line), as every entry point."""
     setup_logging()
-    started = start_reader(argv, "export", USAGE)
+    began = time.perf_counter()
+    started = plan_from_command_line(argv, "export", USAGE)
     if isinstance(started, int):
         return started
-    plan, run = started
-    config, source = plan.config, plan.checkpoint_to_load
+    plan = started[1]
+    try:
+        files = export(plan)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(Path(f).stat().st_size for f in files)
+    print(f"exported {plan.checkpoint_to_load} to {plan.config.export.folder}: {len(files)} files, "
+          f"{size / 1e9:.3f} GB")
+    logger.info("export took %.1f s; peak host memory (RSS) %.3f GB", time.perf_counter() - began,
+                peak_rss_bytes() / 1e9)
+    return 0
+
+
+def export(plan: RunPlan) -> list[Path]:
+    """Write the plan's checkpoint to `export.folder` in `export.format`; returns the files written."""
+    config, path = plan.config, plan.checkpoint_to_load
+    source = open_checked(path, verify=config.checkpoint.verify_on_load)
+    # The meta model costs no memory: it only says which weights the config's model has, and their shapes and dtypes.
+    model = build_model(plan.model_args, "meta")
+    params = {model_name(name): param for name, param in model.named_parameters()}
+    require_shapes(source, {name: tuple(param.shape) for name, param in params.items()})
+    source.check()
+    dtype = torch.bfloat16 if config.export.dtype == "bf16" else torch.float32
+    max_shard_bytes = int(config.export.max_shard_gb * 1e9)
     tokenizer = resolve_asset_path(config.tokenizer.path) if config.tokenizer.path else None
     tokenizer_files = [p for p in (tokenizer, tokenizer and tokenizer.with_suffix(".json")) if p and p.is_file()]
-    files = write_export(run.model, config.export.folder, model_args=plan.model_args, step=saved_step(source),
-                         max_shard_bytes=int(config.export.max_shard_gb * 1e9),
-                         dtype=torch.bfloat16 if config.export.dtype == "bf16" else torch.float32,
-                         tokenizer_files=tokenizer_files)
-    size = sum(Path(f).stat().st_size for f in files)
-    print(f"exported {source} to {config.export.folder}: {len(files)} files, {size / 1e9:.3f} GB")
-    return 0
+    if config.export.format != "titanmem":
+        from titanmem.interop.hf_export import write_hf_export
+
+        return write_hf_export(source, config.export.folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                               tokenizer_files=tokenizer_files)
+    return write_export(outputs_of(source, {name: param.dtype for name, param in params.items()}),
+                        config.export.folder, model_args=plan.model_args, step=saved_step(path),
+                        max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_files=tokenizer_files)
+
+
+def open_checked(path: Path, verify: bool = True) -> StoredTensors:
+    """The tensors of the checkpoint or exported folder at `path`; with `verify`, a checkpoint's files are first
+    checked against its manifest, and a damaged one is refused before anything is read from it."""
+    if is_hf_folder(path):
+        raise ConfigError("checkpoint.initial_load_path", f"{path} is a Hugging Face model folder, which other tools "
+                          "read as it is; to export it in another format, start a run from it and export that run")
+    if not is_export(path) and not (path / ".metadata").is_file():
+        raise ConfigError("checkpoint.folder", f"{path} is not a complete checkpoint (no .metadata file)")
+    if verify and not is_export(path) and (problems := checkpoint_problems(path)):
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError("checkpoint.folder", f"{path} is damaged: {problems[0]}{more}; read an earlier one "
+                          "(checkpoint.load_step)")
+    return open_stored_tensors(path)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports it in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
     "eval": frozenset({"config", "models", "data", "utils"}),
     "plan": frozenset({"config", "models", "data", "distributed", "components", "utils"}),
     "build": frozenset({"plan", "config", "models", "data", "distributed", "components", "utils"}),
-    "entry": frozenset({"build", "plan", "config", "models", "data", "distributed", "components", "eval", "utils"}),
+    "interop": frozenset({"config", "models", "data", "components", "eval", "utils"}),
+    "entry": frozenset({"build", "plan", "config", "models", "data", "distributed", "components", "eval", "interop",
+                        "utils"}),
 }
 
 # Module (or package) -> layer; a module belongs to the layer of its longest listed prefix.
@@ -34,6 +36,7 @@ MODULE_LAYERS: dict[str, str] = {
     "titanmem.distributed": "distributed",
     "titanmem.components": "components",
     "titanmem.eval": "eval",
+    "titanmem.interop": "interop",
     "titanmem.plan": "plan",
     "titanmem.build": "build",
     "titanmem.train": "entry",

@@ -23,6 +23,7 @@ import torch
 from titanmem.components.checkpoint import (checkpoint_folder, complete_checkpoint_steps, continues_rollback,
                                             saved_step)
 from titanmem.components.export import is_export
+from titanmem.components.hf_checkpoint import check_hf_config, is_hf_folder
 from titanmem.components.read_counts import load_read_counts
 from titanmem.config.errors import ConfigError
 from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
@@ -108,7 +109,7 @@ class RunPlan:
         }
         if self.data_source is not None:
             values["data.format"] = self.data_source.builder
-        if self.checkpoint_to_load is not None and not is_export(self.checkpoint_to_load):
+        if self.checkpoint_to_load is not None and not _weights_only(self.checkpoint_to_load):
             values["checkpoint.load_step"] = saved_step(self.checkpoint_to_load)
         if m.memory is not None:
             values.update({
@@ -332,11 +333,18 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
 
 
 def _readable(path: str, field: str) -> Path:
-    """A folder that weights can be read from: a complete `step-N` checkpoint or an exported folder."""
-    if not ((Path(path) / ".metadata").is_file() or is_export(path)):
-        raise ConfigError(field, f"{path} is neither a complete checkpoint (no .metadata file) nor an exported folder "
-                          "(no model.safetensors.index.json)")
+    """A folder that weights can be read from: a complete `step-N` checkpoint, an exported folder or a Hugging Face
+    Llama folder."""
+    if not ((Path(path) / ".metadata").is_file() or _weights_only(path)):
+        raise ConfigError(field, f"{path} is neither a complete checkpoint (no .metadata file), nor an exported folder "
+                          "(no model.safetensors.index.json), nor a Hugging Face model folder (no config.json with a "
+                          "model_type)")
     return Path(path)
+
+
+def _weights_only(path: str | Path) -> bool:
+    """A folder of weights alone (titanmem's export or a Hugging Face model), not a training checkpoint."""
+    return is_hf_folder(path) or is_export(path)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -460,7 +468,8 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     precision = training.mixed_precision
     autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device_type == "cuda") else None
 
-    if memory is not None and purpose != "dry_run":
+    # The export streams the table a block of rows at a time: it never holds it, whatever its size.
+    if memory is not None and purpose not in ("dry_run", "export"):
         _check_value_table_fits(memory, dims, value_optimizer, sharding, device_type)
     if purpose == "train":
         _check_dump_folder(config)
@@ -471,7 +480,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     initial_load = None
     if purpose == "train" and checkpoint_to_load is None and config.checkpoint.initial_load_path:
         initial_load = _readable(config.checkpoint.initial_load_path, "checkpoint.initial_load_path")
-        if is_export(initial_load) and not config.checkpoint.initial_load_model_only:
+        if _weights_only(initial_load) and not config.checkpoint.initial_load_model_only:
             raise ConfigError("checkpoint.initial_load_model_only", f"{initial_load} is an exported folder, which "
                               "holds weights only; set it to true, or point initial_load_path at a step-N folder")
     data_source = resolve_data_source(config.data) if purpose == "train" else None
@@ -486,6 +495,10 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
         vocab_size = config.model.vocab_size
     model_args = dataclasses.replace(FLAVORS[flavor], vocab_size=vocab_size, memory=memory,
                                      max_seq_len=max(FLAVORS[flavor].max_seq_len, training.seq_len))
+    # A Hugging Face model of another shape is told now, in one line, rather than after the model is built.
+    weights = initial_load or (checkpoint_to_load if config.checkpoint.initial_load_path else None)
+    if weights is not None and is_hf_folder(weights):
+        check_hf_config(weights, model_args)
     return RunPlan(
         config=config, purpose=purpose, world_size=world_size, device_type=device_type, parallel=dims,
         model_args=model_args, autocast_dtype=autocast_dtype, value_optimizer=value_optimizer, value_lr=value_lr,

@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-if ! (cd / && "$PYTHON" -c "import titanmem, torch, torchdata, tiktoken, datasets, safetensors, pytest") >/dev/null 2>&1; then
+if ! (cd / && "$PYTHON" -c "import titanmem, torch, torchdata, tiktoken, datasets, safetensors, pytest, transformers, lm_eval") >/dev/null 2>&1; then
   echo "[titanmem] titanmem or its test dependencies are missing in $("$PYTHON" -c 'import sys; print(sys.prefix)'); installing"
   PYTHON="$PYTHON" "$ROOT/tools/install.sh" dev
 fi

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
 from titanmem.components.export import is_export, load_export
+from titanmem.components.hf_checkpoint import is_hf_folder, load_hf_folder
 from titanmem.components.faults import crash_point
 from titanmem.components.manifest import (
     MANIFEST, TIMELINE, file_digests, files_of_rank, read_manifest, uncovered_files, verify_files, write_json_to_disk,
@@ -113,8 +114,12 @@ def _damage(path: str | Path, problems: list[str]) -> str:
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.folder",
                        verify: bool = True, threads: int = 1) -> None:
-    """Only the model's weights from a checkpoint folder or an exported one, resharded to `model`'s plan, read by
-    `threads` threads per rank; reads, never writes. A damaged checkpoint stops with a config error in `field`."""
+    """Only the model's weights from a checkpoint folder, an exported one or a Hugging Face Llama folder, resharded to
+    `model`'s plan, read by `threads` threads per rank; reads, never writes. A damaged checkpoint stops with a config
+    error in `field`."""
+    if is_hf_folder(path):
+        load_hf_folder(model, path, field)
+        return
     if is_export(path):
         load_export(model, path)
         return
@@ -129,6 +134,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, field: str = "c
 
 def saved_step(path: str | Path) -> int:
     """The training step a `step-N` folder or an exported one holds (-1 when an export does not say)."""
+    if is_hf_folder(path):
+        return -1
     if is_export(path):
         return int(json.loads((Path(path) / "config.json").read_text()).get("step", -1))
     return int(Path(path).name.removeprefix("step-"))

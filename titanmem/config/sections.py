@@ -47,7 +47,8 @@ class Model:
 class Tokenizer:
     path: str = "assets/tokenizer/titanmem4k.tiktoken"
     """Local tiktoken ranks file (`base64(token) rank` lines). A `<stem>.json` beside it may give `pat_str` and
-    `special_tokens`. Relative paths are tried against the working directory, then the titanmem checkout."""
+    `special_tokens`. Or a Hugging Face byte-level BPE tokenizer.json (Llama 3's, or a titanmem hf export's).
+    Relative paths are tried against the working directory, then the titanmem checkout."""
 
     name: str = ""
     """Named tiktoken encoding (e.g. `cl100k_base`), used only when `path` is empty. Needs the encoding's file to be
@@ -542,6 +543,12 @@ class Export:
 
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Precision of the exported weights (training keeps fp32 parameters)."""
+
+    format: Literal["titanmem", "hf"] = "titanmem"
+    """`titanmem`: titanmem's own names and `config.json`, which `checkpoint.initial_load_path`, eval and generate
+    read. `hf`: a Hugging Face transformers folder (`AutoModelForCausalLM.from_pretrained`), with the tokenizer as
+    `tokenizer.json`: a dense model is a plain `LlamaForCausalLM`; a memory model is Llama with the memory layers in
+    their blocks' FFN slots, its code written into the folder (load it with `trust_remote_code=True`)."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A thin tokenizer over tiktoken that loads a local ranks file, so training never needs the network."""
+"""A thin tokenizer over tiktoken that loads a local ranks file or a Hugging Face byte-level BPE tokenizer.json, so
+training never needs the network."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tiktoken
 from titanmem.config.errors import ConfigError
 from titanmem.config.manager import resolve_asset_path
 from titanmem.config.sections import Tokenizer as TokenizerConfig
+from titanmem.data.hf_tokenizer import encoding_from_tokenizer_json
 
 # GPT-4's (cl100k's) pre-tokenisation split, which Llama 3 shares; used when a ranks file comes without a sidecar
 # naming its own.
@@ -74,12 +76,40 @@ def load_encoding_file(path: Path, eos_token: str) -> tiktoken.Encoding:
     )
 
 
+def is_tokenizer_json(path: Path) -> bool:
+    """Whether `path` is a JSON file (a Hugging Face tokenizer.json) rather than a tiktoken ranks file: by its suffix,
+    or, for a file named otherwise, by its first character (a ranks file starts with base64)."""
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"{")
+    except OSError:
+        return False  # the run plan reports a missing file
+
+
+def load_tokenizer_json(path: Path, eos_token: str) -> tiktoken.Encoding:
+    """The encoding of a Hugging Face tokenizer.json, after checking that `eos_token` is one of its special tokens:
+    such a file's EOS is rarely titanmem's default, so the error names the one its folder configures."""
+    encoding, meta = encoding_from_tokenizer_json(path)
+    if eos_token not in encoding.special_tokens_set:
+        names = sorted(encoding.special_tokens_set)
+        have = f"it has {names}" if len(names) <= 8 else f"it has {len(names)}, e.g. {names[:3]}"
+        fix = (f"set tokenizer.eos_token = {meta['eos_token']!r}, the EOS of the tokenizer_config.json beside it"
+               if meta.get("eos_token") in encoding.special_tokens_set else "set tokenizer.eos_token to one of them")
+        raise ConfigError("tokenizer.eos_token", f"{eos_token!r} is not a special token of {path} ({have}); {fix}")
+    return encoding
+
+
 def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
     if config.path:
-        return Tokenizer(load_encoding_file(resolve_asset_path(config.path), config.eos_token), config.eos_token)
+        path = resolve_asset_path(config.path)
+        if is_tokenizer_json(path):
+            return Tokenizer(load_tokenizer_json(path, config.eos_token), config.eos_token)
+        return Tokenizer(load_encoding_file(path, config.eos_token), config.eos_token)
     try:
         encoding = tiktoken.get_encoding(config.name)
-    except Exception as e:  # tiktoken raises ValueError for unknown names and network errors offline
+    except Exception as e:  # noqa: BLE001 - tiktoken raises ValueError for unknown names and network errors offline
         raise ConfigError(
             "tokenizer.name",
             f"cannot load encoding {config.name!r} ({type(e).__name__}: {e}); offline, set tokenizer.path to a local "
