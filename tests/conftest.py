@@ -6,6 +6,11 @@ from pathlib import Path
 # titanmem.kernels) would shadow the PyPI package `kernels` that transformers imports. titanmem itself is installed.
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+# The tools that tests import put the root back (so that they run from a checkout); binding the name now keeps it.
+try:
+    import kernels  # noqa: F401
+except ImportError:  # a transformers that does not need it: its check then finds no usable package by that name
+    pass
 
 # Offline by construction: a test that reaches for the hub fails fast instead of retrying for 20 s.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
