@@ -91,3 +91,27 @@ def test_export_refuses_a_folder_inside_the_run_or_not_empty(exported, capsys):
     assert main(reader_argv(exported / "run", "--export.folder", str(exported / "out"))) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in (exported / "run").rglob("*")) == before
+
+
+def test_an_export_that_fails_midway_leaves_no_folder(exported, monkeypatch):
+    import titanmem.export as export_entry
+
+    original = export_entry.write_export
+
+    def fails_after_the_shards(tensors, folder, **kwargs):
+        original(tensors, folder, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_entry, "write_export", fails_after_the_shards)
+    target = exported / "out-failed"
+    with pytest.raises(OSError):
+        export_entry.main(reader_argv(exported / "run", "--export.folder", str(target)))
+    assert not target.exists() and not target.with_name("out-failed.partial").exists()
+    # A kill leaves the partial folder; the next export clears it and completes.
+    (target.with_name("out-failed.partial")).mkdir()
+    (target.with_name("out-failed.partial") / "model-00001-of-00009.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(export_entry, "write_export", original)
+    assert export_entry.main(reader_argv(exported / "run", "--export.folder", str(target), "--export.max_shard_gb",
+                                         "0.01")) == 0
+    assert target.is_dir() and not target.with_name("out-failed.partial").exists()
+    assert sorted(p.name for p in target.rglob("*")) == sorted(p.name for p in (exported / "out").rglob("*"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(plan: RunPlan) -> list[Path]:
-    """Write the plan's checkpoint to `export.folder` in `export.format`; returns the files written."""
+    """Write the plan's checkpoint to `export.folder` in `export.format`; returns the files written. The files are
+    written into `<folder>.partial` first, which becomes the folder once complete: an export that fails or is killed
+    leaves no folder that looks like an export (a later one clears the partial folder)."""
+    target = Path(plan.config.export.folder)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        files = _write(plan, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rmdir()  # empty: the plan refuses a folder that holds anything
+    partial.rename(target)
+    return [target / Path(f).relative_to(partial) for f in files]
+
+
+def _write(plan: RunPlan, folder: Path) -> list[Path]:
     config, path = plan.config, plan.checkpoint_to_load
     source = open_checked(path, verify=config.checkpoint.verify_on_load)
     # The meta model costs no memory: it only says which weights the config's model has, and their shapes and dtypes.
@@ -74,10 +92,10 @@ def export(plan: RunPlan) -> list[Path]:
     if config.export.format != "titanmem":
         from titanmem.interop.hf_export import write_hf_export
 
-        return write_hf_export(source, config.export.folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes,
+        return write_hf_export(source, folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                tokenizer_files=tokenizer_files)
     return write_export(outputs_of(source, {name: param.dtype for name, param in params.items()}),
-                        config.export.folder, model_args=plan.model_args, step=saved_step(path),
+                        folder, model_args=plan.model_args, step=saved_step(path),
                         max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_files=tokenizer_files)
 
 
