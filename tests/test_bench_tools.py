@@ -91,3 +91,23 @@ def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_cou
                                                    ("pinned", "2")]
     assert all(row[5] == f"{row[1]} of {row[1]}" and float(row[4]) > 0 and float(row[7]) > 0 for row in rows)
     assert not list(tmp_path.glob("state-*"))
+
+
+def test_bench_export_times_each_format_from_a_random_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "tools/bench_export.py", "--job.config_file", "train_configs/debug_model.toml", "--work",
+         str(tmp_path), "--format", "titanmem:fp32", "--format", "hf:bf16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith(("| titanmem", "| hf"))]
+    assert [row[:2] for row in rows] == [["titanmem", "fp32"], ["hf", "bf16"]]
+    for row in rows:
+        stored, written, seconds, _, peak = map(float, row[2:])
+        assert stored > 0 and written > 0 and seconds > 0 and 0.1 < peak < 8
+    # bf16 halves the floating-point bytes.
+    assert float(rows[1][3]) < 0.6 * float(rows[0][3])
+    assert not list(tmp_path.glob("export-*"))  # each export is removed once measured
+    bad = subprocess.run([sys.executable, "tools/bench_export.py", "--job.config_file", "x.toml", "--format", "onnx"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--format takes FORMAT:DTYPE" in bad.stderr

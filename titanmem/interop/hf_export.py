@@ -50,13 +50,17 @@ def hf_tensors(source, args, vocab_size: int) -> dict[str, OutputTensor]:
 
 
 def _whole_then_rows(compute):
-    """A row reader over a tensor computed once, on the first read."""
+    """A row reader over a tensor computed on the first read and dropped after its last rows are read (the writer
+    reads each tensor's rows once, in order), so that no more than one such tensor is held at a time."""
     cache: list[torch.Tensor] = []
 
     def read(start: int, stop: int) -> torch.Tensor:
         if not cache:
             cache.append(compute())
-        return cache[0][start:stop]
+        rows = cache[0][start:stop]
+        if stop >= cache[0].shape[0]:
+            cache.clear()
+        return rows
     return read
 
 
