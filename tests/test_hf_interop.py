@@ -246,3 +246,30 @@ def test_exporting_a_hugging_face_folder_is_one_line(pretrained_llama, tmp_path,
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and "Hugging Face model folder" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("plan", [{"dp_shard": 2, "mp": 2}, {"tp": 2}], ids=["fsdp2-mp2", "tp2"])
+def test_a_pretrained_llama_fills_a_sharded_plan_as_it_fills_one_process(pretrained_llama, tmp_path, plan):
+    """Each rank reads only its blocks of the Hugging Face tensors (the query and key rows reordered first): the
+    sharded run, saved and read back whole, holds the weights of the one-process import."""
+    from helpers import launch_ranks, resave_worker
+
+    from titanmem.build import build_run
+    from titanmem.config import build_config
+    from titanmem.plan import resolve_plan
+    from titanmem.train import Trainer
+
+    folder = pretrained_llama[0]
+    sections = dict(training={"steps": 1, "seq_len": 32, "local_batch_size": 1}, memory={"enabled": True},
+                    checkpoint={"enable": True, "initial_load_path": str(folder)}, parallelism=plan)
+    launch_ranks(resave_worker, 2, str(tmp_path / "sharded"), sections)
+    config, _ = build_config(["--job.dump_folder", str(tmp_path / "sharded"), "--memory.enabled", "--training.device",
+                              "cpu", "--training.seq_len", "32", "--checkpoint.enable"])
+    sharded = dict(build_run(resolve_plan(config, "eval")).model.named_parameters())
+    single = Trainer(make_config(tmp_path / "single", **{**sections, "parallelism": {}}))
+    try:
+        single._initial_load(single.plan.initial_load)
+        for name, param in single.model.named_parameters():
+            assert torch.equal(sharded[name], param), name
+    finally:
+        single.close()
