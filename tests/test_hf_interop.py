@@ -83,7 +83,7 @@ def test_greedy_generate_gives_the_tokens_of_titanmem_generate(exported, capsys)
 
     variant, root, out, run = exported
     model = load_hf(out)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     ours = generate(run.model, [run.tokenizer.encode(p) for p in PROMPTS], 12, run.tokenizer.eos_id,
                     torch.device("cpu"), vocab_size=run.tokenizer.vocab_size)
     for prompt, expected in zip(PROMPTS, ours):
