@@ -16,7 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import CheckpointManager, checkpoint_folder, load_model_weights
+from titanmem.components.checkpoint import (CheckpointManager, CheckpointWriteError, checkpoint_folder,
+                                            complete_checkpoint_steps, load_model_weights)
+from titanmem.components.disk_space import check_checkpoint_space, checkpoint_bytes
 from titanmem.components.faults import crash_point
 from titanmem.components.finetune import build_row_selector, finetune_warnings, freeze_for_finetune
 from titanmem.components.lr_scheduler import build_lr_scheduler
@@ -132,6 +134,11 @@ class Trainer:
             # AdamW's state of parameters a finetuning mode froze in the saving run, start fresh (with a warning).
             optional=("dataloader", "rng", "optimizer.values", "optimizer.dense"),
         )
+        if config.checkpoint.enable:
+            folder = self.checkpointer.folder
+            self.checkpointer.expected_bytes = checkpoint_bytes(self.model, self.optimizers)
+            check_checkpoint_space(folder, self.checkpointer.expected_bytes, config.checkpoint.keep_latest_k,
+                                   len(complete_checkpoint_steps(folder)))
         self.telemetry = self._build_telemetry()
         self.evaluator: Evaluator | None = None  # built at the first evaluation
         # Every step's loss, for callers (tests, sweeps) that want the curve without parsing logs.
@@ -367,12 +374,16 @@ class Trainer:
         return results
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.metrics.close()
-        if self.run.lock is not None:
-            self.run.lock.release()
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        """Finish a background save (whose failure is raised here, after the rest is released), then release the
+        metrics, the run lock and the process group."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.metrics.close()
+            if self.run.lock is not None:
+                self.run.lock.release()
+            if self.world_size > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()  # which waits for a background save: its failure is reported below too
     except ConfigError as e:
         # Some settings can only be checked against a checkpoint or the data stream, after start-up.
         print(f"error: {e}", file=sys.stderr)
@@ -395,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, RunOutOfMemory) as e:
         logger.error("%s", e)
         return 1
-    finally:
-        trainer.close()
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,7 @@ Reading a run without training it (eval, generate) uses `load_model_weights`, wh
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,9 +37,11 @@ from typing import Iterable, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from titanmem.components.checkpoint_io import flatten, load_tensors, saved_shapes
+from titanmem.components.checkpoint_io import error_cause, error_reason, flatten, load_tensors, saved_shapes
+from titanmem.components.disk_space import free_bytes
 from titanmem.components.export import is_export, load_export
 from titanmem.components.hf_checkpoint import is_hf_folder, load_hf_folder
 from titanmem.components.faults import crash_point
@@ -195,6 +198,11 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save failed to write (full disk, quota, permission, a vanished folder); the message is the one line to show.
+    Nothing is lost: the partial folder is removed, and the newest complete checkpoint is what a relaunch resumes."""
+
+
 class CheckpointManager:
     def __init__(self, config: CheckpointConfig, folder: str | Path, states: dict[str, Stateful], *,
                  total_steps: int, rank: int = 0, optional: Iterable[str] = ()):
@@ -205,6 +213,8 @@ class CheckpointManager:
         self.rank = rank
         self.optional = tuple(optional)
         self.last_saved_step = -1
+        # One checkpoint's expected size (`disk_space.checkpoint_bytes`), told in the line of a save that ran out of space.
+        self.expected_bytes: int | None = None
         # The steps this run's timeline went back to (`rollbacks_of`), recorded in every checkpoint it saves.
         self.rollbacks: list[int] = []
         # A background save: its step, and its write, checksums and completion.
@@ -235,22 +245,30 @@ class CheckpointManager:
         return state
 
     def save(self, step: int) -> Path:
-        """Write the checkpoint of `step` (in the background with `async_mode`); returns its final folder."""
+        """Write the checkpoint of `step` (in the background with `async_mode`); returns its final folder. A write that
+        fails (a full disk, a lost permission, a vanished folder) raises `CheckpointWriteError`, its partial folder
+        removed; so does a background save's, at the next save or at `wait`."""
         start = time.perf_counter()
         self.wait()
         partial = self.folder / f"step-{step}.partial"
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            if self.rank == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError as e:
+            raise self._write_failure(step, e) from None
         _barrier()
         self.last_saved_step = step
         writer = self._writer(partial)
         if self.config.async_mode == "disabled":
             state = self._state_dict()
-            dcp.save(self._stager.stage(state) if self._stager is not None else state, storage_writer=writer)
-            digests = self._own_digests(partial, writer)
-            crash_point("save:written", step)
-            self._complete(step, digests)
+            try:
+                dcp.save(self._stager.stage(state) if self._stager is not None else state, storage_writer=writer)
+                digests = self._own_digests(partial, writer)
+                crash_point("save:written", step)
+                self._complete(step, digests)
+            except (OSError, CheckpointException) as e:
+                raise self._write_failure(step, e) from None
             logger.info("saved checkpoint step-%d; training waited %.2f s", step, time.perf_counter() - start)
         else:
             write = dcp.async_save(self._state_dict(), storage_writer=writer, process_group=self._process_group,
@@ -283,10 +301,30 @@ class CheckpointManager:
         step, finished = self._pending
         self._pending = None
         start = time.perf_counter()
-        finished.result()
+        try:
+            finished.result()
+        except (OSError, CheckpointException) as e:
+            raise self._write_failure(step, e) from None
         waited = time.perf_counter() - start
         if waited > 0.01:
             logger.info("training waited %.2f s for the background save of step-%d to finish", waited, step)
+
+    def _write_failure(self, step: int, error: BaseException) -> "CheckpointWriteError":
+        """The one line that ends a run whose save failed, after removing what the save left: what failed, where, the
+        space it needed against what is free, and the checkpoint a relaunch resumes from."""
+        if self.rank == 0:
+            shutil.rmtree(self.folder / f"step-{step}.partial", ignore_errors=True)
+        cause = error_cause(error, OSError)
+        reason = cause.strerror if cause is not None and cause.strerror else error_reason(error)
+        space = ""
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            needed = f"about {self.expected_bytes / 1e9:.2f} GB" if self.expected_bytes else "more"
+            space = f" (a checkpoint needs {needed}; {free_bytes(self.folder) / 1e9:.2f} GB are free there)"
+        steps = complete_checkpoint_steps(self.folder) if self.folder.is_dir() else []
+        resume = (f"the newest complete checkpoint is step-{steps[-1]}, which relaunching the same command resumes from"
+                  if steps else "there is no complete checkpoint yet: a relaunch starts afresh")
+        return CheckpointWriteError(f"checkpoint step-{step} could not be written to {self.folder}: {reason}{space}; "
+                                    f"{resume} once that is fixed")
 
     def _own_digests(self, partial: Path, writer: SummingWriter) -> dict[str, dict]:
         """Checksums of the files this rank wrote into `partial`: those the writer summed as it wrote them, where the
@@ -321,13 +359,15 @@ class CheckpointManager:
         _barrier(self._process_group)
 
     def close(self) -> None:
-        """Finish a background save and release the staging buffers."""
-        self.wait()
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
-        if self._summer is not None:
-            self._summer.shutdown()
+        """Finish a background save and release the staging buffers (also when that save failed)."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self._summer is not None:
+                self._summer.shutdown()
             self._summer = None
 
     def due(self, step: int) -> bool:

@@ -13,7 +13,7 @@ import dataclasses
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from titanmem.config.errors import ConfigError
+
+E = TypeVar("E", bound=BaseException)
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -86,7 +88,7 @@ class SafeReader(dcp.FileSystemReader):
         except UnsafeCheckpointError:
             raise
         except Exception as e:  # truncated, empty or garbage: whatever the unpickler trips on
-            raise ConfigError("checkpoint.folder", f"{path} cannot be read ({_reason(e)}): the checkpoint is "
+            raise ConfigError("checkpoint.folder", f"{path} cannot be read ({error_reason(e)}): the checkpoint is "
                               "damaged; load an earlier one (checkpoint.load_step)") from None
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} is not a DCP index (it holds a {type(metadata).__name__})")
@@ -159,23 +161,25 @@ def load_tensors(state: dict, path: str | Path, threads: int = 1) -> None:
     except ConfigError:
         raise
     except (Exception, CheckpointException) as e:  # a missing or truncated file, as DCP reports it (on every rank)
-        unsafe = _unsafe_cause(e)
+        unsafe = error_cause(e, UnsafeCheckpointError)
         if unsafe is not None:
             raise unsafe from None
-        raise ConfigError("checkpoint.folder", f"{path} cannot be read ({_reason(e)}): the checkpoint is damaged; "
+        raise ConfigError("checkpoint.folder", f"{path} cannot be read ({error_reason(e)}): the checkpoint is damaged; "
                           "load an earlier one (checkpoint.load_step)") from None
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
+    """One line for an error, as DCP raises it (the first failing rank's own error)."""
     if isinstance(error, CheckpointException) and error.failures:
         rank, (error, _) = next(iter(error.failures.items()))  # DCP's wrapper of each rank's (error, trace)
-        return f"rank {rank}: {_reason(error)}"
+        return f"rank {rank}: {error_reason(error)}"
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__
 
 
-def _unsafe_cause(error: BaseException) -> UnsafeCheckpointError | None:
-    """The refusal of a pickled entry, when DCP wrapped it in its own exception."""
+def error_cause(error: BaseException, kind: type[E]) -> E | None:
+    """The first error of `kind` behind `error`, through its causes and, for DCP's wrapper, every rank's own error
+    (e.g. the refusal of a pickled entry, or the OSError of a full disk)."""
     seen = set()
     stack = [error]
     while stack:
@@ -183,7 +187,7 @@ def _unsafe_cause(error: BaseException) -> UnsafeCheckpointError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, UnsafeCheckpointError):
+        if isinstance(current, kind):
             return current
         stack += [current.__cause__, current.__context__]
         if isinstance(current, CheckpointException):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.distributed.checkpoint as dcp
 
+from titanmem.components.faults import disk_write_point
 from titanmem.components.manifest import CHUNK_BYTES
 
 
@@ -35,6 +36,7 @@ class _SummingStream:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        disk_write_point(len(view))
         written = self._stream.write(view)
         written = len(view) if written is None else written
         view = view[:written]
@@ -75,10 +77,10 @@ class _SummingStream:
 
 
 class _SummingFileSystem:
-    """DCP's file system, with its data files' write streams summed."""
+    """DCP's file system, with its data files' write streams summed, and their write errors kept."""
 
-    def __init__(self, fs, record):
-        self._fs, self._record = fs, record
+    def __init__(self, fs, record, fail):
+        self._fs, self._record, self._fail = fs, record, fail
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
@@ -87,7 +89,13 @@ class _SummingFileSystem:
                 yield stream
                 return
             summing = _SummingStream(stream)
-            yield summing
+            try:
+                yield summing
+            except Exception as error:  # noqa: BLE001 - whatever stopped the write: kept, and raised by write_data
+                # DCP's writer threads let an error escape, to be printed as a traceback and lost: the save would then
+                # complete without that thread's files. Kept here, it fails the save in the thread that runs it.
+                self._fail(error)
+                return
             self._record(Path(path).name, summing.digest())
 
     def __getattr__(self, name: str) -> Any:
@@ -100,10 +108,23 @@ class SummingWriter(dcp.FileSystemWriter):
     def __init__(self, path: str, **kwargs):
         super().__init__(path, **kwargs)
         self.digests: dict[str, dict | None] = {}
+        self.failures: list[Exception] = []
         self._lock = threading.Lock()
         if hasattr(getattr(self, "fs", None), "create_stream"):  # else: no digests, and the caller reads the files
-            self.fs = _SummingFileSystem(self.fs, self._record)
+            self.fs = _SummingFileSystem(self.fs, self._record, self._fail)
+
+    def write_data(self, plan, planner):
+        """DCP's write, which raises the first error any of its threads met (a full disk, say), so that DCP fails the
+        save on every rank rather than completing one that lacks a file."""
+        written = super().write_data(plan, planner)
+        if self.failures:
+            raise self.failures[0]
+        return written
 
     def _record(self, name: str, digest: dict | None) -> None:
         with self._lock:
             self.digests[name] = digest
+
+    def _fail(self, error: Exception) -> None:
+        with self._lock:
+            self.failures.append(error)

@@ -1,0 +1,134 @@
+"""The start-of-run check that the checkpoints fit: its estimate of one checkpoint against what a save writes, a
+folder too small for one (one line, before the first step), and one too small for keep_latest_k (a warning)."""
+
+import logging
+
+import pytest
+from helpers import make_config
+
+import titanmem.components.disk_space as disk_space
+from titanmem.components.disk_space import checkpoint_bytes, free_bytes
+
+@pytest.fixture(autouse=True)
+def logging_to_this_tests_stderr():
+    """Each main() points the log at the stderr of its time; a test that logs before calling main must not write to
+    an earlier test's closed capture."""
+    from titanmem.utils import setup_logging
+
+    setup_logging()
+
+
+ARGV = ["--training.device", "cpu", "--training.steps", "3", "--training.seq_len", "32", "--training.local_batch_size",
+        "2", "--memory.enabled", "--checkpoint.enable", "--checkpoint.interval", "3", "--metrics.enable_tensorboard",
+        "false"]
+
+
+@pytest.mark.parametrize("value_optimizer", ["adamw", "adagrad"])
+def test_the_estimate_is_what_a_save_writes(tmp_path, value_optimizer):
+    from titanmem.train import Trainer
+
+    trainer = Trainer(make_config(tmp_path, training={"steps": 3, "seq_len": 32, "local_batch_size": 2},
+                                  memory={"enabled": True, "value_optimizer": value_optimizer},
+                                  checkpoint={"enable": True, "interval": 3}))
+    try:
+        estimate = checkpoint_bytes(trainer.model, trainer.optimizers)
+        trainer.train()
+    finally:
+        trainer.close()
+    written = sum(p.stat().st_size for p in (tmp_path / "checkpoint" / "step-3").rglob("*") if p.is_file())
+    # The estimate leaves out the loader, RNG and schedule states, DCP's index and the manifest: a few hundred KB.
+    assert estimate <= written <= estimate * 1.05 + 2e6, (estimate, written)
+
+
+def test_a_folder_too_small_for_one_checkpoint_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    from titanmem.train import main
+
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: 10_000_000)
+    assert main(["--job.dump_folder", str(tmp_path / "run"), *ARGV]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config error in checkpoint.folder") and error.count("\n") == 1, error
+    assert "0.01 GB free, but one checkpoint of this run takes about 0.0" in error and "larger filesystem" in error
+    assert not (tmp_path / "run" / "checkpoint").exists() or not list((tmp_path / "run" / "checkpoint").iterdir())
+    # The refused run left nothing behind that stops the next one (its lock included).
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: 10**12)
+    assert main(["--job.dump_folder", str(tmp_path / "run"), *ARGV]) == 0
+
+
+def test_a_folder_too_small_for_keep_latest_k_warns_with_the_numbers(tmp_path, monkeypatch, caplog):
+    from titanmem.train import Trainer
+
+    config = make_config(tmp_path, training={"steps": 1, "seq_len": 32}, memory={"enabled": True},
+                         checkpoint={"enable": True, "keep_latest_k": 3})
+    probe = Trainer(make_config(tmp_path / "probe", training={"steps": 1, "seq_len": 32}, memory={"enabled": True}))
+    one = checkpoint_bytes(probe.model, probe.optimizers)
+    probe.close()
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: int(2.5 * one))
+    with caplog.at_level(logging.WARNING, logger="titanmem.components.disk_space"):
+        Trainer(config).close()
+    message = " ".join(record.getMessage() for record in caplog.records)
+    assert "keep_latest_k = 3 with a save in flight needs" in message and f"{4 * one / 1e9:.2f} GB more" in message
+    caplog.clear()
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: 5 * one)
+    with caplog.at_level(logging.WARNING, logger="titanmem.components.disk_space"):
+        Trainer(config).close()
+    assert not caplog.records
+
+
+def test_free_space_is_read_where_the_folder_will_be(tmp_path):
+    assert free_bytes(tmp_path / "not" / "yet" / "made") == free_bytes(tmp_path) > 0
+
+
+def one_checkpoint_bytes(tmp_path) -> int:
+    from titanmem.train import Trainer
+
+    probe = Trainer(make_config(tmp_path / "probe", training={"steps": 1, "seq_len": 32}, memory={"enabled": True}))
+    try:
+        return checkpoint_bytes(probe.model, probe.optimizers)
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_a_disk_that_fills_mid_save_ends_the_run_in_one_line_and_the_relaunch_resumes(tmp_path, monkeypatch, capsys,
+                                                                                      async_mode):
+    import titanmem.components.faults as faults
+    from titanmem.train import main
+
+    one = one_checkpoint_bytes(tmp_path)
+    argv = ["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--training.steps", "6", "--checkpoint.async_mode",
+            async_mode, "--checkpoint.keep_latest_k", "2"]
+    # Room for step-3's checkpoint and half of step-6's.
+    monkeypatch.setattr(faults, "_DISK_FULL_AFTER", int(1.5 * one))
+    monkeypatch.setattr(faults, "_written", 0)
+    assert main(argv) == 1
+    printed = capsys.readouterr().err
+    error = [line for line in printed.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in printed, printed
+    assert error[0].startswith(f"error: checkpoint step-6 could not be written to {tmp_path / 'run' / 'checkpoint'}: "
+                               "No space left on device (a checkpoint needs about 0.0")
+    assert "the newest complete checkpoint is step-3, which relaunching the same command resumes from" in error[0]
+    folder = tmp_path / "run" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-3"]  # the partial folder is gone
+    # Space is freed: the same command resumes from step-3 and finishes.
+    monkeypatch.setattr(faults, "_DISK_FULL_AFTER", 0)
+    assert main(argv) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["step-3", "step-6"]
+    assert "resum" in capsys.readouterr().err.lower()
+
+
+def test_another_write_error_ends_the_run_the_same_way(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import titanmem.components.summing_writer as summing_writer
+    from titanmem.train import main
+
+    def refused(nbytes):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(summing_writer, "disk_write_point", refused)
+    assert main(["--job.dump_folder", str(tmp_path / "run"), *ARGV]) == 1
+    printed = capsys.readouterr().err
+    error = [line for line in printed.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in printed and "checkpoint step-3 could not be written" in error[0]
+    assert "Permission denied; there is no complete checkpoint yet: a relaunch starts afresh" in error[0]
+    assert not list((tmp_path / "run" / "checkpoint").iterdir())
