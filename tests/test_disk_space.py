@@ -132,3 +132,23 @@ def test_another_write_error_ends_the_run_the_same_way(tmp_path, monkeypatch, ca
     assert len(error) == 1 and "Traceback" not in printed and "checkpoint step-3 could not be written" in error[0]
     assert "Permission denied; there is no complete checkpoint yet: a relaunch starts afresh" in error[0]
     assert not list((tmp_path / "run" / "checkpoint").iterdir())
+
+
+def test_a_write_error_in_one_writer_thread_fails_the_whole_save(tmp_path, monkeypatch, capsys):
+    """DCP writes a rank's files from several threads; an error in one of them alone must not let the save complete
+    without that thread's file."""
+    import errno
+    import threading
+
+    import titanmem.components.summing_writer as summing_writer
+    from titanmem.train import main
+
+    def full_in_other_threads(nbytes):
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(summing_writer, "disk_write_point", full_in_other_threads)
+    assert main(["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--checkpoint.io_threads", "3"]) == 1
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed and "error: checkpoint step-3 could not be written" in printed
+    assert not list((tmp_path / "run" / "checkpoint").iterdir())
