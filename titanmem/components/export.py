@@ -19,20 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from titanmem.components.hf_checkpoint import is_hf_folder
+from titanmem.components.safetensors_folder import INDEX, SafetensorsFolder
 from titanmem.components.safetensors_stream import StreamedTensor, write_safetensors
 from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import local_block
 
-INDEX = "model.safetensors.index.json"
 # Rows read, converted and written at a time: large enough for full-speed file reads, small beside any host's memory.
 BLOCK_BYTES = 64 << 20
 
 
 def is_export(path: str | Path) -> bool:
-    """Whether `path` is an exported folder: it holds the safetensors index."""
-    return (Path(path) / INDEX).is_file()
+    """Whether `path` is a titanmem exported folder: it holds the safetensors index, and no Hugging Face config (an
+    `export.format = "hf"` folder holds the same index)."""
+    return (Path(path) / INDEX).is_file() and not is_hf_folder(path)
 
 
 @dataclass(frozen=True)
@@ -118,25 +119,15 @@ def write_export(tensors: dict[str, OutputTensor], folder: str | Path, *, model_
 def load_export(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill `model` (any plan) with the weights of an exported folder; every parameter must be there, same shape."""
     folder = Path(folder)
-    try:
-        weight_map: dict[str, str] = json.loads((folder / INDEX).read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError("checkpoint.initial_load_path", f"{folder / INDEX} is not a safetensors index ({e})") from None
-    handles: dict[str, object] = {}
-    try:
+    with SafetensorsFolder(folder, "checkpoint.initial_load_path") as stored_tensors:
         for name, param in model.named_parameters():
             declared, target, index = local_block(name, param)
-            if declared not in weight_map:
+            if declared not in stored_tensors.files:
                 raise ConfigError("checkpoint.initial_load_path", f"{folder} has no tensor {declared}: it was exported "
                                   "from another model; match the model settings of its config.json")
-            file = weight_map[declared]
-            if file not in handles:
-                handles[file] = safe_open(str(folder / file), framework="pt", device="cpu")
-            stored = handles[file].get_slice(declared)
+            stored = stored_tensors.get_slice(declared)
             if tuple(stored.get_shape()) != tuple(param.shape):
                 raise ConfigError("checkpoint.initial_load_path", f"{folder} holds {declared} of shape "
                                   f"{list(stored.get_shape())}, but this run's is {list(param.shape)}: the model "
                                   "settings differ from its config.json")
             target.copy_(stored[index])
-    finally:
-        handles.clear()

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from titanmem.components.export import INDEX
+from titanmem.components.safetensors_folder import INDEX
 from titanmem.components.safetensors_stream import DTYPE_NAMES
 from titanmem.components.stored_blocks import TensorRecord, numel, plain_ints, reason, row_range
 from titanmem.config.errors import ConfigError

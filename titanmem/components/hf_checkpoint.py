@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from titanmem.components.safetensors_folder import SafetensorsFolder
 from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import local_block
 from titanmem.models.args import ModelArgs
@@ -31,8 +31,6 @@ from titanmem.models.args import ModelArgs
 logger = logging.getLogger(__name__)
 
 CONFIG = "config.json"
-INDEX = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 MEMORY_MODEL_TYPE = "titanmem"
 
 _TOP_LEVEL = {
@@ -195,20 +193,6 @@ def check_hf_config(path: str | Path, args: ModelArgs, field: str = "checkpoint.
     return config
 
 
-def _weight_files(path: Path, field: str) -> dict[str, str]:
-    """Tensor name -> safetensors file of a Hugging Face folder (sharded with an index, or one file)."""
-    if (path / INDEX).is_file():
-        try:
-            return dict(json.loads((path / INDEX).read_text())["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(field, f"{path / INDEX} is not a safetensors index ({e})") from None
-    if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt", device="cpu") as handle:
-            return dict.fromkeys(handle.keys(), SINGLE_FILE)
-    raise ConfigError(field, f"{path} has no safetensors weights ({INDEX} or {SINGLE_FILE}); titanmem does not "
-                      "unpickle .bin files: convert them to safetensors first")
-
-
 @torch.no_grad()
 def load_hf_folder(model: torch.nn.Module, path: str | Path, field: str = "checkpoint.initial_load_path") -> None:
     """Fill `model` (any plan) from a Hugging Face Llama folder or a titanmem memory model exported to one; each rank
@@ -218,26 +202,21 @@ def load_hf_folder(model: torch.nn.Module, path: str | Path, field: str = "check
     config = check_hf_config(path, args, field)
     memory_layers = args.memory.layers if args.memory is not None else ()
     dense_source = config["model_type"] == "llama"
-    weight_map = _weight_files(path, field)
-    # A model with tied embeddings (Llama 3.2's small ones) stores no output projection: titanmem's starts as a copy.
-    tied = config.get("tie_word_embeddings") and "lm_head.weight" not in weight_map
-    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
-    handles: dict[str, object] = {}
     kept = []
-    try:
+    with SafetensorsFolder(path, field) as stored_tensors:
+        # A model with tied embeddings (Llama 3.2's small ones) stores no output projection: titanmem's starts as a copy.
+        tied = config.get("tie_word_embeddings") and "lm_head.weight" not in stored_tensors.files
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
         for name, param in model.named_parameters():
             plain, target, index = local_block(name, param)
             source = hf_name(plain, memory_layers)
             source = aliases.get(source, source)
-            if source not in weight_map:
+            if source not in stored_tensors.files:
                 if dense_source and _is_memory_parameter(plain, memory_layers):
                     kept.append(plain)
                     continue
                 raise ConfigError(field, f"{path} has no tensor {source} (titanmem's {plain}); it holds another model")
-            file = weight_map[source]
-            if file not in handles:
-                handles[file] = safe_open(str(path / file), framework="pt", device="cpu")
-            stored = handles[file].get_slice(source)
+            stored = stored_tensors.get_slice(source)
             shape = tuple(stored.get_shape())
             if plain in VOCAB_ROWS:
                 expected = (config.get("vocab_size", shape[0]), *param.shape[1:])
@@ -258,8 +237,6 @@ def load_hf_folder(model: torch.nn.Module, path: str | Path, field: str = "check
             else:
                 block = stored[index]
             target.copy_(block)
-    finally:
-        handles.clear()
     if kept:
         layers = sorted({int(name.split(".")[1]) for name in kept if name.startswith("layers.")})
         logger.info("%s is a dense Llama: the memory layers of blocks %s keep their own initialisation, and those "
