@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,18 +60,20 @@ def drop_from_page_cache(folder: Path) -> None:
 
 
 def export(config_file: str, checkpoint: Path, out: Path, export_format: str, dtype: str) -> tuple[float, float]:
-    """Seconds and peak RSS (GB) of one export in a child process."""
+    """Seconds and peak RSS (GB) of one export, run as a child process: `wait4` gives that child's own peak."""
     command = [sys.executable, "-m", "titanmem.export", "--job.config_file", config_file, "--training.device", "cpu",
                "--checkpoint.initial_load_path", str(checkpoint), "--checkpoint.verify_on_load", "false",
                "--export.folder", str(out), "--export.format", export_format, "--export.dtype", dtype]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"error: the export failed: {done.stderr.strip().splitlines()[-1:]}")
-    # Linux reports the largest child's peak in KiB: each export is the largest child so far only if run in order
-    # of size, so every export gets a fresh measuring process (this one's children are the exports alone).
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            log.seek(0)
+            sys.exit(f"error: the export failed: {log.read().decode(errors='replace').strip().splitlines()[-1:]}")
+    return seconds, usage.ru_maxrss * 1024 / 1e9  # Linux reports it in KiB
 
 
 def main() -> int:
@@ -99,15 +101,7 @@ def main() -> int:
         out = args.work / f"export-{export_format}-{dtype}"
         shutil.rmtree(out, ignore_errors=True)
         drop_from_page_cache(checkpoint)
-        # One measuring process per export: RUSAGE_CHILDREN keeps the largest child's peak.
-        measured = subprocess.run([sys.executable, "-c", (
-            "import sys; sys.path.insert(0, sys.argv[1]); from bench_export import export; "
-            "s, r = export(*sys.argv[2:7]); print(s, r)"),
-            str(Path(__file__).parent), args.config_file, str(checkpoint), str(out), export_format, dtype],
-            cwd=ROOT, capture_output=True, text=True)
-        if measured.returncode != 0:
-            sys.exit(f"error: {measured.stderr.strip() or measured.stdout.strip()}")
-        seconds, peak = map(float, measured.stdout.split())
+        seconds, peak = export(args.config_file, checkpoint, out, export_format, dtype)
         written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9
         print(f"| {export_format} | {dtype} | {stored:.2f} | {written:.2f} | {seconds:.1f} | {written / seconds:.2f} | "
               f"{peak:.2f} |", flush=True)

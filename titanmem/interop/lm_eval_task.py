@@ -76,8 +76,9 @@ def task_items(facts) -> list[dict]:
 
 def task_files(facts, max_new_tokens: int, eos_token: str) -> dict[str, str]:
     """File name -> text of the task folder."""
-    present = {(split, item["phrasing"]) for item in task_items(facts) for split in item["splits"]}
-    files = {ITEMS: "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in task_items(facts))}
+    items = task_items(facts)
+    present = {(split, item["phrasing"]) for item in items for split in item["splits"]}
+    files = {ITEMS: "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in items)}
     files["utils.py"] = "\n\n\n".join([UTILS_HEADER.rstrip(), *definitions("titanmem.eval.facts", (
         "normalize", "is_exact_match"))]) + "\n" + UTILS_TASK
     base = {
