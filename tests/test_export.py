@@ -115,3 +115,18 @@ def test_an_export_that_fails_midway_leaves_no_folder(exported, monkeypatch):
                                          "0.01")) == 0
     assert target.is_dir() and not target.with_name("out-failed.partial").exists()
     assert sorted(p.name for p in target.rglob("*")) == sorted(p.name for p in (exported / "out").rglob("*"))
+
+
+def test_a_file_or_link_where_the_partial_folder_goes_is_replaced_not_followed(exported, tmp_path):
+    from titanmem.export import main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the export's")
+    for name, make in (("as-file", lambda p: p.write_text("stray")), ("as-link", lambda p: p.symlink_to(elsewhere))):
+        target = exported / f"out-{name}"
+        make(target.with_name(target.name + ".partial"))
+        assert main(reader_argv(exported / "run", "--export.folder", str(target))) == 0
+        assert (target / "model.safetensors.index.json").is_file()
+        assert not target.with_name(target.name + ".partial").exists()
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]

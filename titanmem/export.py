@@ -65,16 +65,24 @@ def export(plan: RunPlan) -> list[Path]:
     leaves no folder that looks like an export (a later one clears the partial folder)."""
     target = Path(plan.config.export.folder)
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove(partial)
     try:
         files = _write(plan, partial)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove(partial)
         raise
     if target.exists():
         target.rmdir()  # empty: the plan refuses a folder that holds anything
     partial.rename(target)
     return [target / Path(f).relative_to(partial) for f in files]
+
+
+def _remove(path: Path) -> None:
+    """Whatever an earlier export left at `path`: a folder, or a file or link put there (never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write(plan: RunPlan, folder: Path) -> list[Path]:
