@@ -95,13 +95,12 @@ def _write(plan: RunPlan, folder: Path) -> list[Path]:
     source.check()
     dtype = torch.bfloat16 if config.export.dtype == "bf16" else torch.float32
     max_shard_bytes = int(config.export.max_shard_gb * 1e9)
-    tokenizer = resolve_asset_path(config.tokenizer.path) if config.tokenizer.path else None
-    tokenizer_files = [p for p in (tokenizer, tokenizer and tokenizer.with_suffix(".json")) if p and p.is_file()]
     if config.export.format != "titanmem":
         from titanmem.interop.hf_export import write_hf_export
 
-        return write_hf_export(source, folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                               tokenizer_files=tokenizer_files)
+        return write_hf_export(source, folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    tokenizer = resolve_asset_path(config.tokenizer.path) if config.tokenizer.path else None
+    tokenizer_files = [p for p in (tokenizer, tokenizer and tokenizer.with_suffix(".json")) if p and p.is_file()]
     return write_export(outputs_of(source, {name: param.dtype for name, param in params.items()}),
                         folder, model_args=plan.model_args, step=saved_step(path),
                         max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_files=tokenizer_files)

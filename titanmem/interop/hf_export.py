@@ -64,11 +64,9 @@ def _whole_then_rows(compute):
     return read
 
 
-def write_hf_export(source, folder: str | Path, *, plan, dtype: torch.dtype, max_shard_bytes: int,
-                    tokenizer_files: list[Path] | None = None) -> list[Path]:
-    """Write the model of `plan` whose weights `source` holds as a Hugging Face folder; returns the files written.
-    (`tokenizer_files`, titanmem's own tokenizer files, are not needed: the tokenizer is written in transformers'
-    format.)"""
+def write_hf_export(source, folder: str | Path, *, plan, dtype: torch.dtype, max_shard_bytes: int) -> list[Path]:
+    """Write the model of `plan` whose weights `source` holds as a Hugging Face folder (the tokenizer in
+    transformers' format, built from the plan's tokenizer); returns the files written."""
     folder = Path(folder)
     args, config = plan.model_args, plan.config
     tokenizer = build_tokenizer(config.tokenizer)
