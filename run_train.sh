@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train with torchrun.
+# Train with torchrun (through titanmem.launch, which ends a failed job with one line).
 #   NGPU         processes (GPUs) on this node; default 1. Without a GPU, one CPU process.
 #   CONFIG_FILE  TOML config; default train_configs/debug_model.toml
 #   LOG_RANK     which local rank's output to show; default 0
@@ -29,6 +29,6 @@ fi
 # Check the config in this process first: an error is then one clear line, not buried under torchrun's traceback.
 WORLD_SIZE="$NGPU" "$PYTHON" -m titanmem.train --job.config_file "$CONFIG_FILE" "$@" --print_config >/dev/null || exit $?
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+exec "$PYTHON" -m titanmem.launch --standalone --nproc_per_node="$NGPU" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m titanmem.train --job.config_file "$CONFIG_FILE" "$@"

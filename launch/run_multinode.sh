@@ -47,7 +47,7 @@ node_rank=()
 if [ -n "${NODE_RANK:-}" ]; then
   node_rank=(--node_rank "$NODE_RANK")
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NGPU" "${node_rank[@]}" \
+exec "$PYTHON" -m titanmem.launch --nnodes "$NNODES" --nproc_per_node "$NGPU" "${node_rank[@]}" \
   --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" --max_restarts "$MAX_RESTARTS" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m titanmem.train --job.config_file "$CONFIG_FILE" "$@"

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from titanmem.components.checkpoint import load_model_weights
 from titanmem.components.run_lock import RunLock, acquire_run_lock
+from titanmem.components.watchdog import set_flight_recorder_env
 from titanmem.data.dataloader import build_dataloader
 from titanmem.data.tokenizer import Tokenizer, build_tokenizer
 from titanmem.distributed.initialize import init_model_weights
@@ -35,6 +36,7 @@ from titanmem.models.args import ModelArgs
 from titanmem.models.llama import Transformer
 from titanmem.config.errors import ConfigError
 from titanmem.plan import Purpose, RunPlan, plan_from_command_line
+from titanmem.utils import print_error
 
 
 @dataclass
@@ -77,8 +79,11 @@ def setup_process(plan: RunPlan) -> torch.device:
     seed_everything(plan.config.training.seed, plan.config.training.deterministic)
     if plan.parallel.distributed and not dist.is_initialized():
         # NCCL between GPUs, gloo between CPU ranks; torchrun describes the group in the environment.
+        # The flight recorder is read from the environment when the group is created.
+        set_flight_recorder_env(plan.config.comm, plan.config.job.dump_folder, device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=plan.config.comm.init_timeout_seconds))
     plan.build_mesh(device.type)
     return device
 
@@ -118,7 +123,7 @@ def start_reader(argv: list[str] | None, purpose: Purpose, usage: str) -> tuple[
     try:
         return plan, build_run(plan)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
 
 

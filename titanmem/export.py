@@ -30,7 +30,7 @@ from titanmem.config import resolve_asset_path
 from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import model_name
 from titanmem.plan import RunPlan, plan_from_command_line
-from titanmem.utils import exit_with, setup_logging
+from titanmem.utils import exit_with, print_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = export(plan)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     size = sum(Path(f).stat().st_size for f in files)
     print(f"exported {plan.checkpoint_to_load} to {plan.config.export.folder}: {len(files)} files, "

@@ -8,7 +8,6 @@ folder is written. Each prompt's continuation is printed after it, one per block
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -16,7 +15,7 @@ from titanmem.build import build_run
 from titanmem.config import ConfigError, JobConfig
 from titanmem.eval.decode import generate
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import exit_with, print_output, setup_logging
+from titanmem.utils import exit_with, print_error, print_output, setup_logging
 
 USAGE = ("python -m titanmem.generate [--job.config_file FILE] --generate.prompts JSON [--generate.checkpoint DIR] "
          "[--print_config] [--section.key VALUE ...]")
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         continuations = run(config, plan)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     for prompt, continuation in zip(config.generate.prompts, continuations):
         print_output(f"{prompt}{continuation}\n")

@@ -40,6 +40,7 @@ MODULE_LAYERS: dict[str, str] = {
     "titanmem.plan": "plan",
     "titanmem.build": "build",
     "titanmem.train": "entry",
+    "titanmem.launch": "entry",
     "titanmem.generate": "entry",
     "titanmem.export": "entry",
     "titanmem.planner": "entry",

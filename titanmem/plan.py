@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +35,7 @@ from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
 from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, available_key_searches
 from titanmem.models.lookup import available_lookups
-from titanmem.utils import print_output
+from titanmem.utils import print_error, print_output
 
 # train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
 # built to be inspected (tools/check_init.py), with neither data nor checkpoint.
@@ -527,7 +526,7 @@ def plan_from_command_line(argv: list[str] | None, purpose: Purpose, usage: str)
             return 0
         plan = resolve_plan(config, purpose)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     if command_line.print_config:
         print_output(format_config(config) + format_resolved(plan))

@@ -8,7 +8,6 @@ and train. The life of one step is in docs/architecture.md.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 
 import torch
@@ -17,13 +16,14 @@ import torch.nn.functional as F
 
 from titanmem.build import build_run
 from titanmem.components.checkpoint import (CheckpointManager, CheckpointWriteError, checkpoint_folder,
-                                            complete_checkpoint_steps, load_model_weights)
+                                            complete_checkpoint_steps, load_model_weights, resume_hint)
 from titanmem.components.disk_space import check_checkpoint_space, checkpoint_bytes
 from titanmem.components.faults import crash_point
 from titanmem.components.finetune import build_row_selector, finetune_warnings, freeze_for_finetune
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers, all_finite
+from titanmem.components.watchdog import CommWatchdog
 from titanmem.components.states import DataLoaderState, ModelState, RNGState, SchedulerState, TrainState
 from titanmem.config import ConfigError, JobConfig
 from titanmem.config.manager import write_config
@@ -32,7 +32,7 @@ from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import autocast, exit_with, setup_logging
+from titanmem.utils import autocast, exit_with, print_error, setup_logging
 
 logger = logging.getLogger("titanmem")
 
@@ -80,14 +80,31 @@ class StepMetrics(Mapping):
         return len(self._settled())
 
 
+def build_watchdog(config: JobConfig, plan: RunPlan) -> CommWatchdog:
+    """The run's watchdog, from start-up on: a rank that stops or dies ends the run with one line on the others."""
+    folder = checkpoint_folder(config.checkpoint, config.job.dump_folder)
+    return CommWatchdog(config.comm, plan.world_size, config.job.dump_folder, lambda: resume_hint(folder))
+
+
 class Trainer:
-    def __init__(self, config: JobConfig, plan: RunPlan | None = None):
+    def __init__(self, config: JobConfig, plan: RunPlan | None = None, watchdog: CommWatchdog | None = None):
         self.config = config
         self.plan = plan or resolve_plan(config, "train")
-        self.run = build_run(self.plan, "train")
+        self.watchdog = watchdog or build_watchdog(config, self.plan)
+        try:
+            self.run = build_run(self.plan, "train")
+        except BaseException as error:
+            self.watchdog.end_if_peer_lost(error)
+            self.watchdog.close()
+            raise
+        if self.run.lock is not None:
+            # A hung run's process ends without its teardown: the relaunch finds the folder free.
+            self.watchdog.at_exit(self.run.lock.release)
         try:
             self._assemble(config)
-        except BaseException:
+        except BaseException as error:
+            self.watchdog.end_if_peer_lost(error)
+            self.watchdog.close()
             if self.run.lock is not None:
                 self.run.lock.release()
             raise
@@ -133,6 +150,7 @@ class Trainer:
             # Per-process state of ranks the saving run did not have, another kind of value optimizer's state, and
             # AdamW's state of parameters a finetuning mode froze in the saving run, start fresh (with a warning).
             optional=("dataloader", "rng", "optimizer.values", "optimizer.dense"),
+            comm_timeout_seconds=config.comm.init_timeout_seconds,
         )
         if config.checkpoint.enable:
             folder = self.checkpointer.folder
@@ -220,7 +238,10 @@ class Trainer:
         accumulation = self.plan.accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accumulation):
+            self.watchdog.doing("reading its batch")
+            crash_point("batch", self.train_state.step)
             batch = next(batches)
+            self.watchdog.doing("computing")
             inputs = batch["input"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
@@ -276,6 +297,15 @@ class Trainer:
             )
 
     def train(self) -> dict[int, float]:
+        """Resume (or start), train to `training.steps`, and wait for the last save; returns every step's loss. A rank
+        that stops or dies ends the run here, on every rank that waited for it (`CommWatchdog`)."""
+        try:
+            return self._train()
+        except BaseException as error:
+            self.watchdog.end_if_peer_lost(error)
+            raise
+
+    def _train(self) -> dict[int, float]:
         state = self.train_state
         total = self.config.training.steps
         # The newest checkpoint, if damaged, gives way to the one before (not below checkpoint.load_step); the one a
@@ -303,6 +333,7 @@ class Trainer:
         try:
             with profiler:
                 self._loop(total, batches, profiler, snapshot)
+            self.watchdog.begin("the end of the run")
             self._read_losses()
         except torch.cuda.OutOfMemoryError as error:
             raise out_of_memory(state.step, error, snapshot.dump_oom(state.step), self._evaluating) from error
@@ -326,6 +357,7 @@ class Trainer:
         state = self.train_state
         while state.step < total:
             state.step += 1
+            self.watchdog.begin_step(state.step)
             self._unread_losses.append(self.train_step(batches))
             crash_point("step", state.step)
             state.tokens_seen += self.plan.tokens_per_step
@@ -344,8 +376,11 @@ class Trainer:
             if self.telemetry is not None and state.step % self.config.metrics.memory_telemetry_freq == 0:
                 self.metrics.log_memory_telemetry(state.step, *self.telemetry.summarize())
             if evaluate:
+                self.watchdog.begin(f"the evaluation after step {state.step}")
                 self.evaluate()
-            self.checkpointer.maybe_save(state.step)
+            if self.checkpointer.due(state.step):
+                self.watchdog.begin(f"the save of step-{state.step}")
+                self.checkpointer.save(state.step)
             profiler.step()
             snapshot.step(state.step)
 
@@ -378,7 +413,12 @@ class Trainer:
         metrics, the run lock and the process group."""
         try:
             self.checkpointer.close()
+        except BaseException as error:
+            # A background save whose collective lost a rank: named before the process group is torn down.
+            self.watchdog.end_if_peer_lost(error)
+            raise
         finally:
+            self.watchdog.close()
             self.metrics.close()
             if self.run.lock is not None:
                 self.run.lock.release()
@@ -395,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(config, plan)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     try:
         try:
@@ -404,13 +444,13 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()  # which waits for a background save: its failure is reported below too
     except ConfigError as e:
         # Some settings can only be checked against a checkpoint or the data stream, after start-up.
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     except (NonFiniteLossError, RunOutOfMemory) as e:
         logger.error("%s", e)
         return 1
     except CheckpointWriteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     return 0
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +18,20 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="[titanmem] %(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True
     )
+
+
+def print_error(error: object) -> None:
+    """Print the one line that ends a command, `error: ...`. Under torchrun, also leave it in the rank's error file:
+    torchrun's summary of a failed job (and `python -m titanmem.launch`'s last line) then shows it, though the console
+    shows only one rank's output."""
+    line = str(error)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchrun's format: it shows `py_callstack` as the failure's traceback, and sets `errorCode` itself.
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps(record))
 
 
 def exit_with(code: int):

@@ -5,11 +5,14 @@
     python tools/crash_test.py --points step:3 save:written:4 save:background:6:async [--steps 8 --interval 2]
     python tools/crash_test.py ... -- --memory.enabled           # after --, overrides for every launch
     python tools/crash_test.py --nproc 2 ... -- --parallelism.value_slice_sharding rows   # gloo ranks (torchrun)
+    python tools/crash_test.py --nproc 2 --points step:3@1      # only rank 1 is killed
 
-Each crash is `point:step[:sync|async]` (points: titanmem/components/faults.py). For each, a fresh run is launched
-with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
-finishes. With `--nproc N` every launch is a torchrun of N gloo CPU ranks, each of which kills itself at the point
-(as a node that loses power takes all its ranks), and torchrun ends the launch. The check, in deterministic mode on CPU:
+Each crash is `point:step[:sync|async][@rank]` (points: titanmem/components/faults.py). For each, a fresh run is
+launched with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
+finishes. With `--nproc N` every launch is a torchrun of N gloo CPU ranks (`python -m titanmem.launch`, as
+run_train.sh starts them), each of which kills itself at the point (as a node that loses power takes all its ranks),
+or with `@rank` only that one (as one process killed by the OOM killer), and the launch must end promptly (the others
+do not wait for it). The check, in deterministic mode on CPU:
 - the relaunch resumes from the newest complete checkpoint the crash left on disk, and that one is a checkpoint that
   may be complete at that crash (a save killed before its rename is not; an async save becomes complete in the
   background as soon as it is written, so a crash after it finds it complete or not, by how far its thread got);
@@ -26,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from titanmem.components.faults import POINTS
@@ -36,14 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 NPROC = 1
 """Ranks per launch (`--nproc`): one process, or a torchrun of that many gloo ranks."""
 
+LAUNCH_GRACE_SECONDS = 30
+"""A killed launch must end within this much more than a whole uninterrupted run took: the ranks left alive must not
+wait for the dead one (torch's own timeouts are minutes)."""
+
 
 def launch(folder: Path, name: str, steps: int, interval: int, mode: str, extra: list[str],
-           crash: str | None = None) -> subprocess.CompletedProcess:
+           crash: str | None = None, rank: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("TITANMEM_CRASH_AT", None)
+    for fault in ("TITANMEM_CRASH_AT", "TITANMEM_FAULT_RANK"):
+        env.pop(fault, None)
     if crash:
         env["TITANMEM_CRASH_AT"] = crash
-    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC)]
+    if rank is not None:
+        env["TITANMEM_FAULT_RANK"] = str(rank)
+    runner = ([sys.executable, "-m", "titanmem.launch", "--standalone", "--nproc_per_node", str(NPROC)]
               if NPROC > 1 else [sys.executable])
     command = [*runner, "-m", "titanmem.train", "--job.dump_folder", str(folder), "--training.steps",
                str(steps), "--training.deterministic", "--training.device", "cpu", "--checkpoint.interval",
@@ -86,8 +97,12 @@ def newest_complete(folder: Path) -> int:
     return steps[-1] if steps else 0
 
 
-def parse(crash: str) -> tuple[str, int, str]:
-    """`point:step[:sync|async]` -> (point, step, mode); a bare save point gets the only mode it exists in."""
+def parse(crash: str) -> tuple[str, int, str, int | None]:
+    """`point:step[:sync|async][@rank]` -> (point, step, mode, rank); a bare save point gets the only mode it exists
+    in; no rank kills every rank."""
+    crash, _, rank = crash.partition("@")
+    if rank and not (rank.isdigit() and int(rank) < NPROC):
+        raise SystemExit(f"error: bad rank in {crash}@{rank}: a launch has ranks 0 to {NPROC - 1} (--nproc)")
     parts = crash.split(":")
     take = 2 if parts[0] == "save" else 1
     point, rest = ":".join(parts[:take]), parts[take:]
@@ -96,21 +111,26 @@ def parse(crash: str) -> tuple[str, int, str]:
     mode = rest[1] if len(rest) > 1 else ("async" if point == "save:background" else "sync")
     if (point, mode) in (("save:written", "async"), ("save:background", "sync")):
         raise SystemExit(f"error: {point} happens in {'sync' if mode == 'async' else 'async'} saves only")
-    return point, int(rest[0]), mode
+    return point, int(rest[0]), mode, int(rank) if rank else None
 
 
-def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[str], reference: dict[int, float]):
-    point, step, mode = parse(crash)
+def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[str], reference: dict[int, float],
+              whole_run_seconds: float):
+    point, step, mode, rank = parse(crash)
     dcp_mode = "async" if mode == "async" else "disabled"
     if point == "resumed":  # a run that reached the checkpoint first, then a relaunch killed as it resumes
         first = launch(folder, "tb0", step, interval, dcp_mode, extra)
         if first.returncode != 0:
             return crash, mode, "first run failed", first.stderr[-2000:]
-    killed = launch(folder, "tb1", steps, interval, dcp_mode, extra, crash=f"{point}:{step}")
-    # torchrun reports a rank killed by a signal in its summary, and exits 1.
+    started = time.monotonic()
+    killed = launch(folder, "tb1", steps, interval, dcp_mode, extra, crash=f"{point}:{step}", rank=rank)
+    ended_in = time.monotonic() - started
+    # torchrun's launch names the rank a signal ended in its last line, and exits 1.
     died = killed.returncode == -9 if NPROC == 1 else killed.returncode != 0 and "SIGKILL" in killed.stderr
     if not died:
         return crash, mode, f"not killed (exit {killed.returncode})", killed.stderr[-2000:]
+    if ended_in > whole_run_seconds + LAUNCH_GRACE_SECONDS:
+        return crash, mode, f"the killed launch took {ended_in:.0f} s to end", killed.stderr[-2000:]
     on_disk = newest_complete(folder)
     relaunch = launch(folder, "tb2", steps, interval, dcp_mode, extra)
     if relaunch.returncode != 0:
@@ -131,8 +151,8 @@ def run_crash(folder: Path, crash: str, steps: int, interval: int, extra: list[s
     unequal = [s for s in expected_steps if got.get(s) != reference[s]]
     if unequal:
         problems.append(f"losses differ at steps {unequal}")
-    return crash, mode, f"resumed at {resumed}, {len(expected_steps)} losses bit-identical" if not problems else \
-        "; ".join(problems), ""
+    return crash, mode, f"resumed at {resumed}, {len(expected_steps)} losses bit-identical (the killed launch ended " \
+        f"in {ended_in:.0f} s)" if not problems else "; ".join(problems), ""
 
 
 def random_crashes(count: int, steps: int, interval: int, rng: random.Random) -> list[str]:
@@ -146,13 +166,15 @@ def random_crashes(count: int, steps: int, interval: int, rng: random.Random) ->
         if point == "save:background":
             mode = "async"
         step = rng.choice(saves[:-1] if point.startswith("save") or point == "resumed" else range(2, steps))
-        crashes.append(f"{point}:{step}:{mode}")
+        # With several ranks, half the crashes kill one of them only.
+        one = f"@{rng.randrange(NPROC)}" if NPROC > 1 and rng.random() < 0.5 else ""
+        crashes.append(f"{point}:{step}:{mode}{one}")
     return crashes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--points", nargs="*", help="crashes as point:step[:sync|async]")
+    parser.add_argument("--points", nargs="*", help="crashes as point:step[:sync|async][@rank]")
     parser.add_argument("--random", type=int, default=20, help="random crashes when --points is not given")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8)
@@ -165,7 +187,9 @@ def main() -> int:
     extra = [a for a in extra if a != "--"]
     crashes = args.points or random_crashes(args.random, args.steps, args.interval, random.Random(args.seed))
     work = Path(args.work or tempfile.mkdtemp(prefix="titanmem-crash-"))
+    started = time.monotonic()
     straight = launch(work / "uninterrupted", "tb", args.steps, args.interval, "disabled", extra)
+    whole_run_seconds = time.monotonic() - started
     if straight.returncode != 0:
         print(straight.stderr[-3000:], file=sys.stderr)
         return 1
@@ -175,7 +199,8 @@ def main() -> int:
     failed = 0
     for number, crash in enumerate(crashes):
         folder = work / f"{number:02d}-{crash.replace(':', '_')}"  # a random draw may repeat a crash
-        name, mode, result, log = run_crash(folder, crash, args.steps, args.interval, extra, reference)
+        name, mode, result, log = run_crash(folder, crash, args.steps, args.interval, extra, reference,
+                                            whole_run_seconds)
         ok = "bit-identical" in result
         failed += not ok
         print(f"| {name} | {mode} | {result} |", flush=True)

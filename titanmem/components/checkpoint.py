@@ -31,6 +31,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -176,6 +177,14 @@ def continues_rollback(folder: str | Path, steps: list[int], load_step: int) -> 
     return steps[-1] if rollbacks and rollbacks[-1] == load_step else None
 
 
+def resume_hint(folder: str | Path) -> str:
+    """Where a relaunch of a run that stopped goes on from: its newest complete checkpoint in `folder`, or the start."""
+    folder = Path(folder)
+    steps = complete_checkpoint_steps(folder) if folder.is_dir() else []
+    return (f"the newest complete checkpoint is step-{steps[-1]}, which relaunching the same command resumes from"
+            if steps else "there is no complete checkpoint yet: a relaunch starts afresh")
+
+
 def _free_name(path: Path) -> Path:
     """`path`, or `path.2`, `path.3`, … : the first that does not exist."""
     candidate, number = path, 1
@@ -205,13 +214,15 @@ class CheckpointWriteError(RuntimeError):
 
 class CheckpointManager:
     def __init__(self, config: CheckpointConfig, folder: str | Path, states: dict[str, Stateful], *,
-                 total_steps: int, rank: int = 0, optional: Iterable[str] = ()):
+                 total_steps: int, rank: int = 0, optional: Iterable[str] = (), comm_timeout_seconds: float = 1800):
         self.config = config
         self.folder = Path(folder)
         self.states = states
         self.total_steps = total_steps
         self.rank = rank
         self.optional = tuple(optional)
+        # The background save's own process group waits this long for a rank before failing the save.
+        self.comm_timeout_seconds = comm_timeout_seconds
         self.last_saved_step = -1
         # One checkpoint's expected size (`disk_space.checkpoint_bytes`), told in the line of a save that ran out of space.
         self.expected_bytes: int | None = None
@@ -231,7 +242,8 @@ class CheckpointManager:
         if dist.is_available() and dist.is_initialized():
             # The background thread's collectives get a group of their own (gloo: DCP's writes go through the CPU),
             # so that they never interleave with the training step's.
-            self._process_group = dist.new_group(backend="gloo")
+            self._process_group = dist.new_group(backend="gloo",
+                                                 timeout=timedelta(seconds=self.comm_timeout_seconds))
         # Kept from save to save, so that pinned buffers are allocated once.
         self._stager = CpuStager(pinned=self.config.async_mode == "async_with_pinned_mem")
         self._summer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
@@ -320,11 +332,8 @@ class CheckpointManager:
         if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             needed = f"about {self.expected_bytes / 1e9:.2f} GB" if self.expected_bytes else "more"
             space = f" (a checkpoint needs {needed}; {free_bytes(self.folder) / 1e9:.2f} GB are free there)"
-        steps = complete_checkpoint_steps(self.folder) if self.folder.is_dir() else []
-        resume = (f"the newest complete checkpoint is step-{steps[-1]}, which relaunching the same command resumes from"
-                  if steps else "there is no complete checkpoint yet: a relaunch starts afresh")
         return CheckpointWriteError(f"checkpoint step-{step} could not be written to {self.folder}: {reason}{space}; "
-                                    f"{resume} once that is fixed")
+                                    f"{resume_hint(self.folder)} once that is fixed")
 
     def _own_digests(self, partial: Path, writer: SummingWriter) -> dict[str, dict]:
         """Checksums of the files this rank wrote into `partial`: those the writer summed as it wrote them, where the
@@ -371,13 +380,9 @@ class CheckpointManager:
             self._summer = None
 
     def due(self, step: int) -> bool:
-        """Whether `maybe_save(step)` will save."""
+        """Whether step `step` is one to save."""
         return (self.config.enable and step != self.last_saved_step
                 and (step % self.config.interval == 0 or step == self.total_steps))
-
-    def maybe_save(self, step: int) -> None:
-        if self.due(step):
-            self.save(step)
 
     def load(self, path: Path | None, fall_back: bool = True, load_step: int = -1) -> int | None:
         """Restore every state from the complete checkpoint at `path` (the run plan's choice); returns its step, or

@@ -13,7 +13,7 @@ import dataclasses
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -180,6 +180,11 @@ def error_reason(error: BaseException) -> str:
 def error_cause(error: BaseException, kind: type[E]) -> E | None:
     """The first error of `kind` behind `error`, through its causes and, for DCP's wrapper, every rank's own error
     (e.g. the refusal of a pickled entry, or the OSError of a full disk)."""
+    return find_error(error, lambda current: isinstance(current, kind))
+
+
+def find_error(error: BaseException, matches: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first error that `matches`, of `error` and those behind it (as `error_cause` walks them)."""
     seen = set()
     stack = [error]
     while stack:
@@ -187,7 +192,7 @@ def error_cause(error: BaseException, kind: type[E]) -> E | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, kind):
+        if matches(current):
             return current
         stack += [current.__cause__, current.__context__]
         if isinstance(current, CheckpointException):

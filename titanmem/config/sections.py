@@ -552,6 +552,32 @@ class Export:
 
 
 @dataclass
+class Comm:
+    init_timeout_seconds: int = bounded(600, ge=1)
+    """Seconds the ranks wait for each other while the run starts (forming the process group, building the model,
+    loading a checkpoint), in the first step of a launch (compilation, first allocations), in an evaluation, in a
+    checkpoint save and while the last save finishes. A rank that has not arrived by then ends the run: every rank
+    that waited exits with one line naming it (docs/architecture.md, "When a rank stops")."""
+
+    train_timeout_seconds: int = bounded(300, ge=1)
+    """Seconds one training step (after the first of the launch) may take on any rank before the run ends as hung, as
+    above. Keep it well above the step time: a step that takes more than half of it gets a warning."""
+
+    trace_buf_size: int = bounded(20000, ge=0)
+    """CUDA: collectives the NCCL flight recorder keeps per rank; on a timeout each rank writes them to
+    `<job.dump_folder>/comm_traces/rank_<r>` (read them with `python -m torch.distributed.flight_recorder.fr_trace
+    <folder>`, which names the collective a rank never joined). 0 turns the recorder off."""
+
+    def check(self, config: "JobConfig") -> None:
+        if self.train_timeout_seconds > self.init_timeout_seconds:
+            raise ConfigError(
+                "comm.train_timeout_seconds",
+                f"must not exceed comm.init_timeout_seconds ({self.init_timeout_seconds}), got "
+                f"{self.train_timeout_seconds}: the first step, saves and evaluations get the longer init timeout",
+            )
+
+
+@dataclass
 class JobConfig:
     """The whole run's configuration: one attribute per TOML section."""
 
@@ -573,3 +599,4 @@ class JobConfig:
     eval: Eval = field(default_factory=Eval)
     generate: Generate = field(default_factory=Generate)
     export: Export = field(default_factory=Export)
+    comm: Comm = field(default_factory=Comm)

@@ -27,6 +27,7 @@ from titanmem.config.sections import Data, Eval, Tokenizer
 from titanmem.data.facts import RELATIONS, load_facts
 from titanmem.eval.runner import sample_facts
 from titanmem.interop.source_copy import definitions
+from titanmem.utils import print_error
 
 GROUP = "titanmem_facts"
 ITEMS = "items.jsonl"
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = write_task(args.out, resolve_asset_path(args.facts), args.limit, args.max_new_tokens, args.eos_token)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"wrote the lm-eval task {GROUP} to {folder}; run it with --include_path {args.out} --tasks {GROUP}")
     return 0

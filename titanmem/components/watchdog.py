@@ -1,0 +1,323 @@
+"""A rank that stops, hangs or dies ends the run with one line, within the timeout, on every rank that waited for it.
+
+Every collective waits for all ranks of its group, so one rank that stops (a frozen process, a loader stuck on a
+dead mount, a deadlock in a library, a node that drops off the network) holds all the others until torch's own
+process-group timeout, which ends them with an abort (NCCL) or an exception that names no rank (gloo). The watchdog
+follows the trainer's phases instead (start-up, each step, each save, each evaluation, the end of the run): a thread
+of each rank checks that the phase in force ends before its deadline (`comm.train_timeout_seconds` for a step,
+`comm.init_timeout_seconds` for the rest and for the first step of a launch). When one does not, or when a collective
+fails because a peer went away (gloo's "Connection closed by peer"), the rank:
+1. posts a report to the job's key-value store (the rendezvous store; under torchrun its agent keeps it, apart from
+   the ranks): its phase, what its main thread was doing and where;
+2. waits up to REPORT_GRACE_SECONDS for the other ranks' reports;
+3. names the ranks that sent none (stopped, dead, or stuck where Python cannot run) and those that were doing
+   something other than waiting for the others (reading their batch), writes the NCCL flight recorder's record of
+   its collectives (CUDA), prints the line, leaves it in torchrun's error file (so that torchrun's summary shows it
+   whatever rank's output the console filters) and exits with status 1.
+The launcher then stops the remaining ranks, and with `--max-restarts` relaunches them: the run resumes from its newest
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from titanmem.components.checkpoint_io import find_error
+from titanmem.config.sections import Comm as CommConfig
+from titanmem.utils import print_error
+
+logger = logging.getLogger(__name__)
+
+REPORT_GRACE_SECONDS = 5.0
+"""How long a rank that found the run hung waits for the other ranks' reports before naming those it has none from.
+Ranks that wait for the same collective found it within a step of one another; reports come in at once."""
+
+TRACE_FOLDER = "comm_traces"
+"""Folder under job.dump_folder for the NCCL flight recorder's per-rank records (`rank_<r>`)."""
+
+_KEY = "titanmem/hang/"
+# What a rank's main thread does while it waits for no one: a rank found doing it when the others hang is the one
+# they wait for.
+_NOT_WAITING = ("reading its batch",)
+# Messages of gloo's (and the store's) errors when a peer went away or did not answer; NCCL's errors are DistErrors.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
+              "Socket Timeout")
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    """Whether `error` (or an error behind it: DCP wraps each rank's) is a collective that failed because a peer is
+    gone or did not answer in time."""
+    def lost(e: BaseException) -> bool:
+        return isinstance(e, getattr(dist, "DistError", ())) or (
+            isinstance(e, RuntimeError) and any(text in str(e) for text in _PEER_LOST))
+
+    return find_error(error, lost) is not None
+
+
+def set_flight_recorder_env(comm: CommConfig, dump_folder: str, device: torch.device) -> None:
+    """Turn on the NCCL flight recorder (read when the process group is created), dumping to the run's folder on a
+    timeout NCCL finds itself. Settings already in the environment win."""
+    if device.type != "cuda" or comm.trace_buf_size == 0:
+        return
+    folder = Path(dump_folder) / TRACE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch reads the TORCH_NCCL_ names, and from 2.7 also the TORCH_FR_ ones.
+    for names, value in ((("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"), str(comm.trace_buf_size)),
+                         (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+                         (("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"), f"{folder}/rank_")):
+        for name in names:
+            os.environ.setdefault(name, value)
+
+
+def dump_flight_recorder(dump_folder: str, rank: int) -> Path | None:
+    """Write this rank's NCCL flight recorder record (its recent collectives, each started or completed) next to the
+    others'; None where there is none (no NCCL, recorder off)."""
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is None or not torch.cuda.is_available() or not os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        return None
+    try:
+        record = dump()
+        path = Path(dump_folder) / TRACE_FOLDER / f"rank_{rank}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(record)
+        return path
+    except Exception as e:  # the line that ends the run matters more than the record
+        logger.warning("the NCCL flight recorder could not be written: %s", e)
+        return None
+
+
+@dataclass
+class Report:
+    """What a rank that found the run hung posts for the others."""
+
+    rank: int
+    phase: str
+    doing: str
+    where: str
+
+
+@dataclass
+class _Phase:
+    name: str
+    timeout: float
+    field: str
+    started: float
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout
+
+
+def _where(frame) -> str:
+    """The innermost titanmem line of a stack (else its innermost line), as `path:line in function`."""
+    innermost = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        here = (filename, frame.f_lineno, frame.f_code.co_name)
+        innermost = innermost or here
+        if f"{os.sep}titanmem{os.sep}" in filename:
+            innermost = here
+            break
+        frame = frame.f_back
+    if innermost is None:
+        return "unknown"
+    filename, line, function = innermost
+    parts = Path(filename).parts
+    short = "/".join(parts[parts.index("titanmem"):]) if "titanmem" in parts else Path(filename).name
+    return f"{short}:{line} in {function}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def leave_with_line(line: str, code: int = 1) -> NoReturn:
+    """Print `error: line` (and leave it in torchrun's error file), then end the process now: threads blocked in a
+    collective cannot be joined, and the interpreter's teardown would wait on them."""
+    print_error(line)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+class CommWatchdog:
+    """The phases of one rank's run, their deadlines, and the report that ends a hung run (module docstring). With
+    one process nobody waits on anybody: it watches nothing."""
+
+    def __init__(self, comm: CommConfig, world_size: int, dump_folder: str, resume_hint: Callable[[], str]):
+        self.comm = comm
+        self.world_size = world_size
+        self.dump_folder = dump_folder
+        self.resume_hint = resume_hint
+        self.enabled = world_size > 1
+        self._at_exit: list[Callable[[], None]] = []
+        self._phase = _Phase("start-up", comm.init_timeout_seconds, "comm.init_timeout_seconds", time.monotonic())
+        self._doing = "starting"
+        self._steps_begun = 0
+        self._slow_step_warned = False
+        self._failing = threading.Lock()
+        self._closed = threading.Event()
+        self._main_thread = threading.main_thread()
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._watch, name="titanmem-watchdog", daemon=True)
+            self._thread.start()
+
+    @property
+    def rank(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return int(os.environ.get("RANK", "0"))
+
+    # The trainer's side: phases and what the main thread does in them.
+
+    def at_exit(self, release: Callable[[], None]) -> None:
+        """Run `release` (e.g. give back the run lock) before a hung run's process ends."""
+        self._at_exit.append(release)
+
+    def begin(self, name: str, long: bool = True) -> None:
+        """A new phase: it must end within the init timeout (`long`) or the train timeout."""
+        self._check_step_time(time.monotonic())
+        timeout, field = ((self.comm.init_timeout_seconds, "comm.init_timeout_seconds") if long else
+                          (self.comm.train_timeout_seconds, "comm.train_timeout_seconds"))
+        self._phase = _Phase(name, timeout, field, time.monotonic())
+
+    def begin_step(self, step: int) -> None:
+        """Step `step` starts: the first of this launch gets the init timeout (compilation, first allocations)."""
+        self._steps_begun += 1
+        self.begin(f"step {step}", long=self._steps_begun == 1)
+
+    def doing(self, what: str) -> None:
+        self._doing = what
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _check_step_time(self, now: float) -> None:
+        phase = self._phase
+        if (phase.field == "comm.train_timeout_seconds" and not self._slow_step_warned
+                and now - phase.started > phase.timeout / 2 and self.rank == 0):
+            self._slow_step_warned = True
+            logger.warning("%s took %.0f s, more than half of comm.train_timeout_seconds (%d): raise it, or a slower "
+                           "step ends the run as hung", phase.name, now - phase.started, phase.timeout)
+
+    # Finding the run hung, and ending it.
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            phase = self._phase
+            left = phase.deadline - time.monotonic()
+            if left <= 0 and phase is self._phase:
+                frame = sys._current_frames().get(self._main_thread.ident)
+                self.fail(f"{phase.name} did not finish within {phase.timeout:g} s ({phase.field})", _where(frame))
+            # Short waits: a new phase may have a nearer deadline than the one in force when this wait began.
+            self._closed.wait(min(max(left, 0.01), 1.0))
+
+    def end_if_peer_lost(self, error: BaseException) -> None:
+        """End the run (not returning) if `error` is a collective that failed because a rank is gone
+        (`is_comm_failure`); with one process there is no such error."""
+        if self.enabled and is_comm_failure(error):
+            self.fail_after(error)
+
+    def fail_after(self, error: BaseException) -> NoReturn:
+        """End the run after a collective failed in the main thread (`is_comm_failure`)."""
+        cause = find_error(error, lambda e: isinstance(e, RuntimeError) and "Connection" in str(e)) or error
+        text = " ".join(str(cause).split())
+        # gloo prefixes its messages with the source file and line, and follows them with advice: the reader needs
+        # the sentence between.
+        text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+        text = text.split(". ", 1)[0]
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = _where(tb.tb_frame) if tb is not None else "unknown"
+        self.fail(f"a collective of {self._phase.name} failed ({text[:160]})", where)
+
+    def fail(self, headline: str, where: str) -> NoReturn:
+        """Report, name who the run waits for, and end this process with the one line."""
+        if not self._failing.acquire(blocking=False):
+            # The other thread of this rank (main or watchdog) is already reporting; it ends the process.
+            while True:
+                time.sleep(3600)
+        report = Report(self.rank, self._phase.name, self._doing, where)
+        reports = self._exchange(report)
+        line = f"rank {self.rank}: {headline}: {self._diagnosis(reports)}"
+        traces = dump_flight_recorder(self.dump_folder, self.rank)
+        if traces is not None:
+            line += f"; the NCCL flight recorder's records are in {traces.parent}"
+        hint = self.resume_hint()
+        line += f"; {hint}" if hint else ""
+        for release in self._at_exit:
+            try:
+                release()
+            except Exception:
+                pass
+        leave_with_line(line)
+
+    def _store(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.distributed_c10d._get_default_store()
+
+    def _exchange(self, report: Report) -> dict[int, Report] | None:
+        """Post this rank's report and collect the others' (those posted within the grace); None if the store does not
+        answer."""
+        try:
+            store = self._store()
+            if store is None:
+                return None
+            store.set_timeout(timedelta(seconds=REPORT_GRACE_SECONDS))
+            store.set(f"{_KEY}{self.rank}", json.dumps(asdict(report)))
+            reported = store.add(f"{_KEY}count", 1)
+            deadline = time.monotonic() + REPORT_GRACE_SECONDS
+            while reported < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.1)
+                reported = store.add(f"{_KEY}count", 0)
+            reports = {}
+            for rank in range(self.world_size):
+                key = f"{_KEY}{rank}"
+                if store.check([key]):
+                    reports[rank] = Report(**json.loads(store.get(key)))
+            store.add(f"{_KEY}read", 1)
+            if self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                # This process hosts the store: the others may still be reading it.
+                while store.add(f"{_KEY}read", 0) < reported and time.monotonic() < deadline + REPORT_GRACE_SECONDS:
+                    time.sleep(0.1)
+            return reports
+        except Exception as e:
+            logger.warning("the job's store did not answer: %s", " ".join(str(e).split())[:200])
+            return None
+
+    def _diagnosis(self, reports: dict[int, Report] | None) -> str:
+        if reports is None:
+            return ("the job's store did not answer, so the rank it waits for is unknown (when rank 0 hosts the store, "
+                    "rank 0 is gone)")
+        silent = [rank for rank in range(self.world_size) if rank not in reports]
+        busy = [r for r in reports.values() if r.doing in _NOT_WAITING and r.rank != self.rank]
+        parts = []
+        if silent:
+            parts.append(f"{_ranks(silent)} did not answer (stopped, dead, or stuck where Python cannot run)")
+        parts += [f"rank {r.rank} was {r.doing} ({r.where})" for r in busy]
+        own = reports.get(self.rank)
+        if own is not None and own.doing in _NOT_WAITING:
+            parts.append(f"this rank was {own.doing} ({own.where})")
+        if not parts:
+            parts.append("every rank answered, each waiting in a collective: the ranks issued different collectives "
+                         f"(this rank: {own.where if own else 'unknown'})")
+        return "; ".join(parts)
