@@ -9,6 +9,7 @@ how the rank ended when it could not say (a signal, an exit status).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -42,6 +43,11 @@ def failure_line(error: ChildFailedError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun's agent shares its rendezvous store with the ranks, and keeps it across `--max-restarts` relaunches:
+    # the relaunched ranks then find the keys of the attempt before (gloo's and NCCL's addresses among them), and
+    # their process group can hang forming or connect to the dead ranks (pytorch/pytorch#135712). A store of its own
+    # per attempt, on a fresh port, avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args(argv if argv is not None else sys.argv[1:])
     try:
         run(args)

@@ -32,7 +32,7 @@ from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import autocast, exit_with, print_error, setup_logging
+from titanmem.utils import autocast, exit_with, leave_in_error_file, print_error, setup_logging
 
 logger = logging.getLogger("titanmem")
 
@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NonFiniteLossError, RunOutOfMemory) as e:
         logger.error("%s", e)
+        leave_in_error_file(str(e))
         return 1
     except CheckpointWriteError as e:
         print_error(e)

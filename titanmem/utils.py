@@ -21,11 +21,14 @@ def setup_logging() -> None:
 
 
 def print_error(error: object) -> None:
-    """Print the one line that ends a command, `error: ...`. Under torchrun, also leave it in the rank's error file:
-    torchrun's summary of a failed job (and `python -m titanmem.launch`'s last line) then shows it, though the console
-    shows only one rank's output."""
-    line = str(error)
-    print(f"error: {line}", file=sys.stderr, flush=True)
+    """Print the one line that ends a command, `error: ...`, and under torchrun leave it in the rank's error file."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    leave_in_error_file(str(error))
+
+
+def leave_in_error_file(line: str) -> None:
+    """Under torchrun, leave the line that ends this rank in its error file: torchrun's summary of a failed job (and
+    `python -m titanmem.launch`'s last line) shows it, though the console shows only one rank's output."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         # torchrun's format: it shows `py_callstack` as the failure's traceback, and sets `errorCode` itself.

@@ -47,7 +47,8 @@ Ranks that wait for the same collective found it within a step of one another; r
 TRACE_FOLDER = "comm_traces"
 """Folder under job.dump_folder for the NCCL flight recorder's per-rank records (`rank_<r>`)."""
 
-_KEY = "titanmem/hang/"
+# Under this launch attempt's prefix: plain torchrun keeps its store across `--max-restarts` relaunches.
+_KEY = f"titanmem/hang/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 # What a rank's main thread does while it waits for no one: a rank found doing it when the others hang is the one
 # they wait for.
 _NOT_WAITING = ("reading its batch",)
