@@ -249,3 +249,44 @@ def test_timeouts_are_checked_and_a_slow_step_warns_before_it_ends_a_run(tmp_pat
         assert watchdog._phase.timeout == 600
     finally:
         watchdog.close()
+
+
+def test_on_a_gpu_the_step_the_device_is_stuck_in_is_watched_not_the_host_s(tmp_path, monkeypatch):
+    """The host runs steps ahead of the device until it reads a step's numbers: a peer that stopped shows as a step
+    whose end marker the device never passes. The watchdog times that step from when the device finished the one
+    before it."""
+    from titanmem.components import watchdog as module
+    from titanmem.config.sections import Comm
+
+    class Marker:
+        def __init__(self):
+            self.passed = False
+
+        def record(self):
+            markers.append(self)
+
+        def query(self):
+            return self.passed
+
+    markers: list[Marker] = []
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    watchdog = module.CommWatchdog(Comm(init_timeout_seconds=600, train_timeout_seconds=100), 2, str(tmp_path),
+                                   lambda: "", device_event=Marker)
+    watchdog.close()  # its thread stops; the checks below call what it calls
+    watchdog._thread.join()
+    for step in (1, 2, 3, 4):  # the host launches four steps in 4 s
+        watchdog.begin_step(step)
+        clock[0] += 1
+        watchdog.end_step(step)
+    assert watchdog._device_phase(clock[0]).name == "step 1"  # nothing finished on the device yet
+    markers[0].passed = True
+    clock[0] += 1
+    stuck = watchdog._device_phase(clock[0])
+    assert (stuck.name, stuck.timeout, stuck.field) == ("step 2", 100, "comm.train_timeout_seconds")
+    assert stuck.started == clock[0]  # the device began step 2 when it finished step 1, after the host began it
+    clock[0] += 101
+    assert watchdog._device_phase(clock[0]).deadline < clock[0]  # overdue, though the host is in step 4 or beyond
+    for marker in markers:
+        marker.passed = True
+    assert watchdog._device_phase(clock[0]) is None

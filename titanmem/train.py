@@ -83,7 +83,8 @@ class StepMetrics(Mapping):
 def build_watchdog(config: JobConfig, plan: RunPlan) -> CommWatchdog:
     """The run's watchdog, from start-up on: a rank that stops or dies ends the run with one line on the others."""
     folder = checkpoint_folder(config.checkpoint, config.job.dump_folder)
-    return CommWatchdog(config.comm, plan.world_size, config.job.dump_folder, lambda: resume_hint(folder))
+    return CommWatchdog(config.comm, plan.world_size, config.job.dump_folder, lambda: resume_hint(folder),
+                        device_event=torch.cuda.Event if plan.device_type == "cuda" else None)
 
 
 class Trainer:
@@ -359,6 +360,7 @@ class Trainer:
             state.step += 1
             self.watchdog.begin_step(state.step)
             self._unread_losses.append(self.train_step(batches))
+            self.watchdog.end_step(state.step)
             crash_point("step", state.step)
             state.tokens_seen += self.plan.tokens_per_step
             interval = self.config.eval.interval

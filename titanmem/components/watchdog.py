@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -161,7 +162,10 @@ class CommWatchdog:
     """The phases of one rank's run, their deadlines, and the report that ends a hung run (module docstring). With
     one process nobody waits on anybody: it watches nothing."""
 
-    def __init__(self, comm: CommConfig, world_size: int, dump_folder: str, resume_hint: Callable[[], str]):
+    def __init__(self, comm: CommConfig, world_size: int, dump_folder: str, resume_hint: Callable[[], str],
+                 device_event: Callable[[], object] | None = None):
+        """`device_event` makes a marker on the device's stream (on a GPU, `torch.cuda.Event`; `query()` tells whether
+        the device got past it): see `end_step`."""
         self.comm = comm
         self.world_size = world_size
         self.dump_folder = dump_folder
@@ -171,6 +175,10 @@ class CommWatchdog:
         self._phase = _Phase("start-up", comm.init_timeout_seconds, "comm.init_timeout_seconds", time.monotonic())
         self._doing = "starting"
         self._steps_begun = 0
+        self._device_event = device_event
+        # Steps whose work the host has launched and the device has not finished: (step, its phase, end marker).
+        self._on_device: deque[tuple[int, _Phase, object]] = deque()
+        self._device_caught_up = time.monotonic()  # when the device was last seen finishing a step
         self._slow_step_warned = False
         self._failing = threading.Lock()
         self._closed = threading.Event()
@@ -204,6 +212,16 @@ class CommWatchdog:
         self._steps_begun += 1
         self.begin(f"step {step}", long=self._steps_begun == 1)
 
+    def end_step(self, step: int) -> None:
+        """The host has launched all of step `step`'s work. On a GPU the host runs ahead of the device (up to the
+        next read of the step's numbers), so a rank that stopped shows first as a step the device does not finish,
+        while the host is already steps further: the step is watched on the device too, through a marker at its end,
+        and a hang names the step the device is stuck in."""
+        if self.enabled and self._device_event is not None:
+            marker = self._device_event()
+            marker.record()
+            self._on_device.append((step, self._phase, marker))
+
     def doing(self, what: str) -> None:
         self._doing = what
 
@@ -223,12 +241,36 @@ class CommWatchdog:
     def _watch(self) -> None:
         while not self._closed.is_set():
             phase = self._phase
-            left = phase.deadline - time.monotonic()
-            if left <= 0 and phase is self._phase:
-                frame = sys._current_frames().get(self._main_thread.ident)
-                self.fail(f"{phase.name} did not finish within {phase.timeout:g} s ({phase.field})", _where(frame))
+            now = time.monotonic()
+            # While the device is behind the host, the host only waits for it: the device's step is the one to time.
+            stuck = self._device_phase(now)
+            if stuck is not None:
+                left = stuck.deadline - now
+                if left <= 0:
+                    self._phase_overdue(stuck, " on the device")
+            else:
+                left = phase.deadline - now
+                if left <= 0 and phase is self._phase:
+                    self._phase_overdue(phase, "")
             # Short waits: a new phase may have a nearer deadline than the one in force when this wait began.
             self._closed.wait(min(max(left, 0.01), 1.0))
+
+    def _device_phase(self, now: float) -> _Phase | None:
+        """The step the device is in, if it is behind the host: it began when the device finished the step before
+        (as seen here, within a second) or when the host began it, whichever was later."""
+        while self._on_device and self._on_device[0][2].query():
+            self._on_device.popleft()
+            self._device_caught_up = now
+        if not self._on_device:
+            return None
+        step, phase, _ = self._on_device[0]
+        return _Phase(phase.name, phase.timeout, phase.field, max(phase.started, self._device_caught_up))
+
+    def _phase_overdue(self, phase: _Phase, where_it_ran: str) -> NoReturn:
+        self._phase = phase  # the report names the phase the device or host is stuck in
+        frame = sys._current_frames().get(self._main_thread.ident)
+        self.fail(f"{phase.name} did not finish{where_it_ran} within {phase.timeout:g} s ({phase.field})",
+                  _where(frame))
 
     def end_if_peer_lost(self, error: BaseException) -> None:
         """End the run (not returning) if `error` is a collective that failed because a rank is gone
