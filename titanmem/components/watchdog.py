@@ -352,15 +352,19 @@ class CommWatchdog:
             return ("the job's store did not answer, so the rank it waits for is unknown (when rank 0 hosts the store, "
                     "rank 0 is gone)")
         silent = [rank for rank in range(self.world_size) if rank not in reports]
+        own = reports.get(self.rank)
         busy = [r for r in reports.values() if r.doing in _NOT_WAITING and r.rank != self.rank]
+        elsewhere = [r for r in reports.values()
+                     if own is not None and r.phase != own.phase and r.doing not in _NOT_WAITING]
         parts = []
         if silent:
             parts.append(f"{_ranks(silent)} did not answer (stopped, dead, or stuck where Python cannot run)")
-        parts += [f"rank {r.rank} was {r.doing} ({r.where})" for r in busy]
-        own = reports.get(self.rank)
+        parts += [f"rank {r.rank} was {r.doing} ({r.where})" for r in busy[:8]]
         if own is not None and own.doing in _NOT_WAITING:
             parts.append(f"this rank was {own.doing} ({own.where})")
+        parts += [f"rank {r.rank} was in {r.phase} ({r.where})" for r in elsewhere[:8]]
         if not parts:
-            parts.append("every rank answered, each waiting in a collective: the ranks issued different collectives "
-                         f"(this rank: {own.where if own else 'unknown'})")
+            parts.append("every rank answered, each in the same phase: the step takes longer than the timeout (raise "
+                         "it), or the ranks wait in collectives that do not match (this rank waits at "
+                         f"{own.where if own else 'unknown'})")
         return "; ".join(parts)
