@@ -358,7 +358,7 @@ def test_gpu_memory_limit_caps_the_process_at_its_share_of_the_device(monkeypatc
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append(fraction))
     for limit in (80.0, 200.0, 0.0):
         config = SimpleNamespace(training=SimpleNamespace(gpu_memory_limit_gb=limit, seed=0, deterministic=False))
-        plan = SimpleNamespace(device=torch.device("cuda", 0), config=config,
+        plan = SimpleNamespace(device=torch.device("cuda", 0), config=config, purpose="train",
                                parallel=SimpleNamespace(distributed=False), build_mesh=lambda device_type: None)
         build.setup_process(plan)
     assert calls == [pytest.approx(80 / 140), 1.0]

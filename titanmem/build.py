@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from titanmem.components.checkpoint import load_model_weights
 from titanmem.components.run_lock import RunLock, acquire_run_lock
-from titanmem.components.watchdog import set_flight_recorder_env
+from titanmem.components.watchdog import BACKSTOP_SECONDS, set_backstop_timeouts, set_flight_recorder_env
 from titanmem.data.dataloader import build_dataloader
 from titanmem.data.tokenizer import Tokenizer, build_tokenizer
 from titanmem.distributed.initialize import init_model_weights
@@ -77,14 +77,20 @@ def setup_process(plan: RunPlan) -> torch.device:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
     seed_everything(plan.config.training.seed, plan.config.training.deterministic)
+    training = plan.purpose == "train"
     if plan.parallel.distributed and not dist.is_initialized():
         # NCCL between GPUs, gloo between CPU ranks; torchrun describes the group in the environment.
-        # The flight recorder is read from the environment when the group is created.
-        set_flight_recorder_env(plan.config.comm, plan.config.job.dump_folder, device)
+        timeout = None
+        if training:
+            # The flight recorder is read from the environment when the group is created. Readers of a run write
+            # nothing into its folder, and keep torch's timeouts.
+            set_flight_recorder_env(plan.config.comm, plan.config.job.dump_folder, device)
+            timeout = timedelta(seconds=plan.config.comm.init_timeout_seconds + BACKSTOP_SECONDS)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(seconds=plan.config.comm.init_timeout_seconds))
+                                device_id=device if device.type == "cuda" else None, timeout=timeout)
     plan.build_mesh(device.type)
+    if training and plan.parallel.distributed:
+        set_backstop_timeouts(plan.config.comm)
     return device
 
 

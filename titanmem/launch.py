@@ -32,9 +32,13 @@ def failure_line(error: ChildFailedError) -> str:
             name = signal.Signals(-failure.exitcode).name
         except ValueError:
             name = f"signal {-failure.exitcode}"
-        return (f"rank {rank} (pid {failure.pid}) was ended by {name}{also}: killed from outside (the kernel's "
-                "out-of-memory killer, the scheduler, a node failure) before it could say why; relaunching resumes "
-                "from the newest complete checkpoint")
+        if -failure.exitcode in (signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            return (f"rank {rank} (pid {failure.pid}) was ended by {name}{also}: killed from outside (the kernel's "
+                    "out-of-memory killer, the scheduler, a node failure) before it could say why; relaunching "
+                    "resumes from the newest complete checkpoint")
+        return (f"rank {rank} (pid {failure.pid}) crashed with {name}{also} (NCCL's watchdog aborts with SIGABRT on "
+                "a collective timeout; a segfault or bus error is a fault in native code or a bad driver): its "
+                "output says more; relaunching resumes from the newest complete checkpoint")
     if message and not message.startswith("To enable traceback"):
         line = message.strip().splitlines()[-1]
         return f"{line}{also}" if line.startswith(f"rank {rank}") else f"rank {rank}: {line}{also}"

@@ -23,7 +23,7 @@ from titanmem.components.finetune import build_row_selector, finetune_warnings, 
 from titanmem.components.lr_scheduler import build_lr_scheduler
 from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers, all_finite
-from titanmem.components.watchdog import CommWatchdog
+from titanmem.components.watchdog import BACKSTOP_SECONDS, CommWatchdog
 from titanmem.components.states import DataLoaderState, ModelState, RNGState, SchedulerState, TrainState
 from titanmem.config import ConfigError, JobConfig
 from titanmem.config.manager import write_config
@@ -151,7 +151,7 @@ class Trainer:
             # Per-process state of ranks the saving run did not have, another kind of value optimizer's state, and
             # AdamW's state of parameters a finetuning mode froze in the saving run, start fresh (with a warning).
             optional=("dataloader", "rng", "optimizer.values", "optimizer.dense"),
-            comm_timeout_seconds=config.comm.init_timeout_seconds,
+            comm_timeout_seconds=config.comm.init_timeout_seconds + BACKSTOP_SECONDS,
         )
         if config.checkpoint.enable:
             folder = self.checkpointer.folder
@@ -334,7 +334,8 @@ class Trainer:
         try:
             with profiler:
                 self._loop(total, batches, profiler, snapshot)
-            self.watchdog.begin("the end of the run")
+            # The last background save may write for long on a slow disk; the device's steps stay watched.
+            self.watchdog.begin_unwatched("the end of the run")
             self._read_losses()
         except torch.cuda.OutOfMemoryError as error:
             raise out_of_memory(state.step, error, snapshot.dump_oom(state.step), self._evaluating) from error

@@ -7,13 +7,14 @@ follows the trainer's phases instead (start-up, each step, each save, each evalu
 of each rank checks that the phase in force ends before its deadline (`comm.train_timeout_seconds` for a step,
 `comm.init_timeout_seconds` for the rest and for the first step of a launch). When one does not, or when a collective
 fails because a peer went away (gloo's "Connection closed by peer"), the rank:
-1. posts a report to the job's key-value store (the rendezvous store; under torchrun its agent keeps it, apart from
-   the ranks): its phase, what its main thread was doing and where;
+1. posts a report to the job's key-value store (the process group's: rank 0 hosts it, under `python -m
+   titanmem.launch` too): its phase, what its main thread was doing and where;
 2. waits up to REPORT_GRACE_SECONDS for the other ranks' reports;
 3. names the ranks that sent none (stopped, dead, or stuck where Python cannot run) and those that were doing
    something other than waiting for the others (reading their batch), writes the NCCL flight recorder's record of
    its collectives (CUDA), prints the line, leaves it in torchrun's error file (so that torchrun's summary shows it
-   whatever rank's output the console filters) and exits with status 1.
+   whatever rank's output the console filters) and exits with status 1. All of it is bounded (FAIL_WITHIN_SECONDS):
+   a frozen store host or a dead mount cannot keep the rank from ending.
 The launcher then stops the remaining ranks, and with `--max-restarts` relaunches them: the run resumes from its newest
 complete checkpoint.
 """
@@ -44,6 +45,13 @@ logger = logging.getLogger(__name__)
 REPORT_GRACE_SECONDS = 5.0
 """How long a rank that found the run hung waits for the other ranks' reports before naming those it has none from.
 Ranks that wait for the same collective found it within a step of one another; reports come in at once."""
+
+FAIL_WITHIN_SECONDS = 3 * REPORT_GRACE_SECONDS + 5
+"""A rank that found the run hung ends within this, with its full line or at least its headline."""
+
+BACKSTOP_SECONDS = FAIL_WITHIN_SECONDS + 30
+"""torch's own process-group timeouts are the watchdog's deadlines plus this: a backstop that fires only if the
+watchdog could not, never before it has reported."""
 
 TRACE_FOLDER = "comm_traces"
 """Folder under job.dump_folder for the NCCL flight recorder's per-rank records (`rank_<r>`)."""
@@ -81,6 +89,18 @@ def set_flight_recorder_env(comm: CommConfig, dump_folder: str, device: torch.de
                          (("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"), f"{folder}/rank_")):
         for name in names:
             os.environ.setdefault(name, value)
+
+
+def set_backstop_timeouts(comm: CommConfig) -> None:
+    """Set every process group's own timeout (the default group's, and the mesh's, which torch creates with its
+    default of 10 min on NCCL, 30 on gloo) to the watchdog's longest deadline plus BACKSTOP_SECONDS: NCCL's watchdog
+    aborts the process when it fires, so it must never fire before ours has reported."""
+    timeout = timedelta(seconds=comm.init_timeout_seconds + BACKSTOP_SECONDS)
+    for group in list(dist.distributed_c10d._world.pg_map):
+        try:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+        except Exception as e:  # a backstop: the watchdog does not depend on it
+            logger.debug("could not set the timeout of a process group: %s", e)
 
 
 def dump_flight_recorder(dump_folder: str, rank: int) -> Path | None:
@@ -179,7 +199,9 @@ class CommWatchdog:
         # Steps whose work the host has launched and the device has not finished: (step, its phase, end marker).
         self._on_device: deque[tuple[int, _Phase, object]] = deque()
         self._device_caught_up = time.monotonic()  # when the device was last seen finishing a step
-        self._slow_step_warned = False
+        self._slow_warned: set[str] = set()  # the timeouts already warned about
+        self._cuda_device: int | None = None  # the GPU of this rank's markers, set by the first `end_step`
+        self._thread_on_device = False
         self._failing = threading.Lock()
         self._closed = threading.Event()
         self._main_thread = threading.main_thread()
@@ -202,15 +224,25 @@ class CommWatchdog:
 
     def begin(self, name: str, long: bool = True) -> None:
         """A new phase: it must end within the init timeout (`long`) or the train timeout."""
-        self._check_step_time(time.monotonic())
+        self._check_phase_time(time.monotonic())
         timeout, field = ((self.comm.init_timeout_seconds, "comm.init_timeout_seconds") if long else
                           (self.comm.train_timeout_seconds, "comm.train_timeout_seconds"))
         self._phase = _Phase(name, timeout, field, time.monotonic())
 
+    def begin_unwatched(self, name: str) -> None:
+        """A phase of local work whose length the run cannot bound (the last background save writing to a slow
+        disk): not timed here; its collectives keep torch's own timeout."""
+        self._check_phase_time(time.monotonic())
+        self._phase = _Phase(name, float("inf"), "", time.monotonic())
+
     def begin_step(self, step: int) -> None:
-        """Step `step` starts: the first of this launch gets the init timeout (compilation, first allocations)."""
+        """Step `step` starts. The first of a launch gets the init timeout (compilation, first allocations), and so
+        does the first after an evaluation or a save: the ranks that finished theirs first wait in it for the last
+        (rank 0 writes the eval's results after the eval's last collective)."""
         self._steps_begun += 1
-        self.begin(f"step {step}", long=self._steps_begun == 1)
+        previous = self._phase
+        after_long = not previous.name.startswith("step ") and previous.field == "comm.init_timeout_seconds"
+        self.begin(f"step {step}", long=self._steps_begun == 1 or after_long)
 
     def end_step(self, step: int) -> None:
         """The host has launched all of step `step`'s work. On a GPU the host runs ahead of the device (up to the
@@ -218,6 +250,8 @@ class CommWatchdog:
         while the host is already steps further: the step is watched on the device too, through a marker at its end,
         and a hang names the step the device is stuck in."""
         if self.enabled and self._device_event is not None:
+            if self._cuda_device is None and torch.cuda.is_available():
+                self._cuda_device = torch.cuda.current_device()
             marker = self._device_event()
             marker.record()
             self._on_device.append((step, self._phase, marker))
@@ -228,13 +262,13 @@ class CommWatchdog:
     def close(self) -> None:
         self._closed.set()
 
-    def _check_step_time(self, now: float) -> None:
+    def _check_phase_time(self, now: float) -> None:
         phase = self._phase
-        if (phase.field == "comm.train_timeout_seconds" and not self._slow_step_warned
-                and now - phase.started > phase.timeout / 2 and self.rank == 0):
-            self._slow_step_warned = True
-            logger.warning("%s took %.0f s, more than half of comm.train_timeout_seconds (%d): raise it, or a slower "
-                           "step ends the run as hung", phase.name, now - phase.started, phase.timeout)
+        if (phase.field and phase.field not in self._slow_warned and now - phase.started > phase.timeout / 2
+                and self.rank == 0):
+            self._slow_warned.add(phase.field)
+            logger.warning("%s took %.0f s, more than half of %s (%d): raise it, or a slower one ends the run as hung",
+                           phase.name, now - phase.started, phase.field, phase.timeout)
 
     # Finding the run hung, and ending it.
 
@@ -258,6 +292,11 @@ class CommWatchdog:
     def _device_phase(self, now: float) -> _Phase | None:
         """The step the device is in, if it is behind the host: it began when the device finished the step before
         (as seen here, within a second) or when the host began it, whichever was later."""
+        if (self._on_device and not self._thread_on_device and self._cuda_device is not None
+                and threading.current_thread() is self._thread):
+            # Else this thread's first CUDA call makes a context on GPU 0, half a GB on every rank.
+            torch.cuda.set_device(self._cuda_device)
+            self._thread_on_device = True
         while self._on_device and self._on_device[0][2].query():
             self._on_device.popleft()
             self._device_caught_up = now
@@ -293,19 +332,25 @@ class CommWatchdog:
         self.fail(f"a collective of {self._phase.name} failed ({text[:160]})", where)
 
     def fail(self, headline: str, where: str) -> NoReturn:
-        """Report, name who the run waits for, and end this process with the one line."""
+        """Report, name who the run waits for, and end this process with the one line. Bounded: whatever of it
+        blocks (a store whose host is frozen, a dump folder on a dead mount), the process ends within
+        FAIL_WITHIN_SECONDS with at least the headline."""
         if not self._failing.acquire(blocking=False):
             # The other thread of this rank (main or watchdog) is already reporting; it ends the process.
             while True:
                 time.sleep(3600)
+        line = f"rank {self.rank}: {headline}"
+        fallback = threading.Timer(FAIL_WITHIN_SECONDS, leave_with_line,
+                                   (f"{line}: the report to the other ranks did not complete",))
+        fallback.daemon = True
+        fallback.start()
         report = Report(self.rank, self._phase.name, self._doing, where)
-        reports = self._exchange(report)
-        line = f"rank {self.rank}: {headline}: {self._diagnosis(reports)}"
+        line += f": {self._diagnosis(self._exchange(report))}"
+        hint = self.resume_hint()
+        line += f"; {hint}" if hint else ""
         traces = dump_flight_recorder(self.dump_folder, self.rank)
         if traces is not None:
             line += f"; the NCCL flight recorder's records are in {traces.parent}"
-        hint = self.resume_hint()
-        line += f"; {hint}" if hint else ""
         for release in self._at_exit:
             try:
                 release()
@@ -318,9 +363,19 @@ class CommWatchdog:
             return None
         return dist.distributed_c10d._get_default_store()
 
-    def _exchange(self, report: Report) -> dict[int, Report] | None:
+    def _exchange(self, report: Report) -> dict[int, Report] | None | str:
         """Post this rank's report and collect the others' (those posted within the grace); None if the store does not
-        answer."""
+        answer, "no group" before the process group exists. Store calls can block past their timeout on a frozen
+        store host: they run in a thread of their own, given up on after twice the grace."""
+        if self._store() is None:
+            return "no group"
+        answer: list = []
+        exchange = threading.Thread(target=lambda: answer.append(self._exchange_through_store(report)), daemon=True)
+        exchange.start()
+        exchange.join(2 * REPORT_GRACE_SECONDS + 1)
+        return answer[0] if answer else None
+
+    def _exchange_through_store(self, report: Report) -> dict[int, Report] | None:
         try:
             store = self._store()
             if store is None:
@@ -347,7 +402,9 @@ class CommWatchdog:
             logger.warning("the job's store did not answer: %s", " ".join(str(e).split())[:200])
             return None
 
-    def _diagnosis(self, reports: dict[int, Report] | None) -> str:
+    def _diagnosis(self, reports: dict[int, Report] | None | str) -> str:
+        if reports == "no group":
+            return "the process group has not formed yet (a rank has not started, or cannot reach the others)"
         if reports is None:
             return ("the job's store did not answer, so the rank it waits for is unknown (when rank 0 hosts the store, "
                     "rank 0 is gone)")
@@ -364,7 +421,7 @@ class CommWatchdog:
             parts.append(f"this rank was {own.doing} ({own.where})")
         parts += [f"rank {r.rank} was in {r.phase} ({r.where})" for r in elsewhere[:8]]
         if not parts:
-            parts.append("every rank answered, each in the same phase: the step takes longer than the timeout (raise "
-                         "it), or the ranks wait in collectives that do not match (this rank waits at "
+            parts.append("every rank answered, each in the same phase: it takes longer than the timeout (raise it), or "
+                         "the ranks wait in collectives that do not match (this rank waits at "
                          f"{own.where if own else 'unknown'})")
         return "; ".join(parts)

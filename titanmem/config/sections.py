@@ -555,9 +555,10 @@ class Export:
 class Comm:
     init_timeout_seconds: int = bounded(600, ge=1)
     """Seconds the ranks wait for each other while the run starts (forming the process group, building the model,
-    loading a checkpoint), in the first step of a launch (compilation, first allocations), in an evaluation, in a
-    checkpoint save and while the last save finishes. A rank that has not arrived by then ends the run: every rank
-    that waited exits with one line naming it (docs/architecture.md, "When a rank stops")."""
+    loading a checkpoint), in the first step of a launch (compilation, first allocations), in an evaluation or a
+    checkpoint save, and in the step after either. A rank that has not arrived by then ends the run: every rank that
+    waited exits with one line naming it (docs/architecture.md, "When a rank stops"). The process groups' own
+    timeouts are this plus 50 s, a backstop."""
 
     train_timeout_seconds: int = bounded(300, ge=1)
     """Seconds one training step (after the first of the launch) may take on any rank before the run ends as hung, as
