@@ -1,7 +1,7 @@
 """Triton kernels for the memory layer, importable as `titanmem.kernels`.
 
-The memory layer finds them through the fixed lookup table of `titanmem.models.lookup`; importing this package
-registers nothing and imports nothing else of titanmem.
+The memory layer finds them through the entries of `titanmem.registry`; importing this package registers nothing and
+imports nothing else of titanmem (the kernels read their limits and optimizer codes from the registry).
 """
 
 from titanmem.kernels.embedding_bag import (

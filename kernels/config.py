@@ -13,8 +13,8 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Chosen on an H100 by `tools/bench_kernels.py --sweep` (docs/benchmarks.md). The row backward takes a whole row
-# (up to 4096 columns) per program: it also computes each pair's weight gradient, a dot over the full row.
+# Chosen on an H100 by `python -m tools.bench.bench_kernels --sweep` (docs/benchmarks.md). The row backward takes a
+# whole row (up to 4096 columns) per program: it also computes each pair's weight gradient, a dot over the full row.
 # Under the interpreter, wide blocks keep the CPU emulation quick (its cost is per operation, not per element).
 _GPU = {
     "forward": {"BLOCK_L": 8, "BLOCK_D": 4096, "num_warps": 4, "NUM_STAGES": 2},

@@ -33,13 +33,14 @@ import triton.language as tl
 
 from titanmem.kernels.config import INTERPRET, launch_config
 from titanmem.kernels.select import _kth_largest, _ordered, _select
+from titanmem.registry import KEY_SEARCHES
 
 INTERPRETED = tl.constexpr(INTERPRET)
 
-# A candidate's value row, n_keys · row + col, is kept in an int32.
-MAX_KEYS = 46340
-# Ranking compares every pair of a program's [16, knn] list: [16, knn, knn] values in registers.
-MAX_KNN = 64
+# This search's limits, stated (with their reasons) by its registry entry: the int32 value row of a candidate, and
+# the [16, knn, knn] comparisons of a program's ranking in registers.
+MAX_KEYS = KEY_SEARCHES.get("triton").max_keys
+MAX_KNN = KEY_SEARCHES.get("triton").max_knn
 
 # Bytes of sub-key tiles the forward may stage in shared memory (Hopper has 227 KiB per block; the rest is scratch).
 SHARED_MEMORY_BUDGET = 160 * 1024

@@ -35,9 +35,13 @@ import triton.language as tl
 
 from titanmem.kernels.config import launch_config
 from titanmem.kernels.embedding_bag import load_pair_chunk, sort_pairs_by_row
+from titanmem.registry import VALUE_OPTIMIZERS
 
-SGD, ADAGRAD, ADAM = 0, 1, 2
-OPTIMIZERS = {"sgd": SGD, "adagrad": ADAGRAD, "adam": ADAM}
+# The row-wise optimizers this update has a branch for, by the codes their registry entries give them.
+OPTIMIZERS = {entry.name: entry.update_code for entry in VALUE_OPTIMIZERS.entries if entry.triton_update}
+SGD, ADAGRAD, ADAM = OPTIMIZERS["sgd"], OPTIMIZERS["adagrad"], OPTIMIZERS["adam"]
+# The same codes as the kernel compares them (a jitted function reads only constexpr globals).
+_SGD, _ADAGRAD = tl.constexpr(SGD), tl.constexpr(ADAGRAD)
 
 
 @triton.jit
@@ -148,9 +152,9 @@ def _row_update_kernel(
     value_ptrs = values_ptr + row * stride_values + cols
     value = tl.load(value_ptrs, mask=col_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     value = value * (1.0 - lr * weight_decay)
-    if OPTIMIZER == 0:  # SGD
+    if OPTIMIZER == _SGD:
         value = value - lr * grad
-    elif OPTIMIZER == 1:  # row-wise Adagrad; its accumulator was already advanced by the caller
+    elif OPTIMIZER == _ADAGRAD:  # row-wise Adagrad; its accumulator was already advanced by the caller
         value = value - lr * grad / (tl.sqrt(tl.load(first_ptr + row)) + eps)
     else:  # lazy Adam
         first_ptrs = first_ptr + row * stride_first + cols
@@ -461,6 +465,9 @@ def row_update_(
         return
     dim = values.shape[1]
     _check_scalars(scalars, seed)
+    if optimizer not in OPTIMIZERS.values():
+        raise ValueError(f"the fused Triton update has no branch for optimizer code {optimizer}; it has "
+                         f"{OPTIMIZERS}")
     if optimizer == ADAGRAD:
         # The accumulator grows by the mean squared (clipped) gradient of its row. Advanced here, once per row, so
         # that the kernel's column blocks all read the same new value. Rows are distinct, so this is a plain update.

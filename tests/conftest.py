@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -6,11 +7,17 @@ from pathlib import Path
 # titanmem.kernels) would shadow the PyPI package `kernels` that transformers imports. titanmem itself is installed.
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
-# The tools that tests import put the root back (so that they run from a checkout); binding the name now keeps it.
 try:
     import kernels  # noqa: F401
 except ImportError:  # a transformers that does not need it: its check then finds no usable package by that name
     pass
+
+# The tests of tools/ import it as the package it is when run from the root (`tools.assets.fact_sources`): bound by
+# name here, so that the root itself stays off the path.
+_tools = importlib.util.spec_from_file_location("tools", _ROOT / "tools" / "__init__.py",
+                                                submodule_search_locations=[str(_ROOT / "tools")])
+sys.modules["tools"] = importlib.util.module_from_spec(_tools)
+_tools.loader.exec_module(sys.modules["tools"])
 
 # Offline by construction: a test that reaches for the hub fails fast instead of retrying for 20 s.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -227,14 +227,10 @@ def train_worker(rank: int, world: int, port: int, folder: str, sections: dict, 
 
 
 def count_reads_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """One rank of tools/count_memory_reads.py (as torchrun would start it); a non-zero exit fails the rank."""
+    """One rank of titanmem-count-reads (as torchrun would start it); a non-zero exit fails the rank."""
 
     def body():
-        import sys
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-        import count_memory_reads
+        from titanmem import count_memory_reads
 
         code = count_memory_reads.main(argv)
         if code:

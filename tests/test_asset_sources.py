@@ -1,4 +1,4 @@
-"""The readers of tools/fact_sources.py and tools/corpus_sources.py on small archives laid out like the pinned ones:
+"""The readers of tools/assets/ (fact_sources.py, corpus_sources.py) on small archives laid out like the pinned ones:
 which rows become facts, which are left out (ambiguous names, inverted official names, several currencies,
 territories), the airports' fixed subset, and how one-block texts are cut into paragraphs without losing a word."""
 
@@ -7,15 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import corpus_sources  # noqa: E402
-import fact_sources  # noqa: E402
+from tools.assets import corpus_sources, fact_sources
 
 
 def wheel(path: Path, files: dict[str, str]) -> Path:

@@ -1,4 +1,4 @@
-"""Checks on the committed assets that tools/build_assets.py produces.
+"""Checks on the committed assets that tools/assets/build_assets.py produces.
 
 These read only files in the repository (no network, no rustbpe), so a fresh
 clone can confirm that its bundled corpus and tokenizer are intact and usable.

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_train_splits_a_step_into_phases_that_add_up():
     result = subprocess.run(
-        [sys.executable, "tools/bench_train.py", "--steps", "3", "--warmup", "1",
+        [sys.executable, "-m", "tools.bench.bench_train", "--steps", "3", "--warmup", "1",
          "debug_dense:--training.seq_len:32:--training.local_batch_size:2"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -23,19 +23,18 @@ def test_bench_train_splits_a_step_into_phases_that_add_up():
 
 
 def test_exposed_time_is_the_communication_no_compute_overlaps():
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_train import _uncovered
+    from tools.bench.bench_train import uncovered
 
-    assert _uncovered([(0, 10), (20, 30)], [(5, 25)]) == 10
-    assert _uncovered([(0, 10), (5, 15)], [(2, 4), (3, 6), (14, 40)]) == 15 - 4 - 1
-    assert _uncovered([(0, 10)], []) == 10 and _uncovered([], [(0, 5)]) == 0
+    assert uncovered([(0, 10), (20, 30)], [(5, 25)]) == 10
+    assert uncovered([(0, 10), (5, 15)], [(2, 4), (3, 6), (14, 40)]) == 15 - 4 - 1
+    assert uncovered([(0, 10)], []) == 10 and uncovered([], [(0, 5)]) == 0
 
 
 def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_path):
-    """tools/resume_drill.py on 2 gloo ranks: FSDP 2, killed after step 3, resumed from step-2 as MP 2; the resumed
-    losses must match the uninterrupted run's."""
+    """tools/drills/resume_drill.py on 2 gloo ranks: FSDP 2, killed after step 3, resumed from step-2 as MP 2; the
+    resumed losses must match the uninterrupted run's."""
     result = subprocess.run(
-        [sys.executable, "tools/resume_drill.py", "--nproc", "2", "--plan", "--parallelism.dp_shard 2",
+        [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--plan", "--parallelism.dp_shard 2",
          "--resume-plan", "--parallelism.mp 2", "--steps", "4", "--interval", "2", "--kill-at", "3", "--tolerance",
          "1e-4", "--work", str(tmp_path), "--", "--training.device", "cpu", "--training.deterministic",
          "--training.seq_len", "32", "--training.local_batch_size", "2", "--data.num_workers", "0"],
@@ -49,11 +48,11 @@ def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_pat
     assert float(rows["killed"][7]) == 0.0
     # A run that cannot resume where it must is reported and fails.
     broken = subprocess.run(
-        [sys.executable, "tools/resume_drill.py", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
+        [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
          "1", "--work", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and "--kill-at must be at least --interval" in broken.stderr
     # A resume plan that cannot run is named before the first launch; so is a folder that holds an earlier drill.
-    drill = [sys.executable, "tools/resume_drill.py", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
+    drill = [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
              "3"]
     bad_plan = subprocess.run([*drill, "--resume-plan", "--parallelism.mp 3", "--work", str(tmp_path / "plan"), "--",
                                "--training.device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -66,7 +65,7 @@ def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_pat
 
 def test_bench_checkpoint_measures_the_disk_and_a_save_and_cold_loads_of_a_run(tmp_path):
     result = subprocess.run(
-        [sys.executable, "tools/bench_checkpoint.py", "--work", str(tmp_path), "--disk", "0.1", "--run",
+        [sys.executable, "-m", "tools.bench.bench_checkpoint", "--work", str(tmp_path), "--disk", "0.1", "--run",
          "debug_model --training.device cpu --training.seq_len 32 --training.local_batch_size 2 "
          "--checkpoint.io_threads 3 --data.num_workers 0"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -82,7 +81,7 @@ def test_bench_checkpoint_measures_the_disk_and_a_save_and_cold_loads_of_a_run(t
 
 
 def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_count(tmp_path):
-    result = subprocess.run([sys.executable, "tools/bench_checkpoint.py", "--work", str(tmp_path), "--state", "0.02",
+    result = subprocess.run([sys.executable, "-m", "tools.bench.bench_checkpoint", "--work", str(tmp_path), "--state", "0.02",
                              "--threads", "1", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
@@ -95,7 +94,7 @@ def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_cou
 
 def test_bench_export_times_each_format_from_a_random_checkpoint(tmp_path):
     result = subprocess.run(
-        [sys.executable, "tools/bench_export.py", "--job.config_file", "train_configs/debug_model.toml", "--work",
+        [sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "train_configs/debug_model.toml", "--work",
          str(tmp_path), "--format", "titanmem:fp32", "--format", "hf:bf16"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,6 +107,6 @@ def test_bench_export_times_each_format_from_a_random_checkpoint(tmp_path):
     # bf16 halves the floating-point bytes.
     assert float(rows[1][3]) < 0.6 * float(rows[0][3])
     assert not list(tmp_path.glob("export-*"))  # each export is removed once measured
-    bad = subprocess.run([sys.executable, "tools/bench_export.py", "--job.config_file", "x.toml", "--format", "onnx"],
+    bad = subprocess.run([sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "x.toml", "--format", "onnx"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--format takes FORMAT:DTYPE" in bad.stderr

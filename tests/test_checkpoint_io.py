@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from titanmem.components.checkpoint import CheckpointManager, checkpoint_problems, complete_checkpoint_steps
-from titanmem.components.checkpoint_io import _groups_by_bytes, load_tensors
+from titanmem.components.checkpoint_io import groups_by_bytes, load_tensors
 from titanmem.components.manifest import files_of_rank
 from titanmem.config.sections import Checkpoint
 
@@ -66,7 +66,7 @@ def test_the_reader_threads_share_the_items_out_by_bytes():
     for _ in range(50):
         sizes = [rng.choice((0, 1, rng.randint(1, 1000), rng.randint(1, 10**6))) for _ in range(rng.randint(0, 40))]
         count = rng.randint(1, 9)
-        groups = _groups_by_bytes(list(range(len(sizes))), lambda i: sizes[i], count)
+        groups = groups_by_bytes(list(range(len(sizes))), lambda i: sizes[i], count)
         assert sorted(i for group in groups for i in group) == list(range(len(sizes)))  # each item exactly once
         assert all(group == sorted(group) and group for group in groups)  # in order, none empty
         assert len(groups) <= count
@@ -163,19 +163,19 @@ def test_the_files_are_summed_as_they_are_written_exactly_as_by_reading_them(tmp
 def test_a_stream_that_is_moved_has_no_digest_and_its_file_is_read_instead(tmp_path):
     import io
 
-    from titanmem.components.summing_writer import _SummingStream
+    from titanmem.components.summing_writer import SummingStream
 
     for move in (lambda s: s.seek(3), lambda s: s.truncate(5)):
-        stream = _SummingStream(io.BytesIO())
+        stream = SummingStream(io.BytesIO())
         stream.write(b"0123456789")
         move(stream)
         assert stream.digest() is None
-    stream = _SummingStream(io.BytesIO())
+    stream = SummingStream(io.BytesIO())
     stream.write(b"abc")
     stream.seek(0, 2)  # to its end: still appending
     stream.writelines([b"de", bytearray(b"f")])
     assert stream.digest() == {"size": 6, "crc32": [f"{zlib_crc(b'abcdef'):08x}"]}
-    assert _SummingStream(io.BytesIO()).digest() == {"size": 0, "crc32": ["00000000"]}
+    assert SummingStream(io.BytesIO()).digest() == {"size": 0, "crc32": ["00000000"]}
 
 
 def zlib_crc(data: bytes) -> int:

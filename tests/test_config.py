@@ -179,14 +179,12 @@ def test_main_help_and_print_config_do_not_train(monkeypatch, capsys):
     ("titanmem.eval.__main__", "python -m titanmem.eval", []),
     ("titanmem.generate", "python -m titanmem.generate", ["--generate.prompts JSON"]),
     ("titanmem.export", "python -m titanmem.export", ["--export.folder DIR"]),
-    ("count_memory_reads", "python tools/count_memory_reads.py", []),
+    ("titanmem.count_memory_reads", "python -m titanmem.count_memory_reads", []),
 ])
-def test_every_entry_point_names_itself_in_its_help(entry_point, command, required, capsys, monkeypatch):
+def test_every_entry_point_names_itself_in_its_help(entry_point, command, required, capsys):
     import importlib
     import re
-    from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     assert importlib.import_module(entry_point).main(["--help"]) == 0
     usage = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("usage: "))
     assert usage.startswith(f"usage: {command} "), usage

@@ -1,6 +1,6 @@
 """Training killed (SIGKILL) at 5 points, in and out of sync and async saves, recovers by relaunching: it resumes from
 the newest complete checkpoint, and in deterministic mode every later loss equals an uninterrupted run's bit for
-bit (tools/crash_test.py runs the crashes and checks them)."""
+bit (tools/drills/crash_test.py runs the crashes and checks them)."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kills_at_five_points_recover_exactly(tmp_path):
     crashes = ["step:5:async", "save:written:4", "save:background:4", "save:renamed:4:async", "resumed:2"]
     result = subprocess.run(
-        [sys.executable, "tools/crash_test.py", "--points", *crashes, "--steps", "6", "--interval", "2", "--work",
+        [sys.executable, "-m", "tools.drills.crash_test", "--points", *crashes, "--steps", "6", "--interval", "2", "--work",
          str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -34,7 +34,7 @@ def test_kills_of_every_rank_or_one_with_a_rows_sharded_table_recover_exactly(tm
     takes to end)."""
     crashes = ["save:renamed:4:async", "step:3@1"]
     result = subprocess.run(
-        [sys.executable, "tools/crash_test.py", "--nproc", "2", "--points", *crashes, "--steps", "5", "--interval",
+        [sys.executable, "-m", "tools.drills.crash_test", "--nproc", "2", "--points", *crashes, "--steps", "5", "--interval",
          "2", "--work", str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2",
          "--memory.value_optimizer", "adagrad", "--memory.n_keys", "5", "--memory.knn", "4",
          "--parallelism.value_slice_sharding", "rows"],

@@ -9,7 +9,7 @@ import pytest
 
 from titanmem.data.facts import RELATIONS, Fact, FactText, guessing_floor, is_qa_trained, is_unseen, load_facts
 from titanmem.eval.facts import is_exact_match, normalize
-from titanmem.eval.runner import _water_fill, sample_facts
+from titanmem.eval.runner import water_fill, sample_facts
 
 FACTS_PATH = "assets/facts/facts.jsonl.gz"
 
@@ -92,7 +92,7 @@ def test_prompts_end_before_the_answer():
 @pytest.mark.parametrize("sizes, total", [([5, 1, 9], 10), ([0, 3], 2), ([2, 2], 9), ([7, 7, 7], 20), ([], 4),
                                           ([1000, 3, 1], 0), ([4, 11, 6, 2, 30], 37), ([1, 3, 2], 5)])
 def test_water_fill_gives_each_group_its_equal_share_or_all_it_has(sizes, total):
-    counts = _water_fill(sizes, total)
+    counts = water_fill(sizes, total)
     assert sum(counts) == min(total, sum(sizes))
     assert all(0 <= c <= s for c, s in zip(counts, sizes))
     if sizes:
@@ -119,7 +119,7 @@ def test_water_fill_on_every_small_case_against_its_rounds_done_by_hand():
     for n in range(1, 4):
         for sizes in itertools.product(range(6), repeat=n):
             for total in range(sum(sizes) + 2):
-                counts = _water_fill(list(sizes), total)
+                counts = water_fill(list(sizes), total)
                 assert counts == by_hand(list(sizes), total), (sizes, total)
                 assert sum(counts) == min(total, sum(sizes))
                 assert all(c >= min(s, total // n) for c, s in zip(counts, sizes)), (sizes, total)

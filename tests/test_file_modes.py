@@ -35,8 +35,7 @@ def test_training_eval_export_and_read_counts_follow_the_umask(tmp_path, umask, 
     from titanmem.eval.__main__ import main as eval_main
     from titanmem.export import main as export_main
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
-    import count_memory_reads
+    from titanmem import count_memory_reads
 
     run = tmp_path / "run"
     train_tiny_run(run, checkpoint={"enable": True, "interval": 1, "keep_latest_k": 2},

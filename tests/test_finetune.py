@@ -2,8 +2,6 @@
 `[finetune] mode` trains and freezes, a mid-finetune resume, the counting tool, and the config checks."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from titanmem.config import ConfigError
 from titanmem.kernels import row_segments
 from titanmem.train import Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 # A table of 8² = 64 rows of 32 and one head of 4 slots: the interpreted Triton kernels stay quick on CPU.
 TINY_MEMORY = {"enabled": True, "n_keys": 8, "heads": 1, "knn": 4, "v_dim": 32}
 N_VALUES = 64
@@ -236,7 +233,7 @@ def test_the_counting_tool_counts_a_checkpoint_over_its_data_and_refuses_to_writ
             "--checkpoint.initial_load_path", str(tmp_path / "run/checkpoint/step-1"),
             "--job.dump_folder", str(tmp_path / "elsewhere")]
 
-    import count_memory_reads
+    from titanmem import count_memory_reads
 
     def tool(*args):
         code = count_memory_reads.main([*args, *argv])
@@ -298,7 +295,7 @@ def test_the_finetuning_corpus_states_every_unseen_fact_and_no_seen_one(tmp_path
     (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f.to_json()) + "\n" for f in facts))
     out = tmp_path / "new.jsonl"
 
-    import build_finetune_facts
+    from titanmem import build_finetune_facts
 
     def tool(*args):
         code = build_finetune_facts.main(list(args))

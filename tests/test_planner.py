@@ -1,4 +1,4 @@
-"""tools/plan.py: its counts come from the model the build path makes, under a fake process group that gives the
+"""titanmem-plan: its counts come from the model the build path makes, under a fake process group that gives the
 same shards as a real one; the 8B + 128B table; the dry run of a large world."""
 
 import subprocess
@@ -14,7 +14,7 @@ DEBUG_PLAN = ["--job.config_file", "train_configs/debug_model.toml", "--parallel
 
 
 def plan_tool(*argv) -> subprocess.CompletedProcess:
-    return plan_tool_script("tools/plan.py", *argv)
+    return plan_tool_script("titanmem.planner_report", *argv)
 
 
 def test_the_fake_world_shards_every_parameter_as_a_real_world_does(tmp_path):
@@ -114,10 +114,10 @@ def test_each_preset_header_states_what_the_planner_expects(preset):
 
 
 def test_weak_scaling_trains_rank_zeros_share_of_a_larger_world_on_this_cpu(tmp_path):
-    """tools/weak_scale.py (whose GPU run proves the 8B + 128B plan) on the debug model: rank 0 of 4, FSDP × MP, with
+    """titanmem-weak-scale (whose GPU run proves the 8B + 128B plan) on the debug model: rank 0 of 4, FSDP × MP, with
     the fake group's loopback collectives standing in for the other ranks."""
     dump_folder = tmp_path / "run"
-    result = plan_tool_script("tools/weak_scale.py", "--device", "cpu", "--world", "4", "--gpus_per_node", "4",
+    result = plan_tool_script("titanmem.weak_scale", "--device", "cpu", "--world", "4", "--gpus_per_node", "4",
                               "--steps", "2", "--job.config_file", "train_configs/debug_model.toml",
                               "--parallelism.mp", "2", "--training.seq_len", "32", "--training.local_batch_size", "2",
                               "--job.dump_folder", str(dump_folder))
@@ -129,8 +129,8 @@ def test_weak_scaling_trains_rank_zeros_share_of_a_larger_world_on_this_cpu(tmp_
     assert not dump_folder.exists()  # a scratch folder of its own: never a real run's
 
 
-def plan_tool_script(script, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def plan_tool_script(module, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 KNOWN_RATES = dict(matmul_flops_per_s=3.1e14, activation_elements_per_s=7.0e11, memory_reads_per_s=1.7e12,
@@ -187,7 +187,7 @@ def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_w
     saved = tmp_path / "steps.json"
     saved.write_text(json.dumps({"source": "synthetic", "measurements": synthetic_steps(
         StepRates(**KNOWN_RATES, source="test"))}))
-    result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(saved)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.bench.calibrate_planner", "--load", str(saved)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "matmul_flops_per_s=3.1e+14," in result.stdout and "source='synthetic'" in result.stdout
@@ -204,7 +204,7 @@ def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_w
             ('{"source": "x", "measurements": [{"run": "llama_134m_memory", "step_s": 0.001, "value_update_s": 0.01}]}',
              "the measurement is wrong")):
         broken.write_text(content)
-        result = subprocess.run([sys.executable, "tools/calibrate_planner.py", "--load", str(broken)], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "tools.bench.calibrate_planner", "--load", str(broken)], cwd=ROOT,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 2 and message in result.stderr, (content, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
@@ -216,7 +216,7 @@ def test_the_committed_step_rates_reproduce_the_measured_steps_they_were_fitted_
     import json
 
     from titanmem.config import build_config
-    from titanmem.planner import Cluster, _step_time, build_meta, resolve_for, step_work
+    from titanmem.planner import Cluster, step_time, build_meta, resolve_for, step_work
     from titanmem.step_model import MEASURED, Measurement, fit
 
     saved = json.loads((ROOT / "docs" / "planner_step_times.json").read_text())
@@ -229,7 +229,7 @@ def test_the_committed_step_rates_reproduce_the_measured_steps_they_were_fitted_
         plan = resolve_for(config, 1)
         model = build_meta(plan)
         tokens = config.training.local_batch_size * config.training.seq_len
-        errors[record["run"]] = _step_time(plan, model, Cluster(1, 1, 80.0), tokens)[0] / record["step_s"] - 1
+        errors[record["run"]] = step_time(plan, model, Cluster(1, 1, 80.0), tokens)[0] / record["step_s"] - 1
         if record["value_update_s"] is not None:
             measurements.append(Measurement(record["run"], step_work(plan, model), record["step_s"],
                                             record["value_update_s"]))

@@ -1,16 +1,14 @@
-"""tools/report_experiment.py on hand-made run files: recall above the floor, its average over relations and seeds,
-and the success criteria, against numbers worked out by hand."""
+"""tools/experiments/report_experiment.py on hand-made run files: recall above the floor, its average over relations
+and seeds, and the success criteria, against numbers worked out by hand."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import report_experiment as report  # noqa: E402
+from tools.experiments import report_experiment as report
 
 
 def recall(seen_a, unseen_a, seen_b, unseen_b, qa=0.5, stated=0.25, unseen_qa=0.0):

@@ -1,15 +1,12 @@
-"""tools/report_finetune.py on hand-made run files: learning and forgetting against the base, and the goal judged
-against the full arm, with numbers worked out by hand."""
+"""tools/experiments/report_finetune.py on hand-made run files: learning and forgetting against the base, and the goal
+judged against the full arm, with numbers worked out by hand."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import report_finetune as report  # noqa: E402
-from report_experiment import find_runs  # noqa: E402
+from tools.experiments import report_finetune as report
+from tools.experiments.report_experiment import find_runs
 
 
 def evaluation(step, new, old, perplexity, new_qa=0.0):

@@ -30,12 +30,12 @@ def sleeper():
 
 
 def plant_lock(folder, *, pid, host=None, process_start="real", age=0.0, raw=None):
-    from titanmem.components.run_lock import LOCK_NAME, _process_start
+    from titanmem.components.run_lock import LOCK_NAME, process_start_time
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     if raw is None:
-        start = _process_start(pid) if process_start == "real" else process_start
+        start = process_start_time(pid) if process_start == "real" else process_start
         raw = json.dumps({"host": host or socket.gethostname(), "pid": pid, "process_start": start, "user": "ana",
                           "since": "2026-11-30 01:00:00 UTC", "command": "torchrun titanmem.train"}).encode()
     path.write_bytes(raw)

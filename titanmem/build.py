@@ -34,9 +34,7 @@ from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.parallelize import parallelize_model
 from titanmem.models.args import ModelArgs
 from titanmem.models.llama import Transformer
-from titanmem.config.errors import ConfigError
-from titanmem.plan import Purpose, RunPlan, plan_from_command_line
-from titanmem.utils import print_error
+from titanmem.plan import Purpose, RunPlan
 
 
 @dataclass
@@ -119,20 +117,6 @@ def build_planned_model(plan: RunPlan, device: torch.device, recorder: ReadRecor
     return build_model(plan.model_args, device, plan.config.training.seed, parallelize)
 
 
-def start_reader(argv: list[str] | None, purpose: Purpose, usage: str) -> tuple[RunPlan, Run] | int:
-    """The start of a reader's entry point (eval, export): its plan and its run with the checkpoint's weights, or the
-    exit code after `--help` (headed by `usage`), `--print_config` or a config error (one line)."""
-    started = plan_from_command_line(argv, purpose, usage)
-    if isinstance(started, int):
-        return started
-    plan = started[1]
-    try:
-        return plan, build_run(plan)
-    except ConfigError as e:
-        print_error(e)
-        return 2
-
-
 def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
     """Everything a run needs before its loop, built from `plan` for `purpose` (default: the plan's)."""
     purpose = purpose or plan.purpose
@@ -147,7 +131,7 @@ def build_run(plan: RunPlan, purpose: Purpose | None = None) -> Run:
         if purpose == "train":
             dp_rank, dp_size = plan.parallel.data_parallel_position()
             dataloader = build_dataloader(config, plan.data_source, tokenizer, dp_rank, dp_size, device)
-            if plan.value_optimizer not in (None, "adamw"):
+            if plan.value_optimizer_spec is not None and plan.value_optimizer_spec.rowwise:
                 recorder = ReadRecorder()
         model = build_planned_model(plan, device, recorder)
         if purpose in ("eval", "generate", "export"):

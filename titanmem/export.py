@@ -26,11 +26,12 @@ from titanmem.components.checkpoint import checkpoint_problems, saved_step
 from titanmem.components.export import is_export, write_export
 from titanmem.components.hf_checkpoint import is_hf_folder
 from titanmem.components.stored_tensors import StoredTensors, open_stored_tensors, outputs_of, require_shapes
-from titanmem.config import resolve_asset_path
+from titanmem.config import JobConfig, resolve_asset_path
 from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import model_name
-from titanmem.plan import RunPlan, plan_from_command_line
-from titanmem.utils import exit_with, print_error, setup_logging
+from titanmem.entry import run_command
+from titanmem.plan import RunPlan
+from titanmem.utils import exit_with
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +41,18 @@ USAGE = ("python -m titanmem.export [--job.config_file FILE] --export.folder DIR
 
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 once the folder is written, 2 after a config error (one line), as every entry point."""
-    setup_logging()
     began = time.perf_counter()
-    started = plan_from_command_line(argv, "export", USAGE)
-    if isinstance(started, int):
-        return started
-    plan = started[1]
-    try:
+
+    def export_and_report(config: JobConfig, plan: RunPlan) -> int:
         files = export(plan)
-    except ConfigError as e:
-        print_error(e)
-        return 2
-    size = sum(Path(f).stat().st_size for f in files)
-    print(f"exported {plan.checkpoint_to_load} to {plan.config.export.folder}: {len(files)} files, "
-          f"{size / 1e9:.3f} GB")
-    logger.info("export took %.1f s; peak host memory (RSS) %.3f GB", time.perf_counter() - began,
-                peak_rss_bytes() / 1e9)
-    return 0
+        size = sum(Path(f).stat().st_size for f in files)
+        print(f"exported {plan.checkpoint_to_load} to {config.export.folder}: {len(files)} files, "
+              f"{size / 1e9:.3f} GB")
+        logger.info("export took %.1f s; peak host memory (RSS) %.3f GB", time.perf_counter() - began,
+                    peak_rss_bytes() / 1e9)
+        return 0
+
+    return run_command(argv, "export", USAGE, export_and_report)
 
 
 def export(plan: RunPlan) -> list[Path]:

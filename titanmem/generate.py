@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from titanmem.build import build_run
-from titanmem.config import ConfigError, JobConfig
+from titanmem.config import JobConfig
+from titanmem.entry import run_command
 from titanmem.eval.decode import generate
-from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import exit_with, print_error, print_output, setup_logging
+from titanmem.plan import RunPlan, resolve_plan
+from titanmem.utils import exit_with, print_output
 
 USAGE = ("python -m titanmem.generate [--job.config_file FILE] --generate.prompts JSON [--generate.checkpoint DIR] "
          "[--print_config] [--section.key VALUE ...]")
@@ -38,17 +39,12 @@ def run(config: JobConfig, plan: RunPlan | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    started = plan_from_command_line(argv, "generate", USAGE)
-    if isinstance(started, int):
-        return started
-    config, plan = started
-    try:
-        continuations = run(config, plan)
-    except ConfigError as e:
-        print_error(e)
-        return 2
-    for prompt, continuation in zip(config.generate.prompts, continuations):
+    return run_command(argv, "generate", USAGE, print_continuations)
+
+
+def print_continuations(config: JobConfig, plan: RunPlan) -> int:
+    """Each prompt followed by its continuation, one per block."""
+    for prompt, continuation in zip(config.generate.prompts, run(config, plan)):
         print_output(f"{prompt}{continuation}\n")
     return 0
 

@@ -25,7 +25,7 @@ from titanmem.components.export import is_export
 from titanmem.components.hf_checkpoint import check_hf_config, is_hf_folder
 from titanmem.components.read_counts import load_read_counts
 from titanmem.config.errors import ConfigError
-from titanmem.config.manager import build_config, format_config, format_help, resolve_asset_path
+from titanmem.config.manager import build_config, check_choices, format_config, format_help, resolve_asset_path
 from titanmem.config.sections import JobConfig
 from titanmem.data.files import DataSource, resolve_data_source
 from titanmem.distributed.parallel_dims import ParallelDims
@@ -33,17 +33,15 @@ from titanmem.distributed.value_layout_cost import (INTER_NODE_BYTES_PER_S, INTR
                                                     cheapest_layout)
 from titanmem.models.args import MemoryArgs, ModelArgs
 from titanmem.models.flavors import FLAVORS, MEMORY_PLACEMENT
-from titanmem.models.key_search import MAX_TRITON_KEYS, MAX_TRITON_KNN, available_key_searches
+from titanmem.models.key_search import available_key_searches
 from titanmem.models.lookup import available_lookups
+from titanmem.registry import KEY_SEARCHES, LOOKUPS, VALUE_OPTIMIZERS, ValueOptimizer
 from titanmem.utils import print_error, print_output
 
 # train: data, a fresh start or a resume. eval, generate, export: read a run's checkpoint. dry_run: the model alone,
-# built to be inspected (tools/check_init.py), with neither data nor checkpoint.
+# built to be inspected (`python -m titanmem.check_init`), with neither data nor checkpoint.
 Purpose = Literal["train", "eval", "generate", "export", "dry_run"]
 
-# The value table's peak lr as a multiple of the dense lr, when `memory.value_lr = -1`: the paper's 1e-3 over 1e-4
-# for AdamW and lazy Adam, and 50× for row-wise Adagrad (matched to AdamW in our 134m check, docs/benchmarks.md).
-VALUE_LR_SCALE = {"adamw": 10.0, "adam": 10.0, "adagrad": 50.0}
 # `model.vocab_size = -1` rounds the tokenizer's size up to this, which keeps the output GEMM tensor-core aligned.
 VOCAB_MULTIPLE = 64
 
@@ -62,7 +60,8 @@ class RunPlan:
     autocast_dtype: torch.dtype | None
     """bf16 autocast, or None for plain fp32."""
     value_optimizer: str | None
-    """What trains the value table (`adamw` or a row-wise kind); None without memory layers."""
+    """What trains the value table (an entry of `titanmem.registry.VALUE_OPTIMIZERS`); None without memory
+    layers."""
     value_lr: float | None
     value_slice_sharding: str | None
     """`replicate`, `fsdp` or `rows` (how the ranks that hold the same slice of the table keep it); None without
@@ -74,11 +73,18 @@ class RunPlan:
     lr_decay_steps: int
     data_source: DataSource | None
     """The training data (train only)."""
+    checkpoint_folder: Path
+    """Where the run's `step-N` checkpoints live (`resolve_checkpoint_folder`)."""
     checkpoint_to_load: Path | None
     """The complete checkpoint this run resumes from (train) or reads (eval, generate, export: a `step-N` folder or
     an exported one); None for a fresh start."""
     initial_load: Path | None
     """Training only: `checkpoint.initial_load_path`, when the run has no checkpoint of its own to resume from."""
+
+    @property
+    def value_optimizer_spec(self) -> ValueOptimizer | None:
+        """The value optimizer's registry entry: its capabilities and state sizes."""
+        return VALUE_OPTIMIZERS.get(self.value_optimizer) if self.value_optimizer is not None else None
 
     @property
     def tokens_per_step(self) -> int:
@@ -115,6 +121,7 @@ class RunPlan:
                 "memory.layers": list(m.memory.layers), "memory.n_keys": m.memory.n_keys,
                 "memory.k_dim": m.memory.k_dim,
                 "memory.v_dim": m.memory.v_dim, "memory.lookup": m.memory.lookup,
+                "memory.key_search": m.memory.key_search,
                 "memory.value_optimizer": self.value_optimizer, "memory.value_lr": self.value_lr,
                 "parallelism.value_slice_sharding": self.value_slice_sharding,
             })
@@ -153,10 +160,10 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
         return None
     flavor = config.model.flavor
     args, placement = FLAVORS[flavor], MEMORY_PLACEMENT[flavor]
-    lookup = memory.lookup if memory.lookup != "auto" else ("triton" if device_type == "cuda" else "torch")
-    # On GPUs the fastest (docs/benchmarks.md); on CPU the Triton selection would only run interpreted.
-    key_search = memory.key_search if memory.key_search != "auto" else (
-        "select" if device_type == "cuda" and "select" in available_key_searches() else "torch")
+    # `auto`: the registry's preference for this device among the implementations that import here.
+    lookup = LOOKUPS.resolve(memory.lookup, device_type, lambda entry: entry.name in available_lookups())
+    key_search = KEY_SEARCHES.resolve(memory.key_search, device_type,
+                                      lambda entry: entry.name in available_key_searches())
     resolved = MemoryArgs(
         layers=tuple(memory.layers) or placement.layers,
         n_keys=memory.n_keys if memory.n_keys != -1 else placement.n_keys,
@@ -179,32 +186,46 @@ def resolve_memory_args(config: JobConfig, device_type: str) -> MemoryArgs | Non
         if choice != "auto" and choice not in available():
             raise ConfigError(f"memory.{field}", f"{choice!r} is not available in this build; available: "
                               f"{available()}")
-    if key_search == "triton" and (resolved.n_keys > MAX_TRITON_KEYS or resolved.knn > MAX_TRITON_KNN):
-        raise ConfigError("memory.key_search", f"'triton' handles n_keys up to {MAX_TRITON_KEYS} and knn up to "
-                          f"{MAX_TRITON_KNN}, got n_keys {resolved.n_keys} and knn {resolved.knn}; use 'torch'")
+    search = KEY_SEARCHES.get(key_search)
+    if (search.max_keys is not None and resolved.n_keys > search.max_keys) or (
+            search.max_knn is not None and resolved.knn > search.max_knn):
+        raise ConfigError("memory.key_search", f"{key_search!r} handles n_keys up to {search.max_keys} and knn up to "
+                          f"{search.max_knn}, got n_keys {resolved.n_keys} and knn {resolved.knn}; use 'torch'")
     return resolved
 
 
 def resolve_value_optimizer(config: JobConfig, device_type: str) -> tuple[str, float]:
-    """The value table's optimizer (`auto`: fused row-wise Adagrad on GPUs; dense AdamW on CPU, where Triton would
-    only run interpreted) and its peak lr (-1: scaled from the dense lr)."""
+    """The value table's optimizer (`auto`: the registry's preference for the device, fused row-wise Adagrad on GPUs
+    and dense AdamW on CPU, where Triton would only run interpreted) and its peak lr (-1: its entry's multiple of the
+    dense lr)."""
     memory = config.memory
     triton = "triton" in available_lookups()
-    kind = memory.value_optimizer
-    if kind == "auto":
-        kind = "adagrad" if device_type == "cuda" and triton else "adamw"
-    if kind != "adamw" and not triton:
+    kind = VALUE_OPTIMIZERS.resolve(memory.value_optimizer, device_type,
+                                    lambda entry: triton or not entry.needs_triton)
+    spec = VALUE_OPTIMIZERS.get(kind)
+    dense = [entry.name for entry in VALUE_OPTIMIZERS.entries if entry.name != "auto" and entry.dense]
+    rowwise = _rowwise_names()
+    if spec.needs_triton and not triton:
         raise ConfigError("memory.value_optimizer", f"{kind!r} runs fused Triton kernels, and Triton is not "
-                          "importable here; use 'adamw'")
-    if memory.value_dtype == "bf16" and kind == "adamw":
-        raise ConfigError("memory.value_dtype", "'bf16' needs a row-wise value_optimizer (adagrad, adam or sgd): "
-                          "dense AdamW would round away every update smaller than a bf16 step; use value_dtype "
-                          "'fp32' with adamw")
+                          f"importable here; use {' or '.join(map(repr, dense))}")
+    if memory.value_dtype == "bf16" and spec.dense:
+        raise ConfigError("memory.value_dtype", f"'bf16' needs a row-wise value_optimizer ({rowwise}): "
+                          f"a dense {kind} would round away every update smaller than a bf16 step; use value_dtype "
+                          f"'fp32' with {kind}")
+    if memory.value_dtype == "bf16" and memory.value_rounding == "stochastic" and not spec.triton_update:
+        raise ConfigError("memory.value_rounding", f"'stochastic' draws its bits in the fused Triton update, which "
+                          f"has no branch for value_optimizer {kind!r}; use 'nearest', or value_dtype 'fp32'")
     if memory.value_lr != -1:
         return kind, memory.value_lr
-    if kind not in VALUE_LR_SCALE:
+    if spec.lr_scale is None:
         raise ConfigError("memory.value_lr", f"has no default for value_optimizer {kind!r}; set it explicitly")
-    return kind, VALUE_LR_SCALE[kind] * config.optimizer.lr
+    return kind, spec.lr_scale * config.optimizer.lr
+
+
+def _rowwise_names() -> str:
+    """The row-wise value optimizers, in words ("adagrad, adam or sgd")."""
+    names = sorted(entry.name for entry in VALUE_OPTIMIZERS.entries if entry.rowwise)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | None, value_optimizer: str | None,
@@ -226,7 +247,7 @@ def resolve_parallel(config: JobConfig, world_size: int, memory: MemoryArgs | No
     if sharding == "auto":
         sharding = cheapest_layout(value_optimizer, value_table_work(config, memory, dims),
                                    *_value_bandwidths(dims, gpus_per_node))
-    if dims.distributed and value_optimizer != "adamw" and sharding == "fsdp":
+    if dims.distributed and VALUE_OPTIMIZERS.get(value_optimizer).rowwise and sharding == "fsdp":
         raise ConfigError(
             "parallelism.value_slice_sharding",
             f"'fsdp' row-shards the value table, but value_optimizer {value_optimizer!r} updates whole slices in "
@@ -273,9 +294,9 @@ def _check_finetune(config: JobConfig, memory: MemoryArgs | None, value_optimize
                           "none; set memory.enabled = true, or finetune.mode = 'full'")
     if finetune.mode != "sparse_memory":
         return
-    if value_optimizer == "adamw":
+    if not VALUE_OPTIMIZERS.get(value_optimizer).rowwise:
         raise ConfigError("memory.value_optimizer", "finetune.mode 'sparse_memory' updates its selected rows inside "
-                          "the fused row-wise value optimizers; set it to 'adagrad', 'adam' or 'sgd'")
+                          f"the fused row-wise value optimizers; set it to {_rowwise_names()}")
     counts = [("background_counts", "the background read counts that rank the rows")]
     if finetune.selection == "per_dataset":
         counts.append(("dataset_counts", "the read counts of the finetuning data that fix the rows"))
@@ -283,17 +304,19 @@ def _check_finetune(config: JobConfig, memory: MemoryArgs | None, value_optimize
         path = getattr(finetune, name)
         if not path:
             raise ConfigError(f"finetune.{name}", f"is empty; sparse_memory needs {what}: make them with "
-                              "tools/count_memory_reads.py")
+                              "python -m titanmem.count_memory_reads")
         load_read_counts(path, f"finetune.{name}", memory.n_values)
 
 
-def _check_checkpoint_folder(config: JobConfig) -> None:
-    """The checkpoints live inside the dump folder, which the run's lock covers: a folder elsewhere could be shared
-    by two runs unnoticed."""
+def resolve_checkpoint_folder(config: JobConfig, purpose: Purpose) -> Path:
+    """The folder of the run's `step-N` checkpoints: `checkpoint.folder` inside `job.dump_folder`. Training must keep
+    it inside, where the run's lock covers it: a folder elsewhere could be shared by two runs unnoticed (readers take
+    no lock, and read it where it is)."""
     name = Path(config.checkpoint.folder)
-    if name.is_absolute() or ".." in name.parts or not name.parts:
+    if purpose == "train" and (name.is_absolute() or ".." in name.parts or not name.parts):
         raise ConfigError("checkpoint.folder", f"{config.checkpoint.folder!r} must be a folder name inside "
                           "job.dump_folder (relative, without '..'); to train elsewhere, move job.dump_folder")
+    return checkpoint_folder(config.checkpoint, config.job.dump_folder)
 
 
 def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
@@ -308,7 +331,7 @@ def resolve_checkpoint(config: JobConfig, purpose: Purpose) -> Path | None:
         return _readable(checkpoint.initial_load_path, "checkpoint.initial_load_path")
     if purpose == "dry_run" or (purpose == "train" and not checkpoint.enable):
         return None
-    folder = checkpoint_folder(checkpoint, config.job.dump_folder)
+    folder = resolve_checkpoint_folder(config, purpose)
     steps = complete_checkpoint_steps(folder)
     if checkpoint.load_step != -1:
         if purpose == "train" and (newest := continues_rollback(folder, steps, checkpoint.load_step)) is not None:
@@ -371,20 +394,29 @@ def _device_bytes(device_type: str) -> int | None:
         return None
 
 
-def _check_value_table_fits(memory: MemoryArgs, dims: ParallelDims, value_optimizer: str, sharding: str,
-                            device_type: str) -> None:
+def value_table_bytes(memory: MemoryArgs, dims: ParallelDims, value_optimizer: str, state_dtype: str,
+                      sharding: str) -> float:
+    """Bytes of the value table's slice on one rank with what trains it, as its value optimizer's registry entry
+    states them: the weights, a dense gradient, state per element (moments in `state_dtype` for a row-wise
+    optimizer) and per row. The planner itemizes the same amounts (`titanmem.planner`)."""
+    spec = VALUE_OPTIMIZERS.get(value_optimizer)
+    elements = memory.n_values * (memory.v_dim // dims.mp)
+    weight = 2 if memory.value_dtype == "bf16" else 4
+    per_element = weight + spec.gradient_bytes_per_element + spec.state_bytes_per_element(state_dtype)
+    needed = elements * per_element + memory.n_values * spec.state_bytes_per_row
+    if sharding == "rows" or (spec.dense and sharding == "fsdp"):
+        needed /= dims.slice_copies
+    return needed
+
+
+def _check_value_table_fits(memory: MemoryArgs, dims: ParallelDims, value_optimizer: str, state_dtype: str,
+                            sharding: str, device_type: str) -> None:
     """The value table's slice on one rank, with what trains it, must fit the device: refused here rather than by an
     allocation after minutes of start-up."""
     available = _device_bytes(device_type)
     if available is None:
         return
-    elements = memory.n_values * (memory.v_dim // dims.mp)
-    weight = 2 if memory.value_dtype == "bf16" else 4
-    per_element = {"adamw": 12, "adam": 8, "adagrad": 0, "sgd": 0}[value_optimizer] + weight  # + grad and moments
-    per_row = 4 if value_optimizer == "adagrad" else 0
-    needed = elements * per_element + memory.n_values * per_row
-    if sharding == "rows" or (value_optimizer == "adamw" and sharding == "fsdp"):
-        needed /= dims.slice_copies
+    needed = value_table_bytes(memory, dims, value_optimizer, state_dtype, sharding)
     if needed > available:
         raise ConfigError("memory.n_keys", f"the value table ({memory.n_keys}² = {memory.n_values:,} rows × "
                           f"{memory.v_dim}) needs {needed / 1e9:,.1f} GB per rank with value_optimizer "
@@ -443,6 +475,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
     environment's WORLD_SIZE, `device_type` to `training.device` on this machine, `gpus_per_node` to the launcher's
     LOCAL_WORLD_SIZE, and the tokenizer's size is read from its file unless given."""
     world_size = world_size_from_env() if world_size is None else world_size
+    check_choices(config)
     flavor = config.model.flavor
     if flavor not in FLAVORS:
         close = difflib.get_close_matches(flavor, list(FLAVORS), n=1)
@@ -469,10 +502,12 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
 
     # The export streams the table a block of rows at a time: it never holds it, whatever its size.
     if memory is not None and purpose not in ("dry_run", "export"):
-        _check_value_table_fits(memory, dims, value_optimizer, sharding, device_type)
+        _check_value_table_fits(memory, dims, value_optimizer, config.memory.value_state_dtype, sharding,
+                                device_type)
     if purpose == "train":
         _check_dump_folder(config)
-        _check_checkpoint_folder(config)
+    folder = resolve_checkpoint_folder(config, purpose)
+    if purpose == "train":
         _check_finetune(config, memory, value_optimizer)
     _check_files(config, purpose, world_size)
     checkpoint_to_load = resolve_checkpoint(config, purpose)
@@ -503,7 +538,7 @@ def resolve_plan(config: JobConfig, purpose: Purpose = "train", world_size: int 
         model_args=model_args, autocast_dtype=autocast_dtype, value_optimizer=value_optimizer, value_lr=value_lr,
         value_slice_sharding=sharding, optimizer_implementation=implementation, global_batch_size=global_batch,
         accumulation_steps=global_batch // unit, lr_decay_steps=decay_steps, data_source=data_source,
-        checkpoint_to_load=checkpoint_to_load, initial_load=initial_load,
+        checkpoint_folder=folder, checkpoint_to_load=checkpoint_to_load, initial_load=initial_load,
     )
 
 

@@ -1,4 +1,5 @@
-"""What a plan needs per GPU, and which plans fit a cluster (`tools/plan.py` prints it).
+"""What a plan needs per GPU, and which plans fit a cluster (`titanmem-plan`, i.e. `python -m titanmem.planner_report`,
+prints it).
 
 The model is built through the build path on the meta device, parallelized for the whole world under a fake process
 group (`fake_world`), so every parameter, shard and value-table slice count is the code's own: what changes in the
@@ -127,7 +128,8 @@ def build_meta(plan: RunPlan) -> Transformer:
     """The plan's model on rank 0, parallelized for its whole world on the meta device. Call inside `fake_world`
     when the world has several ranks."""
     plan.build_mesh("cpu")
-    recorder = ReadRecorder() if plan.value_optimizer not in (None, "adamw") else None
+    spec = plan.value_optimizer_spec
+    recorder = ReadRecorder() if spec is not None and spec.rowwise else None
     return build_planned_model(plan, torch.device("meta"), recorder)
 
 
@@ -165,7 +167,7 @@ def estimate(plan: RunPlan, model: Transformer, cluster: Cluster) -> Estimate:
                  "FSDP: two blocks gathered in bf16 and one block's fp32 gradients; the root kept gathered; MP "
                  "exchange"))
     headroom = max(HEADROOM_MIN_BYTES, HEADROOM_FRACTION * cluster.bytes_per_gpu)
-    step, comm = _step_time(plan, model, cluster, tokens)
+    step, comm = step_time(plan, model, cluster, tokens)
     return Estimate(plan, rows, headroom, step, comm)
 
 
@@ -177,28 +179,29 @@ def _value_rows(plan: RunPlan, table: torch.Tensor, tokens: int) -> list[tuple[s
     block_rows = local.shape[0] if rows_sharded else slice_rows  # the rows this rank updates
     slice_elements = slice_rows * slice_cols
     element = local.element_size()
-    kind = plan.value_optimizer
+    spec = plan.value_optimizer_spec
     sharded = {"fsdp": f", row-sharded by FSDP over {dims.slice_copies} replicas",
                "rows": f", rows split in {dims.slice_copies} blocks (this rank's: {block_rows:,})"}
     rows = [("value-table slice", local.numel() * element,
              f"{slice_rows:,} rows × {slice_cols} of {table.shape[1]} columns (mp {dims.mp}), "
              f"{str(local.dtype).removeprefix('torch.')}"
              + (sharded.get(plan.value_slice_sharding, "") if dims.slice_copies > 1 else ""))]
-    if kind == "adamw":
-        rows.append(("value optimizer state", local.numel() * 8, "dense AdamW: two fp32 moments per element"))
+    state_dtype = plan.config.memory.value_state_dtype
+    if spec.dense:
+        rows.append(("value optimizer state", local.numel() * spec.state_bytes_per_element(state_dtype),
+                     spec.state_summary))
         if plan.value_slice_sharding == "fsdp":
             rows.append(("value gradients", local.numel() * 4 + slice_elements * 6,
                          "dense: the sharded fp32 gradient, plus the whole slice gathered in bf16 and its fp32 "
                          "gradient before the reduce-scatter"))
         else:
-            rows.append(("value gradients", local.numel() * 4, "dense: an fp32 gradient of this rank's block"))
+            rows.append(("value gradients", local.numel() * spec.gradient_bytes_per_element,
+                         "dense: an fp32 gradient of this rank's block"))
         return rows
-    block_elements = block_rows * slice_cols
-    state = {"adagrad": block_rows * 4, "adam": 2 * block_elements * (2 if memory_state_bf16(plan) else 4),
-             "sgd": 0}[kind]
-    rows.append(("value optimizer state", state, {
-        "adagrad": "row-wise Adagrad: one fp32 accumulator per row", "sgd": "none",
-        "adam": "lazy Adam: two moments per element"}[kind] + (" of this rank's block" if rows_sharded else "")))
+    # The state the value optimizer's registry entry states, of the rows this rank updates.
+    state = block_rows * spec.state_bytes_per_row + block_rows * slice_cols * spec.state_bytes_per_element(state_dtype)
+    rows.append(("value optimizer state", state,
+                 spec.state_summary + (" of this rank's block" if rows_sharded else "")))
     # The step's reads, kept until the update: per memory-layer call, the (index, weight) pairs and the read-out
     # gradient of this rank's columns, and their sort.
     calls = len(memory.layers) * plan.accumulation_steps
@@ -217,10 +220,6 @@ def _value_rows(plan: RunPlan, table: torch.Tensor, tokens: int) -> list[tuple[s
                  f"sparse: {calls} recorded reads of {tokens:,} tokens × {pairs} rows, gathered over "
                  f"{dims.slice_copies} replica(s), and their sort"))
     return rows
-
-
-def memory_state_bf16(plan: RunPlan) -> bool:
-    return plan.config.memory.value_state_dtype == "bf16"
 
 
 # Bytes kept for backward per token, by block kind, under bf16 autocast with fused attention (no S² term):
@@ -324,14 +323,15 @@ def step_work(plan: RunPlan, model: Transformer) -> StepWork:
                                                    value_table_work(plan.config, memory, dims))
     # Activation checkpointing runs the forward of its blocks again in backward: a third more of their work.
     checkpointing = plan.config.activation_checkpoint
-    recompute = 1 + {"full": 1.0, "selective": 1 / checkpointing.selective_layer_stride}.get(checkpointing.mode, 0.0) / 3
+    extra = {"full": 1.0, "selective": 1 / checkpointing.selective_layer_stride}.get(checkpointing.mode, 0.0)
+    recompute = 1 + extra / 3
     return StepWork(matmul_flops=recompute * flops * tokens / dims.tp,
                     activation_elements=recompute * tokens * args.n_layers * args.dim / dims.tp,
                     memory_reads=recompute * memory_reads, dense_parameters=dense, row_update_bytes=gathered,
                     dense_value_elements=dense_values)
 
 
-def _step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int,
+def step_time(plan: RunPlan, model: Transformer, cluster: Cluster, tokens: int,
                rates: StepRates = MEASURED) -> tuple[float, float]:
     """(estimated step seconds, of which communication on the critical path), by the model in the module doc."""
     dims, args = plan.parallel, plan.model_args

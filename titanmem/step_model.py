@@ -11,7 +11,7 @@ A step's compute on one GPU is the sum of
 - the value table's update, by its layout (`titanmem.distributed.value_layout_cost`), at the row-update rate.
 
 The planner adds the communication on the critical path to it. `MEASURED` holds the rates, with the card, commit and
-command they came from; `fit` derives them from measured steps, and `tools/calibrate_planner.py` measures those on
+command they came from; `fit` derives them from measured steps, and `tools/bench/calibrate_planner.py` measures those on
 the GPU at hand and prints new rates to paste here (docs/planner.md shows the model against the measured steps).
 """
 
@@ -72,7 +72,7 @@ class StepRates:
         return self.fitted_seconds(work) + self.optimizer_seconds(work) + self.row_update_seconds(work)
 
 
-# Fitted to the one-GPU steps in docs/planner_step_times.json (`python tools/calibrate_planner.py --load
+# Fitted to the one-GPU steps in docs/planner_step_times.json (`python -m tools.bench.calibrate_planner --load
 # docs/planner_step_times.json` prints these; docs/planner.md has its table). The matmul rate comes out at the card's
 # measured bf16 GEMM ceiling (779 TFLOP/s in the same session), and the rest of a step's time is the elementwise work.
 MEASURED = StepRates(

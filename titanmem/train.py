@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titanmem.build import build_run
-from titanmem.components.checkpoint import (CheckpointManager, CheckpointWriteError, checkpoint_folder,
-                                            complete_checkpoint_steps, load_model_weights, resume_hint)
+from titanmem.components.checkpoint import (CheckpointManager, CheckpointWriteError, complete_checkpoint_steps,
+                                            load_model_weights, resume_hint)
 from titanmem.components.disk_space import check_checkpoint_space, checkpoint_bytes
 from titanmem.components.faults import crash_point
 from titanmem.components.finetune import build_row_selector, finetune_warnings, freeze_for_finetune
@@ -25,14 +25,15 @@ from titanmem.components.metrics import MetricsLogger
 from titanmem.components.optimizer import Optimizers, all_finite
 from titanmem.components.watchdog import BACKSTOP_SECONDS, CommWatchdog
 from titanmem.components.states import DataLoaderState, ModelState, RNGState, SchedulerState, TrainState
-from titanmem.config import ConfigError, JobConfig
+from titanmem.config import ConfigError, JobConfig  # noqa: F401 (what Trainer raises for bad settings)
 from titanmem.config.manager import write_config
+from titanmem.entry import run_command
 from titanmem.eval.runner import Evaluator
 from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
-from titanmem.plan import RunPlan, plan_from_command_line, resolve_plan
-from titanmem.utils import autocast, exit_with, leave_in_error_file, print_error, setup_logging
+from titanmem.plan import RunPlan, resolve_plan
+from titanmem.utils import PhaseTimer, autocast, exit_with, leave_in_error_file, print_error, timed_phase
 
 logger = logging.getLogger("titanmem")
 
@@ -82,15 +83,25 @@ class StepMetrics(Mapping):
 
 def build_watchdog(config: JobConfig, plan: RunPlan) -> CommWatchdog:
     """The run's watchdog, from start-up on: a rank that stops or dies ends the run with one line on the others."""
-    folder = checkpoint_folder(config.checkpoint, config.job.dump_folder)
-    return CommWatchdog(config.comm, plan.world_size, config.job.dump_folder, lambda: resume_hint(folder),
+    return CommWatchdog(config.comm, plan.world_size, config.job.dump_folder,
+                        lambda: resume_hint(plan.checkpoint_folder),
                         device_event=torch.cuda.Event if plan.device_type == "cuda" else None)
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, plan: RunPlan | None = None, watchdog: CommWatchdog | None = None):
+    """The training run of a config: its build, optimizers, schedule, metrics and checkpoints, and the loop.
+
+    `phase_timer` (for benchmarks and tools) times the phases of each `train_step`: it is called with a phase's name
+    and returns the context manager that the phase runs in. The phases are "forward" (the model's forward, inside
+    "forward+backward", once per micro-batch), "forward+backward" (the loss and its backward too), "optimizer norms"
+    (the gradient norms and clipping), "optimizer step" (the update) and "value update" (the row-wise value
+    optimizer's share of the norms and of the update, inside those two). Without it (None) nothing is timed."""
+
+    def __init__(self, config: JobConfig, plan: RunPlan | None = None, watchdog: CommWatchdog | None = None,
+                 phase_timer: PhaseTimer | None = None):
         self.config = config
         self.plan = plan or resolve_plan(config, "train")
+        self.phase_timer = phase_timer
         self.watchdog = watchdog or build_watchdog(config, self.plan)
         try:
             self.run = build_run(self.plan, "train")
@@ -126,6 +137,7 @@ class Trainer:
             implementation=self.plan.optimizer_implementation,
             value_layout=self.plan.value_slice_sharding, recorder=self.run.recorder,
         )
+        self.optimizers.phase_timer = self.phase_timer
         self.row_selector = None
         if self.optimizers.values is not None:
             self.row_selector = build_row_selector(config.finetune, self.plan.model_args.memory.n_values, self.device)
@@ -137,7 +149,7 @@ class Trainer:
             self.device, bf16=self.plan.autocast_dtype == torch.bfloat16,
         )
         self.checkpointer = CheckpointManager(
-            config.checkpoint, checkpoint_folder(config.checkpoint, config.job.dump_folder),
+            config.checkpoint, self.plan.checkpoint_folder,
             {
                 "model": ModelState(self.model),
                 "optimizer": self.optimizers,
@@ -224,7 +236,8 @@ class Trainer:
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.plan.autocast_dtype):
-            logits = self.model(inputs)
+            with timed_phase(self.phase_timer, "forward"):
+                logits = self.model(inputs)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         (loss / self.plan.accumulation_steps).backward()
         return loss.detach()
@@ -245,8 +258,11 @@ class Trainer:
             self.watchdog.doing("computing")
             inputs = batch["input"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
-            loss_sum += self.forward_backward(inputs, labels)
-        norms = self.optimizers.grad_norms()
+            with timed_phase(self.phase_timer, "forward+backward"):
+                micro_loss = self.forward_backward(inputs, labels)
+            loss_sum += micro_loss
+        with timed_phase(self.phase_timer, "optimizer norms"):
+            norms = self.optimizers.grad_norms()
         mean_loss = loss_sum / accumulation
         dp_group = self.dims.get_group("dp")
         if dp_group is not None:
@@ -255,12 +271,15 @@ class Trainer:
         scalars = torch.stack([mean_loss, *norms]).float()  # [loss, grad norm(, value grad norm)]
         metrics = StepMetrics(self, self.train_state.step, self.lr_scheduler.get_last_lr()[0])
         if self.optimizers.skips_on_device:
-            self.optimizers.step_unless_nonfinite(scalars)
+            with timed_phase(self.phase_timer, "optimizer step"):
+                self.optimizers.step_unless_nonfinite(scalars)
             metrics.scalars = scalars
         else:
             # A host sync: the row-wise value optimizer decides between update and skip on the host.
             loss, *norm_values = scalars.tolist()
-            metrics.read(loss, norm_values, applied=self.optimizers.step(loss, norm_values))
+            with timed_phase(self.phase_timer, "optimizer step"):
+                applied = self.optimizers.step(loss, norm_values)
+            metrics.read(loss, norm_values, applied=applied)
         self._unsettled.append(metrics)
         # The schedule follows the step count, skipped or not, so a skip does not shift later lrs.
         self.lr_scheduler.step()
@@ -430,25 +449,18 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    started = plan_from_command_line(argv, "train", USAGE)
-    if isinstance(started, int):
-        return started
-    config, plan = started
-    try:
-        trainer = Trainer(config, plan)
-    except ConfigError as e:
-        print_error(e)
-        return 2
+    return run_command(argv, "train", USAGE, train)
+
+
+def train(config: JobConfig, plan: RunPlan) -> int:
+    """Build the trainer and run it to the end: 0, or 1 after a failure that its line (or log) names. A config error,
+    also one found only against a checkpoint or the data stream after start-up, is left to the caller."""
+    trainer = Trainer(config, plan)
     try:
         try:
             trainer.train()
         finally:
             trainer.close()  # which waits for a background save: its failure is reported below too
-    except ConfigError as e:
-        # Some settings can only be checked against a checkpoint or the data stream, after start-up.
-        print_error(e)
-        return 2
     except (NonFiniteLossError, RunOutOfMemory) as e:
         logger.error("%s", e)
         leave_in_error_file(str(e))

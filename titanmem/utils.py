@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,3 +106,14 @@ def block_offset(tensor: torch.Tensor) -> tuple[int, ...]:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The autocast context for `dtype` on `device`, or no autocast for None (plain fp32)."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
+"""Times one named phase of a training step, `with timer("forward"): ...`: the trainer's `phase_timer` hook."""
+
+_UNTIMED = contextlib.nullcontext()
+
+
+def timed_phase(timer: PhaseTimer | None, phase: str) -> contextlib.AbstractContextManager:
+    """`timer(phase)`, or, with no timer set, a context that does nothing (one shared object: nothing allocated)."""
+    return _UNTIMED if timer is None else timer(phase)

@@ -69,7 +69,7 @@ class SafeReader(dcp.FileSystemReader):
         self.threads = threads
 
     def read_data(self, plan, planner):
-        groups = _groups_by_bytes(plan.items, lambda item: self.storage_data[item.storage_index].length,
+        groups = groups_by_bytes(plan.items, lambda item: self.storage_data[item.storage_index].length,
                                   self.threads)
         if len(groups) <= 1:
             return super().read_data(plan, planner)
@@ -106,7 +106,7 @@ class TensorsOnlyPlanner(DefaultLoadPlanner):
                                     "checkpoints hold tensors only")
 
 
-def _groups_by_bytes(items: list, size, count: int) -> list[list]:
+def groups_by_bytes(items: list, size, count: int) -> list[list]:
     """`items` dealt into at most `count` non-empty groups of about equal total `size`, largest first to the lightest
     group (a group keeps its items in their order in `items`)."""
     if count <= 1 or len(items) <= 1:

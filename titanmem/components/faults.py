@@ -22,7 +22,7 @@ Points, in the order a step reaches them:
 - `save:renamed`: `step-N` is complete, older checkpoints not yet purged;
 - `resumed`: a relaunch has loaded its checkpoint and not yet trained.
 
-`tools/crash_test.py`, `tests/test_crash.py` and `tests/test_comm_faults.py` use them.
+`tools/drills/crash_test.py`, `tests/test_crash.py` and `tests/test_comm_faults.py` use them.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from titanmem.config.sections import JobConfig
 from titanmem.config.sections import Optimizer as OptimizerConfig
 from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.parallel_dims import ParallelDims
-from titanmem.utils import local_tensor
+from titanmem.registry import VALUE_OPTIMIZERS
+from titanmem.utils import PhaseTimer, local_tensor, timed_phase
 
 _STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -111,7 +112,7 @@ class Optimizers:
         values = getattr(model, "memory_values", None)
         self.values: RowWiseValueOptimizer | None = None
         rows = value_layout == "rows" and dims.get_mesh("value_grid") is not None
-        if values is not None and value_optimizer not in (None, "adamw"):
+        if values is not None and value_optimizer is not None and VALUE_OPTIMIZERS.get(value_optimizer).rowwise:
             optimizer = config.optimizer
             self.values = RowWiseValueOptimizer(
                 values, recorder, value_optimizer, lr=value_lr, weight_decay=config.memory.value_weight_decay,
@@ -139,6 +140,8 @@ class Optimizers:
         # A table slice that FSDP leaves whole on each rank gets its gradient averaged over the slice's copies here (a
         # rows-sharded block's gradient already is the global mean: no other rank holds its rows).
         self.replica_group = dims.get_group("mp_replicas") if value_layout == "replicate" else None
+        # Times the row-wise value optimizer's work as the phase "value update" (the trainer's `phase_timer`).
+        self.phase_timer: PhaseTimer | None = None
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
@@ -155,7 +158,9 @@ class Optimizers:
         norms = [clip_grad_norm(self.dense_params, self.config.training.max_norm, self.device)]
         # The value table is clipped on its own: its sparse, large-lr gradient would otherwise dominate the norm.
         if self.values is not None:
-            norms.append(self.values.grad_norm(self.config.training.deterministic).float())
+            with timed_phase(self.phase_timer, "value update"):
+                value_norm = self.values.grad_norm(self.config.training.deterministic)
+            norms.append(value_norm.float())
         elif self.value_params:
             norms.append(clip_grad_norm(self.value_params, self.config.memory.value_max_norm, self.device))
         return norms
@@ -198,8 +203,9 @@ class Optimizers:
     def _step_values(self, norm: torch.Tensor, apply: torch.Tensor | bool) -> None:
         # The table follows the same schedule multiplier as every AdamW group (set by the lr scheduler).
         group = self.dense.param_groups[0]
-        self.values.step(group["lr"] / group["initial_lr"],
-                         clip_coefficient(norm, self.config.memory.value_max_norm), apply)
+        clip = clip_coefficient(norm, self.config.memory.value_max_norm)
+        with timed_phase(self.phase_timer, "value update"):
+            self.values.step(group["lr"] / group["initial_lr"], clip, apply)
 
     @property
     def dense_trains(self) -> bool:

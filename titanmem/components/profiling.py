@@ -162,4 +162,4 @@ def out_of_memory(step: int, error: BaseException, snapshot_path: Path | None,
                               "eval.batch_size")
     return RunOutOfMemory(
         f"out of device memory at step {step} ({first_line}); {where}. Lower training.local_batch_size, set "
-        "activation_checkpoint.mode, or check the plan's memory with tools/plan.py")
+        "activation_checkpoint.mode, or check the plan's memory with titanmem-plan")

@@ -2,7 +2,7 @@
 
 Sparse memory finetuning ranks rows by TF-IDF: a row read often by the new data (its term frequency) and rarely by
 the pretraining data (its inverse document frequency) is one the new data owns. The second part needs *background
-counts*, accumulated over batches of the pretraining data by `tools/count_memory_reads.py` with the memory layers'
+counts*, accumulated over batches of the pretraining data by `titanmem-count-reads` with the memory layers'
 observer hook, the one the telemetry counts with. The same tool counts the new data for a selection fixed over the
 whole finetuning set (`finetune.selection = "per_dataset"`).
 
@@ -106,7 +106,8 @@ def load_read_counts(path: str | Path, field: str, n_values: int | None = None) 
     """The counts in `path`, checked against a table of `n_values` rows (any, when None); a ConfigError naming
     `field` otherwise."""
     path = Path(path)
-    fix = "make it with tools/count_memory_reads.py from the checkpoint being finetuned"
+    fix = ("make it with titanmem-count-reads (python -m titanmem.count_memory_reads) from the checkpoint being "
+           "finetuned")
     if not path.is_file():
         raise ConfigError(field, f"no such file: {path}; {fix}")
     try:

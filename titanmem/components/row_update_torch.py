@@ -7,13 +7,22 @@ per operation: a step of a small model spends most of its time there. These ops 
 each row's gradient summed over its pairs in their order (`index_add_` on the CPU adds in index order), so a
 run's result does not depend on how its batch was split over ranks.
 
+Each row-wise optimizer's own arithmetic is its rule (`sgd_rows`, `adagrad_rows`, `adam_rows`): the implementation its
+entry of `titanmem.registry.VALUE_OPTIMIZERS` names, found by the entry's update code. A new row-wise optimizer
+needs only a rule here to run; a branch of the Triton update makes it fast on GPUs.
+
 A bf16 table is rounded to nearest here. Stochastic rounding draws Triton's Philox bits, so those tables keep the
 Triton kernels on every device (`uses_torch_update`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+from titanmem.registry import VALUE_OPTIMIZERS
 
 # Pairs per chunk: bounds the [pairs, D] fp32 temporary of the gathered gradients.
 _CHUNK_PAIRS = 1 << 15
@@ -59,8 +68,8 @@ def row_update_(values, first, second, grad_out, weights, pair_order, offsets, r
                 heavy_grads=None) -> None:
     """`titanmem.kernels.row_update.row_update_` in tensor ops, for fp32 tables and bf16 tables rounded to nearest
     (no `seed`); `row_base` and `col_base` only place the stochastic draws, which these ops do not make."""
-    # The optimizer codes and the kernels' checks of the table's dtype, rounding and scalars (imports Triton).
-    from titanmem.kernels.row_update import ADAGRAD, ADAM, SGD, _check_scalars, _rounding, adagrad_increment
+    # The kernels' checks of the table's dtype, rounding and scalars (imports Triton).
+    from titanmem.kernels.row_update import _check_scalars, _rounding
 
     if _rounding(values.dtype, seed is not None) == 2:
         raise ValueError("stochastic rounding of a bf16 table needs the Triton update (titanmem.kernels.row_update)")
@@ -68,7 +77,7 @@ def row_update_(values, first, second, grad_out, weights, pair_order, offsets, r
     # Off the GPU, reading the decision costs no wait.
     if rows.numel() == 0 or scalars[1] == 0:
         return
-    clip, bias_correction1, bias_correction2 = scalars[0], scalars[2], scalars[3]
+    clip = scalars[0]
     grad = row_grads(grad_out, weights, pair_order, offsets) * clip
     rows = rows.long()
     if selected is not None:
@@ -76,18 +85,64 @@ def row_update_(values, first, second, grad_out, weights, pair_order, offsets, r
         keep = selected.to(torch.bool)
         rows, grad, row_sq = rows[keep], grad[keep], row_sq[keep]
     value = values[rows].float() * (1.0 - lr * weight_decay)
-    if optimizer == SGD:
-        value = value - lr * grad
-    elif optimizer == ADAGRAD:
-        # Row-wise Adagrad: the accumulator grows by the mean squared (clipped) gradient of the row.
-        first[rows] += adagrad_increment(row_sq, scalars, values.shape[1])
-        value = value - lr * grad / (first[rows].sqrt() + eps)[:, None]
-    elif optimizer == ADAM:
-        moment = beta1 * first[rows].float() + (1.0 - beta1) * grad
-        square = beta2 * second[rows].float() + (1.0 - beta2) * grad * grad
-        first[rows] = moment.to(first.dtype)
-        second[rows] = square.to(second.dtype)
-        value = value - lr * (moment / bias_correction1) / ((square / bias_correction2).sqrt() + eps)
-    else:
-        raise ValueError(f"unknown row-wise optimizer code {optimizer}")
+    step = RowStep(rows, grad, row_sq, scalars, values.shape[1], lr, eps, beta1, beta2)
+    value = row_rule(optimizer)(value, first, second, step)
     values[rows] = value.to(values.dtype)
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """What a row-wise optimizer's rule gets for one step's touched rows (its state is passed whole beside it)."""
+
+    rows: torch.Tensor
+    """[U] int64: the table rows the step updates, distinct."""
+    grad: torch.Tensor
+    """[U, D] fp32: each row's summed gradient, clipped."""
+    row_sq: torch.Tensor
+    """[U] fp32: each row's squared gradient norm before clipping (of the whole row, under memory parallel too)."""
+    scalars: torch.Tensor
+    """The step's `step_scalars`: clip factor, apply flag, Adam's bias corrections."""
+    width: int
+    """Columns of the table held here."""
+    lr: float
+    eps: float
+    beta1: float
+    beta2: float
+
+
+RowRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RowStep], torch.Tensor]
+"""`rule(value, first, second, step) -> value`: the touched rows' new fp32 values from their values after weight decay
+([U, D] fp32), updating the rule's state tensors `first` and `second` in place at `step.rows`."""
+
+
+def row_rule(code: int) -> RowRule:
+    """The rule of the row-wise optimizer whose registry entry has update code `code`."""
+    for entry in VALUE_OPTIMIZERS.entries:
+        if entry.rowwise and entry.update_code == code:
+            return VALUE_OPTIMIZERS.load(entry.name)
+    raise ValueError(f"unknown row-wise optimizer code {code}")
+
+
+def sgd_rows(value: torch.Tensor, first: torch.Tensor, second: torch.Tensor, step: RowStep) -> torch.Tensor:
+    """Plain SGD; no state."""
+    return value - step.lr * step.grad
+
+
+def adagrad_rows(value: torch.Tensor, first: torch.Tensor, second: torch.Tensor, step: RowStep) -> torch.Tensor:
+    """Row-wise Adagrad: `first` [N] fp32, one accumulator per row, grows by the row's mean squared clipped gradient."""
+    from titanmem.kernels.row_update import adagrad_increment
+
+    first[step.rows] += adagrad_increment(step.row_sq, step.scalars, step.width)
+    return value - step.lr * step.grad / (first[step.rows].sqrt() + step.eps)[:, None]
+
+
+def adam_rows(value: torch.Tensor, first: torch.Tensor, second: torch.Tensor, step: RowStep) -> torch.Tensor:
+    """Lazy Adam: `first` and `second` [N, D] moments (fp32 or bf16) of the touched rows only, bias-corrected by the
+    count of applied steps."""
+    rows, grad = step.rows, step.grad
+    bias_correction1, bias_correction2 = step.scalars[2], step.scalars[3]
+    moment = step.beta1 * first[rows].float() + (1.0 - step.beta1) * grad
+    square = step.beta2 * second[rows].float() + (1.0 - step.beta2) * grad * grad
+    first[rows] = moment.to(first.dtype)
+    second[rows] = square.to(second.dtype)
+    return value - step.lr * (moment / bias_correction1) / ((square / bias_correction2).sqrt() + step.eps)

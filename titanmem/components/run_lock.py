@@ -36,7 +36,7 @@ STALE_AFTER_SECONDS = 300.0
 _WRITE_GRACE_SECONDS = 10.0
 
 
-def _process_start(pid: int) -> int | None:
+def process_start_time(pid: int) -> int | None:
     """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused pid from its first owner;
     None where /proc does not say."""
     try:
@@ -75,7 +75,7 @@ class Holder:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = str(os.getuid())
-        return Holder(host=socket.gethostname(), pid=os.getpid(), process_start=_process_start(os.getpid()),
+        return Holder(host=socket.gethostname(), pid=os.getpid(), process_start=process_start_time(os.getpid()),
                       user=user, since=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=" ".join(sys.argv)[:300],
                       run_id=os.environ.get("TITANMEM_RUN_ID", ""))
 
@@ -174,7 +174,7 @@ class RunLock:
         if holder.host == self.me.host:
             if not _alive(holder.pid):
                 return f"its process {holder.pid} is gone"
-            if holder.process_start is not None and _process_start(holder.pid) != holder.process_start:
+            if holder.process_start is not None and process_start_time(holder.pid) != holder.process_start:
                 return f"its process {holder.pid} is gone (the pid now belongs to another process)"
             return None
         if holder.run_id and holder.run_id == self.me.run_id:

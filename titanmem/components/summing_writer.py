@@ -23,7 +23,7 @@ from titanmem.components.faults import disk_write_point
 from titanmem.components.manifest import CHUNK_BYTES
 
 
-class _SummingStream:
+class SummingStream:
     """A binary write stream that sums what passes through it, by `CHUNK_BYTES` chunks of the file."""
 
     def __init__(self, stream):
@@ -88,7 +88,7 @@ class _SummingFileSystem:
             if mode != "wb" or not str(path).endswith(".distcp"):
                 yield stream
                 return
-            summing = _SummingStream(stream)
+            summing = SummingStream(stream)
             try:
                 yield summing
             except Exception as error:  # noqa: BLE001 - whatever stopped the write: kept, and raised by write_data

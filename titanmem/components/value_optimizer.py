@@ -6,8 +6,9 @@ weights) and, during backward, the gradient of its read-out. At the optimizer st
 step (all layers, all micro-batches) is merged, and one fused pass per touched row applies the update in place
 (`titanmem.kernels.row_update`).
 
-State per optimizer: nothing for SGD, one fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy
-Adam (fp32 or bf16). The state is saved in checkpoints with the rest of the training state.
+Each optimizer's state is what its registry entry (`titanmem.registry.VALUE_OPTIMIZERS`) states: nothing for SGD, one
+fp32 accumulator per row for row-wise Adagrad, two moment tables for lazy Adam (fp32 or bf16). The state is saved in
+checkpoints with the rest of the training state.
 
 On several processes each rank trains its own block of the table: its columns under memory parallel (else the whole
 width), and either every row (`value_slice_sharding = "replicate"`) or its block of rows ("rows"). A replicated slice
@@ -28,6 +29,7 @@ from titanmem.components.row_update_torch import uses_torch_update
 from titanmem.distributed.lookup import ReadRecorder
 from titanmem.distributed.memory_parallel import all_gather_rows
 from titanmem.models.memory import MemoryValues
+from titanmem.registry import VALUE_OPTIMIZERS
 from titanmem.utils import block_offset, local_tensor
 
 
@@ -51,14 +53,14 @@ class RowWiseValueOptimizer:
         """`replica_group`: the ranks that hold the same slice whole, over which the reads are gathered (replicate);
         `rows_group`: the ranks that hold the other row blocks of the same columns (rows); `slice_group`: those that
         hold the other columns of the same rows (mp)."""
-        from titanmem.kernels.row_update import OPTIMIZERS
-
-        if kind not in OPTIMIZERS:
-            raise ValueError(f"unknown row-wise optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
+        spec = VALUE_OPTIMIZERS.get(kind)
+        if not spec.rowwise:
+            rowwise = [entry.name for entry in VALUE_OPTIMIZERS.entries if entry.rowwise]
+            raise ValueError(f"{kind!r} is no row-wise value optimizer; choose one of {rowwise}")
         self.values = values
         self.recorder = recorder
         self.kind = kind
-        self.code = OPTIMIZERS[kind]
+        self.code = spec.update_code
         self.base_lr = lr
         self.weight_decay = weight_decay
         self.betas = betas
@@ -80,23 +82,21 @@ class RowWiseValueOptimizer:
             isinstance(p, Shard) and p.dim == 0 for p in values.weight.placements)
         # A bf16 table's updated rows are rounded stochastically, seeded by (this seed, step, row); None: to nearest.
         self.rounding_seed = rounding_seed if table.dtype == torch.bfloat16 else None
-        # The fused passes: Triton kernels on a GPU (and wherever Philox bits are drawn), tensor ops elsewhere.
-        # The kernels sum a hot row's pairs in chunks, found with the grouping (`row_groups`); the tensor ops do not.
-        if uses_torch_update(table, self.rounding_seed is not None):
+        # The fused passes: Triton kernels on a GPU (and wherever Philox bits are drawn), tensor ops elsewhere and for
+        # an optimizer the Triton update has no branch for. The kernels sum a hot row's pairs in chunks, found with the
+        # grouping (`row_groups`); the tensor ops do not.
+        if uses_torch_update(table, self.rounding_seed is not None) or not spec.triton_update:
             from titanmem.components import row_update_torch as passes
             self._heavy_pairs = None
         else:
             from titanmem.kernels import row_update as passes
             self._heavy_pairs = passes.heavy_threshold(table.shape[1])
         self._row_grad_sq, self._row_update_, self._heavy_rows = passes.row_grad_sq, passes.row_update_, passes.heavy_rows
+        # The state tensors the entry states, per row (fp32) or per element (`state_dtype`); unused slots empty.
+        shapes = {"row": (table.shape[0], torch.float32), "element": (table.shape, state_dtype)}
+        state = [torch.zeros(shapes[per][0], device=table.device, dtype=shapes[per][1]) for per in spec.state]
         empty = table.new_empty(0, dtype=torch.float32)
-        if kind == "adagrad":
-            self.first, self.second = torch.zeros(table.shape[0], device=table.device, dtype=torch.float32), empty
-        elif kind == "adam":
-            self.first = torch.zeros(table.shape, device=table.device, dtype=state_dtype)
-            self.second = torch.zeros(table.shape, device=table.device, dtype=state_dtype)
-        else:
-            self.first, self.second = empty, empty
+        self.first, self.second = (state + [empty, empty])[:2]
         self._prepared = None
         # Sparse memory finetuning (`titanmem.components.row_selection.RowSelector`): which of a step's touched rows
         # train, as a flag per touched row; None trains them all.

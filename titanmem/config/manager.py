@@ -58,6 +58,11 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _field_kinds(cls: type) -> dict[str, Any]:
+    """The fields of `cls` that name a registry entry (`sections.registered`), and their kinds."""
+    return {f.name: f.metadata["kind"] for f in dataclasses.fields(cls) if "kind" in f.metadata}
+
+
 def _suggest(name: str, candidates: list[str], prefix: str = "") -> str:
     """The closest candidate by the spelling of the name alone (a shared `section.` prefix would make every key of a
     section look close), or the list of valid names when none is close."""
@@ -67,9 +72,19 @@ def _suggest(name: str, candidates: list[str], prefix: str = "") -> str:
     return f"; valid names: {', '.join(prefix + c for c in sorted(candidates))}"
 
 
+def _describe_choices(choices) -> str:
+    return "one of " + ", ".join(repr(choice) for choice in choices)
+
+
+def _describe_field(cls: type, key: str) -> str:
+    """The type of field `key` of section `cls` in words: a registered field's choices as they stand now."""
+    kind = _field_kinds(cls).get(key)
+    return _describe_choices(kind.names()) if kind is not None else _describe_type(_field_types(cls)[key])
+
+
 def _describe_type(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+        return _describe_choices(typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         return f"a list of {item.__name__}"
@@ -134,7 +149,17 @@ def _set_value(config: JobConfig, section: str, key: str, value: Any, from_cli: 
         elsewhere = [f"{s}.{key}" for s in sections if key in _field_types(sections[s])]
         hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(key, list(types), prefix=f"{section}.")
         raise ConfigError(f"{section}.{key}", f"unknown key in {origin}" + hint)
-    setattr(getattr(config, section), key, _coerce(value, types[key], f"{section}.{key}", from_cli))
+    value = _coerce(value, types[key], f"{section}.{key}", from_cli)
+    kind = _field_kinds(cls).get(key)
+    if kind is not None:
+        _check_choice(f"{section}.{key}", value, kind)
+    setattr(getattr(config, section), key, value)
+
+
+def _check_choice(name: str, value: str, kind) -> None:
+    """A registered field's value names one of its kind's entries."""
+    if value not in kind:
+        raise ConfigError(name, f"expects {_describe_choices(kind.names())}, got {value!r}")
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -220,7 +245,7 @@ def check_bounds(config: JobConfig) -> None:
     for section, cls in section_classes().items():
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            if not meta:
+            if "allow" not in meta:
                 continue
             value = getattr(getattr(config, section), f.name)
             if value in meta["allow"]:
@@ -232,6 +257,13 @@ def check_bounds(config: JobConfig) -> None:
                 if bound is not None and not ok(value, bound):
                     extra = f" (or {', '.join(map(str, meta['allow']))})" if meta["allow"] else ""
                     raise ConfigError(f"{section}.{f.name}", f"must be {symbol} {bound}{extra}, got {value}")
+
+
+def check_choices(config: JobConfig) -> None:
+    """Every registered field names an entry of its kind (a value set in code, not parsed, is checked here)."""
+    for section, cls in section_classes().items():
+        for key, kind in _field_kinds(cls).items():
+            _check_choice(f"{section}.{key}", getattr(getattr(config, section), key), kind)
 
 
 def resolve_asset_path(path: str) -> Path:
@@ -247,6 +279,7 @@ def validate(config: JobConfig) -> None:
     """The checks a config can make on its own: each field's bounds, then each section's cross-field `check()`. Checks
     that need a model shape, the world size or the file system belong to the run plan (`titanmem.plan`)."""
     check_bounds(config)
+    check_choices(config)
     for section in section_classes():
         check = getattr(getattr(config, section), "check", None)
         if check is not None:
@@ -298,11 +331,10 @@ def format_help(usage: str) -> str:
     ]
     for section, cls in section_classes().items():
         docs = field_docs(cls)
-        types = _field_types(cls)
         defaults = dataclasses.asdict(cls())
         lines.append(f"[{section}]")
         for key in defaults:
-            lines.append(f"  --{section}.{key}  ({_describe_type(types[key])}, default {_toml_value(defaults[key])})")
+            lines.append(f"  --{section}.{key}  ({_describe_field(cls, key)}, default {_toml_value(defaults[key])})")
             lines.extend(textwrap.wrap(docs.get(key, ""), width=100, initial_indent="      ", subsequent_indent="      "))
         lines.append("")
     return "\n".join(lines)
@@ -320,10 +352,9 @@ def format_markdown_reference() -> str:
     ]
     for section, cls in section_classes().items():
         docs = field_docs(cls)
-        types = _field_types(cls)
         lines += [f"## [{section}]", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for key, default in dataclasses.asdict(cls()).items():
-            cells = [f"`{key}`", _describe_type(types[key]), f"`{_toml_value(default)}`", docs.get(key, "")]
+            cells = [f"`{key}`", _describe_field(cls, key), f"`{_toml_value(default)}`", docs.get(key, "")]
             # A bare | ends a table cell even inside a code span.
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")

@@ -11,11 +11,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from titanmem.config.errors import ConfigError
+from titanmem.registry import DATA_FORMATS, KEY_SEARCHES, LOOKUPS, LR_DECAYS, VALUE_OPTIMIZERS, Kind
 
 
 def bounded(default, *, ge=None, gt=None, le=None, lt=None, allow=()):
     """A dataclass field whose numeric value must lie in a range; values in `allow` (sentinels like -1) pass too."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "allow": tuple(allow)})
+
+
+def registered(kind: Kind, default: str):
+    """A dataclass field that names an entry of a registry kind (`titanmem.registry`): its choices are the kind's
+    names when the value is checked, so an entry registered at run time is accepted too."""
+    return field(default=default, metadata={"kind": kind})
 
 
 @dataclass
@@ -64,7 +71,7 @@ class Data:
     """Training text: a local file, directory or glob (json/jsonl/parquet/txt, optionally .gz), or a hub dataset name
     when online. Relative paths are resolved like `tokenizer.path`."""
 
-    format: Literal["auto", "json", "parquet", "text", "hub"] = "auto"
+    format: str = registered(DATA_FORMATS, "auto")
     """How to read `path`. `auto` infers it from the file extension; a path that does not exist locally is a hub
     name."""
 
@@ -99,8 +106,8 @@ class Data:
 
     facts_path: str = "assets/facts/facts.jsonl.gz"
     """Facts to mix into training (JSON lines of relation, subject, answer, seen and optionally qa; the bundled file
-    is built by tools/build_assets.py). Only the `seen` facts are trained on; the factual-recall eval asks about all
-    of them. Used when `facts_fraction` > 0, and by the eval."""
+    is built by `python -m tools.assets.build_assets`). Only the `seen` facts are trained on; the factual-recall eval
+    asks about all of them. Used when `facts_fraction` > 0, and by the eval."""
 
     facts_fraction: float = bounded(0.0, ge=0.0, lt=1.0)
     """Share of the training tokens that are fact text: after each document, statements of random seen facts, in
@@ -146,18 +153,18 @@ class Memory:
     gated: bool = False
     """Multiply the memory output by a learned sigmoid gate of the input (an ablation of the paper)."""
 
-    lookup: Literal["auto", "torch", "triton"] = "auto"
+    lookup: str = registered(LOOKUPS, "auto")
     """Implementation of the weighted bag of value rows: `torch` (F.embedding_bag) or the fused Triton kernels.
     `auto` is triton on CUDA and torch on CPU (where Triton only runs interpreted)."""
 
-    key_search: Literal["auto", "torch", "select", "triton"] = "auto"
+    key_search: str = registered(KEY_SEARCHES, "auto")
     """Implementation of the search for each token's best keys. `torch`: scores against every sub-key by one batched
     GEMM in the compute dtype, then torch.topk per half and over the k×k merge's candidates. `select`: the same with
     both top-k selections made by a Triton kernel, one warp per row (the fastest on an H200). `triton`: one fused
     kernel that scores in fp32 and never stores the scores, so its top-k is exact also under bf16, but slower.
     `auto` is select on CUDA and torch on CPU (docs/benchmarks.md)."""
 
-    value_optimizer: Literal["auto", "adamw", "sgd", "adagrad", "adam"] = "auto"
+    value_optimizer: str = registered(VALUE_OPTIMIZERS, "auto")
     """How the value table trains. `adamw`: dense gradient and dense AdamW, the paper's faithful baseline. `sgd`,
     `adagrad` (one fp32 state per row) and `adam` (lazy, row-sparse moments): fused row-wise updates of the touched
     rows only, with no dense gradient or dense state: Triton kernels on a GPU, tensor ops on a CPU (but a bf16 table
@@ -273,7 +280,7 @@ class LRScheduler:
     warmup_steps: int = bounded(20, ge=0)
     """Steps of linear warmup from 0 to the peak lr."""
 
-    decay_type: Literal["linear", "cosine", "constant"] = "linear"
+    decay_type: str = registered(LR_DECAYS, "linear")
     """Shape of the decay that follows warmup."""
 
     decay_steps: int = bounded(-1, ge=1, allow=(-1,))
@@ -362,7 +369,7 @@ class Finetune:
 
     background_counts: str = ""
     """With `sparse_memory`: the read counts of the model being finetuned over a sample of its pretraining data
-    (`tools/count_memory_reads.py` writes them): the inverse document frequency of each row."""
+    (`titanmem-count-reads` writes them): the inverse document frequency of each row."""
 
     dataset_counts: str = ""
     """With `selection = "per_dataset"`: the same model's read counts over the finetuning data, from the same tool."""

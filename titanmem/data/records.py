@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from titanmem.config.errors import ConfigError
+from titanmem.data.files import format_reader
 
 # Decompressors by suffix; zstd is optional, as it is for `datasets`.
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -198,9 +199,18 @@ def _decode_file(path: str, raw: bytes) -> Record:
 
 
 def document_records(path: str | Path, builder: str, text_field: str) -> Iterator[Record]:
-    """The documents of one local file of format `builder` (json or text), each a text or a bad record."""
-    if builder == "text":
-        yield text_file_record(path)
-        return
+    """The documents of one local file of data format `builder` (one that reads records: json, text or a registered
+    one), each a text or a bad record."""
+    yield from format_reader(builder)(path, text_field)
+
+
+def json_documents(path: str | Path, text_field: str) -> Iterator[Record]:
+    """The `json` format's reader: each record's `text_field` (JSON lines, or one JSON array)."""
     for record in json_records(path):
         yield text_of(record, text_field)
+
+
+def text_documents(path: str | Path, text_field: str) -> Iterator[Record]:
+    """The `text` format's reader: the whole file as one document (so that documents are separated between files, not
+    lines)."""
+    yield text_file_record(path)

@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from titanmem.config.errors import ConfigError
 from titanmem.config.sections import Data as DataConfig
 from titanmem.data.facts import Fact, FactText
-from titanmem.data.files import DataSource
+from titanmem.data.files import DataSource, data_format, format_reader
 from titanmem.data.position import ShardState, is_consumed
 from titanmem.data import records
 from titanmem.data.records import bad_record_error, document_records, missing_field_problem
@@ -44,9 +44,11 @@ BAD_RECORD = "titanmem_bad_record"
 STREAM_SAMPLE_RECORDS = 10_000
 
 
-def _readers_fingerprint() -> str:
-    """The readers' own source, so that a cached Arrow table made by other readers is not reused."""
-    source = Path(records.__file__).read_bytes() + inspect.getsource(_document_rows).encode()
+def _readers_fingerprint(builder: str) -> str:
+    """The readers' own source (the format's reader's too), so that a cached Arrow table made by other readers is not
+    reused."""
+    source = (Path(records.__file__).read_bytes() + inspect.getsource(_document_rows).encode()
+              + inspect.getsource(format_reader(builder)).encode())
     return hashlib.sha256(source).hexdigest()
 
 
@@ -81,31 +83,40 @@ def _reader_error(config: DataConfig, what: str, error: Exception) -> ConfigErro
 
 def load_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
     """Open the corpus that `source` (`resolve_data_source(config)`) names as a dataset of documents, its local
-    records checked as `data.on_bad_record` says (all of them; a streamed corpus, a sample)."""
-    if source.is_hub:
-        try:
-            documents = datasets.load_dataset(config.path, config.hub_config or None, split=config.split,
-                                              streaming=config.streaming)
-        except Exception as e:  # offline, unknown name, no such split: the hub's own error says which
-            raise _reader_error(config, f"the hub dataset {config.path}", e) from None
-    elif source.builder == "parquet":
-        check_parquet_files(config, source.files)
-        try:
-            documents = datasets.load_dataset("parquet", data_files={config.split: list(source.files)},
-                                              split=config.split, streaming=config.streaming)
-        except Exception as e:
-            raise _reader_error(config, f"{config.path} as parquet", e) from None
-    else:
+    records checked as `data.on_bad_record` says (all of them; a streamed corpus, a sample). A format that reads
+    records goes through titanmem's record readers; one that loads a dataset loads it itself."""
+    if data_format(source.builder).reads == "records":
         documents = _load_local_documents(config, source)
+    else:
+        documents = format_reader(source.builder)(config, source)
     column_names = documents.column_names
     if column_names is not None and config.text_field not in column_names:
         raise ConfigError("data.text_field", f"{config.text_field!r} is not a column of {config.path}: {column_names}")
     return documents
 
 
+def hub_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
+    """The `hub` format's loader: the hub dataset `data.path` names."""
+    try:
+        return datasets.load_dataset(config.path, config.hub_config or None, split=config.split,
+                                     streaming=config.streaming)
+    except Exception as e:  # offline, unknown name, no such split: the hub's own error says which
+        raise _reader_error(config, f"the hub dataset {config.path}", e) from None
+
+
+def parquet_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
+    """The `parquet` format's loader: its files through `datasets`, after a check of their footers."""
+    check_parquet_files(config, source.files)
+    try:
+        return datasets.load_dataset("parquet", data_files={config.split: list(source.files)}, split=config.split,
+                                     streaming=config.streaming)
+    except Exception as e:
+        raise _reader_error(config, f"{config.path} as parquet", e) from None
+
+
 def _load_local_documents(config: DataConfig, source: DataSource) -> datasets.Dataset | datasets.IterableDataset:
-    """JSON or text files through titanmem's record readers, into an Arrow table (cached like `datasets` caches its
-    own) or a stream."""
+    """Local files through the format's record reader (`records.document_records`), into an Arrow table (cached like
+    `datasets` caches its own) or a stream."""
     features = datasets.Features({config.text_field: datasets.Value("string"), BAD_RECORD: datasets.Value("string")})
     kwargs = {"builder": source.builder, "text_field": config.text_field}
     if config.streaming:
@@ -120,7 +131,7 @@ def _load_local_documents(config: DataConfig, source: DataSource) -> datasets.Da
         documents = datasets.Dataset.from_generator(
             _document_rows, features=features, split=datasets.Split(config.split),
             gen_kwargs={"files": list(source.files), "stamps": _file_stamps(source.files),
-                        "version": _readers_fingerprint(), **kwargs})
+                        "version": _readers_fingerprint(source.builder), **kwargs})
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from titanmem.registry import VALUE_OPTIMIZERS
 from titanmem.step_model import MEASURED, StepRates
 
 # Links, per GPU and direction: NVLink 4 within an H100 node, one 400 Gb/s NIC per GPU between nodes.
@@ -76,7 +77,7 @@ def value_exchange_seconds(layout: str, optimizer: str, work: ValueTableWork, mp
             g * t * p * 4, g, replica_bandwidth)
         return work.calls * per_call
     exchange = column_exchange_seconds(work, mp_bandwidth)
-    if optimizer == "adamw":
+    if VALUE_OPTIMIZERS.get(optimizer).dense:
         return exchange + ring((6 if layout == "fsdp" else 2 * 4) * slice_elements, r, replica_bandwidth)
     records = work.calls * (t * m * p * 12 + t * d * 4) * r
     return exchange + ring(records, r, replica_bandwidth)
@@ -88,7 +89,7 @@ def value_update_work(layout: str, optimizer: str, work: ValueTableWork) -> tupl
     rows-sharded block's pairs are M·T·p per call on average, a replicated slice's R·M·T·p."""
     t, p, d, m, r = work.tokens, work.pairs, work.v_dim, work.mp, work.copies
     slice_elements = work.n_values * d / m
-    if optimizer == "adamw":
+    if VALUE_OPTIMIZERS.get(optimizer).dense:
         # FSDP and row blocks step their share of the slice; a replicated slice is stepped whole by every copy.
         return 0.0, slice_elements / r if layout == "fsdp" or (layout == "rows" and r > 1) else slice_elements
     pairs_per_call = m * t * p if layout == "rows" and r > 1 else r * m * t * p
@@ -97,7 +98,7 @@ def value_update_work(layout: str, optimizer: str, work: ValueTableWork) -> tupl
 
 def layouts_for(optimizer: str) -> tuple[str, ...]:
     """The layouts `optimizer` can train (FSDP's gathered slice needs a dense gradient), the usual one first."""
-    return ("fsdp", "rows", "replicate") if optimizer == "adamw" else ("replicate", "rows")
+    return ("fsdp", "rows", "replicate") if VALUE_OPTIMIZERS.get(optimizer).dense else ("replicate", "rows")
 
 
 def cheapest_layout(optimizer: str, work: ValueTableWork, mp_bandwidth: float, replica_bandwidth: float) -> str:

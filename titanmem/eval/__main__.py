@@ -11,33 +11,29 @@ from __future__ import annotations
 
 import json
 
-import torch.distributed as dist
-
-from titanmem.build import start_reader
+from titanmem.build import Run
 from titanmem.components.checkpoint import saved_step
+from titanmem.entry import run_reader
 from titanmem.eval.runner import Evaluator
-from titanmem.utils import exit_with, print_output, setup_logging
+from titanmem.plan import RunPlan
+from titanmem.utils import exit_with, print_output
 
 USAGE = ("python -m titanmem.eval [--job.config_file FILE] [--checkpoint.load_step N] [--eval.results_folder DIR] "
          "[--print_config] [--section.key VALUE ...]")
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    started = start_reader(argv, "eval", USAGE)
-    if isinstance(started, int):
-        return started
-    plan, run = started
-    config, path = plan.config, plan.checkpoint_to_load
-    try:
-        evaluator = Evaluator(config, run.tokenizer, run.device, plan.autocast_dtype, run.rank,
-                              results_folder=config.eval.results_folder or None)
-        results = evaluator.run(run.model, saved_step(path))
-        if run.rank == 0:
-            print_output(json.dumps(results, indent=1))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_reader(argv, "eval", USAGE, evaluate)
+
+
+def evaluate(plan: RunPlan, run: Run) -> int:
+    """Score the checkpoint's model and print the results (rank 0)."""
+    config = plan.config
+    evaluator = Evaluator(config, run.tokenizer, run.device, plan.autocast_dtype, run.rank,
+                          results_folder=config.eval.results_folder or None)
+    results = evaluator.run(run.model, saved_step(plan.checkpoint_to_load))
+    if run.rank == 0:
+        print_output(json.dumps(results, indent=1))
     return 0
 
 

@@ -46,7 +46,7 @@ def sample_facts(facts: list[Fact], limit: int) -> list[Fact]:
     if limit == 0 or limit >= len(facts):
         return list(facts)
     halves = [[f for f in facts if f.seen], [f for f in facts if not f.seen]]
-    quotas = _water_fill([len(half) for half in halves], limit)
+    quotas = water_fill([len(half) for half in halves], limit)
     rng = random.Random(0)
     sample: list[Fact] = []
     for half, quota in zip(halves, quotas):
@@ -54,12 +54,12 @@ def sample_facts(facts: list[Fact], limit: int) -> list[Fact]:
         for fact in sorted(half, key=lambda f: (f.relation, f.subject)):
             by_relation[fact.relation].append(fact)
         names = sorted(by_relation)
-        for name, count in zip(names, _water_fill([len(by_relation[n]) for n in names], quota)):
+        for name, count in zip(names, water_fill([len(by_relation[n]) for n in names], quota)):
             sample.extend(rng.sample(by_relation[name], count))
     return sorted(sample, key=lambda f: (f.relation, f.subject))
 
 
-def _water_fill(sizes: list[int], total: int) -> list[int]:
+def water_fill(sizes: list[int], total: int) -> list[int]:
     """Counts that sum to min(total, sum(sizes)), none above its size, handed out in rounds: each round splits what is
     left equally over the groups not yet full (the first of them taking the remainder). No group gets less than
     min(its size, total // groups). Not always the most even split: a group that takes a remainder share in an

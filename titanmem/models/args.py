@@ -17,9 +17,9 @@ class MemoryArgs:
     qk_norm: bool = False
     gated: bool = False
     lookup: str = "torch"
-    """Implementation of the weighted bag of value rows (titanmem.models.lookup.LOOKUPS)."""
+    """Implementation of the weighted bag of value rows (an entry of titanmem.registry.LOOKUPS)."""
     key_search: str = "torch"
-    """Implementation of the product-key search (titanmem.models.key_search.KEY_SEARCHES)."""
+    """Implementation of the product-key search (an entry of titanmem.registry.KEY_SEARCHES)."""
     value_dtype: str = "fp32"
     """Storage of the value table: fp32 or bf16."""
 

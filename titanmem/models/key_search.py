@@ -3,8 +3,8 @@
 query: [T, heads, k_dim]; subkeys: [heads, 2, n_keys, k_dim / 2] in the query's dtype. For each token and head,
 the knn best of the n_keys² product keys (the score of key (r, c) is the first query half's dot with sub-key r of
 the first half plus the second half's with sub-key c of the second), best first: their softmax weights [T, heads,
-knn] in fp32 and their value rows n_keys · r + c [T, heads, knn] int64. Implementations are named in
-`KEY_SEARCHES` and imported on first use (`titanmem.models.implementations`).
+knn] in fp32 and their value rows n_keys · r + c [T, heads, knn] int64. Implementations are entries of
+`titanmem.registry.KEY_SEARCHES`, imported on first use.
 """
 
 from __future__ import annotations
@@ -13,31 +13,26 @@ from typing import Callable
 
 import torch
 
-from titanmem.models.implementations import available, load
+from titanmem.registry import KEY_SEARCHES
 
-# Limits of the Triton search (titanmem.kernels.key_search): each candidate's value row, n_keys · r + c, is an int32,
-# and its ranking holds knn × knn comparisons per token.
-MAX_TRITON_KEYS = 46340
-MAX_TRITON_KNN = 64
+# Limits of the Triton search (titanmem.kernels.key_search), as its registry entry states them.
+MAX_TRITON_KEYS = KEY_SEARCHES.get("triton").max_keys
+MAX_TRITON_KNN = KEY_SEARCHES.get("triton").max_knn
 
 KeySearch = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 # `x.topk(k, dim=-1)` or a function like it: the k largest of each last-dim row, largest first, and their positions.
 TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
-KEY_SEARCHES: dict[str, tuple[str, str]] = {
-    "torch": (__name__, "torch_key_search"),
-    "triton": ("titanmem.kernels.key_search", "key_search"),
-    "select": ("titanmem.models.selected_key_search", "selected_key_search"),
-}
 
 
 def available_key_searches() -> list[str]:
     """The key searches whose module imports on this machine."""
-    return available(KEY_SEARCHES)
+    return KEY_SEARCHES.available()
 
 
 def get_key_search(name: str) -> KeySearch:
-    return load(KEY_SEARCHES, name, "memory key search")
+    """The key search `name` (an entry of `titanmem.registry.KEY_SEARCHES`), imported now."""
+    return KEY_SEARCHES.load(name)
 
 
 def merge_candidates(knn: int, device: torch.device) -> torch.Tensor:

@@ -4,7 +4,7 @@ values: [N, D]; indices: [T, L] int64 rows; weights: [T, L]. Row t of the result
 values[indices[t, l]], accumulated in fp32 or better and stored in `out_dtype` (default values' dtype: a partial bag
 that is summed with others' is asked for in fp32). A negative index reads nothing: its pair adds nothing and gets
 a weight gradient of 0 (a rank that holds only some of the table's rows is passed the other rows' pairs so).
-Implementations are named in `LOOKUPS` and imported on first use (`titanmem.models.implementations`).
+Implementations are entries of `titanmem.registry.LOOKUPS`, imported on first use.
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from titanmem.models.implementations import available, load
+from titanmem.registry import LOOKUPS
 
 Lookup = Callable[..., torch.Tensor]
-
-LOOKUPS: dict[str, tuple[str, str]] = {
-    "torch": (__name__, "torch_weighted_bag"),
-    "triton": ("titanmem.kernels.embedding_bag", "weighted_bag"),
-}
 
 
 def available_lookups() -> list[str]:
     """The lookups whose module imports on this machine."""
-    return available(LOOKUPS)
+    return LOOKUPS.available()
 
 
 def get_lookup(name: str) -> Lookup:
-    return load(LOOKUPS, name, "memory lookup")
+    """The lookup `name` (an entry of `titanmem.registry.LOOKUPS`), imported now."""
+    return LOOKUPS.load(name)
 
 
 def torch_weighted_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

@@ -6,7 +6,7 @@ saved by DCP as one rank, as a one-GPU run saves them). Each export then runs in
 checkpoint's files are dropped from the page cache (when this user may), and its peak resident memory is read from
 the kernel. docs/benchmarks.md has runs.
 
-    python tools/bench_export.py --job.config_file train_configs/llama_1.3b_memory.toml --work /tmp/bx \
+    python -m tools.bench.bench_export --job.config_file train_configs/llama_1.3b_memory.toml --work /tmp/bx \
         --format titanmem:fp32 --format hf:bf16
 """
 
@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_random_checkpoint(config_file: str, folder: Path) -> None:

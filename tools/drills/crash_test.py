@@ -1,11 +1,11 @@
 """Kill training at chosen or random points and check that a relaunch recovers exactly.
 
-    python tools/crash_test.py                                  # 20 random crash points
-    python tools/crash_test.py --random 50 --seed 3
-    python tools/crash_test.py --points step:3 save:written:4 save:background:6:async [--steps 8 --interval 2]
-    python tools/crash_test.py ... -- --memory.enabled           # after --, overrides for every launch
-    python tools/crash_test.py --nproc 2 ... -- --parallelism.value_slice_sharding rows   # gloo ranks (torchrun)
-    python tools/crash_test.py --nproc 2 --points step:3@1      # only rank 1 is killed
+    python -m tools.drills.crash_test                                  # 20 random crash points
+    python -m tools.drills.crash_test --random 50 --seed 3
+    python -m tools.drills.crash_test --points step:3 save:written:4 save:background:6:async [--steps 8 --interval 2]
+    python -m tools.drills.crash_test ... -- --memory.enabled           # after --, overrides for every launch
+    python -m tools.drills.crash_test --nproc 2 ... -- --parallelism.value_slice_sharding rows   # gloo ranks (torchrun)
+    python -m tools.drills.crash_test --nproc 2 --points step:3@1      # only rank 1 is killed
 
 Each crash is `point:step[:sync|async][@rank]` (points: titanmem/components/faults.py). For each, a fresh run is
 launched with TITANMEM_CRASH_AT, which SIGKILLs the process there, and then relaunched with the same command until it
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from titanmem.components.faults import POINTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 NPROC = 1

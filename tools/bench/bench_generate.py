@@ -1,7 +1,7 @@
 """Time greedy generation with and without the KV cache, on a GPU, for train_configs presets; prints one markdown
 table.
 
-    python tools/bench_generate.py [--configs llama_134m_memory,llama_1.3b_memory] [--prompts 64]
+    python -m tools.bench.bench_generate [--configs llama_134m_memory,llama_1.3b_memory] [--prompts 64]
         [--new-tokens 64] [--batch-size 32] [--prompt-lengths 8,48]
 
 Each config's model is built as its preset says (random weights: speed does not depend on them), in bf16 autocast.
@@ -19,16 +19,13 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from titanmem.build import build_model  # noqa: E402
-from titanmem.config import build_config  # noqa: E402
-from titanmem.eval.decode import generate  # noqa: E402
-from titanmem.plan import resolve_plan  # noqa: E402
+from titanmem.build import build_model
+from titanmem.config import build_config
+from titanmem.eval.decode import generate
+from titanmem.plan import resolve_plan
 
 VOCAB = 4097  # the bundled tokenizer's ids; the last, 4096, is end-of-text
 EOS = VOCAB - 1

@@ -8,8 +8,8 @@ rates. Thread counts and async modes are config overrides of the run. `--state G
 state of that size shaped like a 1.3b Memory+ run's, with each of `--threads` writer and reader threads, copied off
 the GPU by the writer threads or staged into pinned buffers first. docs/benchmarks.md has runs.
 
-    python tools/bench_checkpoint.py --work /tmp/ck --disk 6 --state 25 --threads 1 8 16
-    python tools/bench_checkpoint.py --work /tmp/ck --disk 16 \
+    python -m tools.bench.bench_checkpoint --work /tmp/ck --disk 6 --state 25 --threads 1 8 16
+    python -m tools.bench.bench_checkpoint --work /tmp/ck --disk 16 \
         --run "llama_1.3b_memory --checkpoint.io_threads 1" --run "llama_1.3b_memory --checkpoint.io_threads 8"
 """
 
@@ -19,16 +19,13 @@ import argparse
 import os
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import titanmem.components.checkpoint as checkpoint  # noqa: E402
-from titanmem.train import main as train  # noqa: E402
+import titanmem.components.checkpoint as checkpoint
+from titanmem.train import main as train
 
 TIMES: dict[str, list[float]] = {}
 

@@ -2,21 +2,17 @@
 stochastic rounding (row-wise Adagrad on the values). Prints the mean training loss of the last 50 steps and the
 held-out perplexity of each. docs/benchmarks.md has a run.
 
-    python tools/compare_value_rounding.py --steps 400 [--config llama_134m_memory]
+    python -m tools.experiments.compare_value_rounding --steps 400 [--config llama_134m_memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from titanmem.config import build_config  # noqa: E402
-from titanmem.train import Trainer  # noqa: E402
+from titanmem.config import build_config
+from titanmem.train import Trainer
 
 VARIANTS = [("fp32", []),
             ("bf16, nearest", ["--memory.value_dtype", "bf16", "--memory.value_rounding", "nearest"]),

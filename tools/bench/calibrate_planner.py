@@ -4,14 +4,14 @@
 Each run is a train_configs name, optionally followed by config overrides joined with ':'.
 - memory: trains 3 steps (no checkpoint, no eval, no loader workers), takes the whole run's
   `torch.cuda.max_memory_allocated`, and compares it with the planner's per-GPU need (without headroom).
-- step_time: times `--steps` steps after `--warmup` (`tools/bench_train.py`, which also splits out the row-wise value
-  update), fits the step model's rates to them (`titanmem.step_model.fit`), and prints the rates, ready to paste into
+- step_time: times `--steps` steps after `--warmup` (bench_train.py, beside this file, which also splits out the
+  row-wise value update), fits the step model's rates to them (`titanmem.step_model.fit`), and prints the rates, ready to paste into
   `titanmem/step_model.py` as `MEASURED`, and each run's measured step against the planner's estimate with the
   committed rates and with the fitted ones. `--save FILE` keeps the measurements as JSON; `--load FILE` fits and
   compares those instead of measuring (on any machine). docs/planner.md and docs/benchmarks.md have runs.
 
-    python tools/calibrate_planner.py --what step_time --save /tmp/steps.json
-    python tools/calibrate_planner.py --what memory llama_134m llama_134m_memory llama_1.3b_memory \\
+    python -m tools.bench.calibrate_planner --what step_time --save /tmp/steps.json
+    python -m tools.bench.calibrate_planner --what memory llama_134m llama_134m_memory llama_1.3b_memory \\
         llama_134m_memory:--activation_checkpoint.mode:full llama_1.3b_memory:--memory.value_dtype:bf16
 """
 
@@ -25,16 +25,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from titanmem.config import ConfigError, build_config  # noqa: E402
-from titanmem.planner import (  # noqa: E402
-    Cluster, _step_time, build_meta, estimate_config, fake_world, resolve_for, step_work,
+from titanmem.config import ConfigError, build_config
+from titanmem.planner import (
+    Cluster, step_time, build_meta, estimate_config, fake_world, resolve_for, step_work,
 )
-from titanmem.step_model import MEASURED, Measurement, StepRates, StepWork, fit  # noqa: E402
-from titanmem.train import main as train  # noqa: E402
+from titanmem.step_model import MEASURED, Measurement, StepRates, StepWork, fit
+from titanmem.train import main as train
 
 STEP_TIME_RUNS = ["llama_134m", "llama_134m_memory", "llama_373m", "llama_373m_memory", "llama_1.3b",
                   "llama_1.3b_memory", "llama_134m_memory:--activation_checkpoint.mode:full"]
@@ -81,7 +79,7 @@ def memory_table(runs: list[str]) -> None:
 
 
 def measure_steps(runs: list[str], steps: int, warmup: int) -> list[dict]:
-    """Each run's mean step and value-update seconds, timed by `tools/bench_train.py`."""
+    """Each run's mean step and value-update seconds, timed by `tools/bench/bench_train.py`."""
     from bench_train import bench
 
     measured = []
@@ -103,7 +101,7 @@ def planned(run: str, world: int = 1):
 def planner_seconds(run: str, rates: StepRates, world: int = 1) -> float:
     plan, model, cluster = planned(run, world)
     tokens = plan.config.training.local_batch_size * plan.config.training.seq_len
-    return _step_time(plan, model, cluster, tokens, rates)[0]
+    return step_time(plan, model, cluster, tokens, rates)[0]
 
 
 def step_time_table(measured: list[dict], source: str) -> StepRates:
@@ -141,12 +139,12 @@ def step_time_table(measured: list[dict], source: str) -> StepRates:
 def source_line(args) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{card}, torch {torch.__version__}, commit {commit}, {datetime.date.today()}: python "
-            f"tools/calibrate_planner.py --what step_time --steps {args.steps} --warmup {args.warmup}")
+            f"tools/bench/calibrate_planner.py --what step_time --steps {args.steps} --warmup {args.warmup}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Each run is a train_configs name, optionally followed by config overrides joined
 `llama_134m_memory:--compile.enable:true`). For each, it builds the trainer as training does (no checkpoint, no
 eval), runs `--warmup` steps, then times `--steps` steps back to back (their mean). A step is split, with CUDA events
 (means over the same steps), into:
-- forward: the model's forward (the loss and the lookups included);
+- forward: the model's forward (the lookups included);
 - backward: the rest of forward + backward;
 - value update: the row-wise value optimizer (its norm, gathers and fused update);
 - optimizer: the rest of the optimizer step (norms, clipping, AdamW, and a row-wise optimizer's host sync);
@@ -15,23 +15,21 @@ eval), runs `--warmup` steps, then times `--steps` steps back to back (their mea
 The bf16 GEMM ceiling of the same run (an 8192³ matmul) is printed first, so that MFU can be read against what this
 GPU reaches today. docs/benchmarks.md has the runs. On several GPUs, launch it with torchrun, one run per launch:
 
-    python tools/bench_train.py --steps 30 --warmup 10 llama_134m llama_134m_memory
-    torchrun --standalone --nproc_per_node 2 tools/bench_train.py llama_134m_memory:--parallelism.mp:2
+    python -m tools.bench.bench_train --steps 30 --warmup 10 llama_134m llama_134m_memory
+    torchrun --standalone --nproc_per_node 2 -m tools.bench.bench_train llama_134m_memory:--parallelism.mp:2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from titanmem.config import build_config  # noqa: E402
+from titanmem.config import build_config
+from titanmem.plan import resolve_plan
 
 PHASES = ("forward", "backward", "value update", "optimizer")
 
@@ -50,14 +48,14 @@ class PhaseClock:
             return event
         return time.perf_counter()
 
-    def timed(self, name: str, function):
-        def wrapper(*args, **kwargs):
-            start = self.mark()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.marks.append((name, start, self.mark()))
-        return wrapper
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """The trainer's `phase_timer`: marks the start and end of each phase it runs."""
+        start = self.mark()
+        try:
+            yield
+        finally:
+            self.marks.append((name, start, self.mark()))
 
     def seconds(self) -> dict[str, float]:
         """Seconds per phase name since the last call (marks of one name are summed)."""
@@ -103,7 +101,7 @@ def exposed_communication(trainer, batches, steps: int = 3) -> float | None:
             continue
         span = (event.time_range.start, event.time_range.end)
         (comm if "nccl" in event.name.lower() else compute).append(span)
-    return _uncovered(comm, compute) / 1e6 / steps
+    return uncovered(comm, compute) / 1e6 / steps
 
 
 def host_syncs_per_step(trainer, batches, steps: int = 3) -> float | None:
@@ -124,7 +122,7 @@ def host_syncs_per_step(trainer, batches, steps: int = 3) -> float | None:
     return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
-def _uncovered(spans: list[tuple[int, int]], cover: list[tuple[int, int]]) -> float:
+def uncovered(spans: list[tuple[int, int]], cover: list[tuple[int, int]]) -> float:
     """Total length of the union of `spans` outside the union of `cover`."""
     def union(intervals):
         merged = []
@@ -157,22 +155,14 @@ def bench(run: str, steps: int, warmup: int, decide_on: str = "auto") -> dict:
                               str(warmup + steps + 3), "--checkpoint.enable", "false", "--eval.interval", "0",
                               "--metrics.enable_tensorboard", "false", "--metrics.memory_telemetry_freq", "0",
                               "--job.dump_folder", f"/tmp/bench_train/{name}"])
-    trainer = Trainer(config)
+    plan = resolve_plan(config, "train")
+    clock = PhaseClock(plan.device_type == "cuda")
+    trainer = Trainer(config, plan, phase_timer=clock.phase)
     trainer.read_late = True  # as in training: no host sync per step where the device can skip a step itself
     if decide_on == "host":
         optimizers = type(trainer.optimizers)
         trainer.optimizers.__class__ = type("HostDeciding", (optimizers,), {"skips_on_device": property(lambda _: False)})
     cuda = trainer.device.type == "cuda"
-    clock = PhaseClock(cuda)
-    trainer.model.forward = clock.timed("forward", trainer.model.forward)
-    trainer.forward_backward = clock.timed("forward+backward", trainer.forward_backward)
-    values = trainer.optimizers.values
-    if values is not None:
-        values.grad_norm = clock.timed("value update", values.grad_norm)
-        values.step = clock.timed("value update", values.step)
-    trainer.optimizers.step = clock.timed("optimizer step", trainer.optimizers.step)
-    trainer.optimizers.step_unless_nonfinite = clock.timed("optimizer step", trainer.optimizers.step_unless_nonfinite)
-    trainer.optimizers.grad_norms = clock.timed("optimizer norms", trainer.optimizers.grad_norms)
     batches = iter(trainer.dataloader)
     trainer.model.train()
     try:

@@ -14,32 +14,35 @@ records and updates from all of them. The process is capped at `--gb_per_gpu` (8
 `torch.cuda.set_per_process_memory_fraction`. Besides the step time it reports the value update's (the row-wise
 optimizer's norm and fused update), the part of the step that grows with the slice's replicas under `replicate`.
 
-    python tools/weak_scale.py --world 8 --gb_per_gpu 80 --steps 20 \\
+    titanmem-weak-scale --world 8 --gb_per_gpu 80 --steps 20 \\
         --job.config_file train_configs/llama_8b_memory_128b.toml
     # the paper's layout of the same share: expect an out-of-memory report
-    python tools/weak_scale.py --world 8 --gb_per_gpu 80 --steps 3 --paper_layout \\
+    titanmem-weak-scale --world 8 --gb_per_gpu 80 --steps 3 --paper_layout \\
         --job.config_file train_configs/llama_8b_memory_128b.toml
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from titanmem.config import ConfigError, build_config  # noqa: E402
-from titanmem.planner import Cluster, build_meta, estimate, fake_world, paper_layout  # noqa: E402
-from titanmem.plan import resolve_plan  # noqa: E402
+from titanmem.config import build_config
+from titanmem.data.files import resolve_data_source
+from titanmem.entry import ends_config_errors
+from titanmem.plan import resolve_plan
+from titanmem.planner import Cluster, build_meta, estimate, fake_world, paper_layout
+from titanmem.train import Trainer
+from titanmem.utils import print_error
 
 
 def _tensors_and_group(args: tuple, kwargs: dict, group_position: int):
@@ -96,7 +99,8 @@ def loopback_collectives() -> None:
     dist.all_to_all_single = exchanging(dist.all_to_all_single)
 
 
-def main() -> int:
+@ends_config_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, required=True, help="GPUs of the plan whose rank 0 this GPU holds")
     parser.add_argument("--gpus_per_node", type=int, default=8)
@@ -106,11 +110,10 @@ def main() -> int:
                         help="cpu: the same run on this CPU, without memory figures (how CI checks the tool)")
     parser.add_argument("--paper_layout", action="store_true",
                         help="the paper's layout of the same model: fp32 table, dense gradient and AdamW")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        print("error: no GPU here; the weak-scaling run needs one (--device cpu runs it without memory figures)",
-              file=sys.stderr)
+        print_error("no GPU here; the weak-scaling run needs one (--device cpu runs it without memory figures)")
         return 2
     cap = args.gb_per_gpu * 1e9
     if cuda:
@@ -124,39 +127,25 @@ def main() -> int:
         config, _ = build_config([*overrides, "--training.steps", str(args.steps), "--checkpoint.enable", "false",
                                   "--eval.interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard",
                                   "false", "--metrics.memory_telemetry_freq", "0", "--job.dump_folder", scratch])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.paper_layout:
-        config = paper_layout(config)
-    cluster = Cluster(args.world // args.gpus_per_node or 1, min(args.world, args.gpus_per_node), args.gb_per_gpu)
-    try:
+        if args.paper_layout:
+            config = paper_layout(config)
+        cluster = Cluster(args.world // args.gpus_per_node or 1, min(args.world, args.gpus_per_node), args.gb_per_gpu)
         # dry_run: the paper's layout is to be tried for real, not refused by the pre-flight check.
         plan = resolve_plan(config, "dry_run", world_size=args.world, device_type=args.device)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with fake_world(args.world):
-        if not fake_group_loops_back():
-            loopback_collectives()
-        expected = estimate(plan, build_meta(plan), cluster)  # before the cap's allocations: on the meta device
-        print(f"rank 0 of {args.world}: {expected.layout()}; planner: {expected.needed / 1e9:.1f} GB needed, "
-              f"{expected.total / 1e9:.1f} GB with headroom, of a {cap / 1e9:.0f} GB cap", flush=True)
-        try:
+        with fake_world(args.world):
+            if not fake_group_loops_back():
+                loopback_collectives()
+            expected = estimate(plan, build_meta(plan), cluster)  # before the cap's allocations: on the meta device
+            print(f"rank 0 of {args.world}: {expected.layout()}; planner: {expected.needed / 1e9:.1f} GB needed, "
+                  f"{expected.total / 1e9:.1f} GB with headroom, of a {cap / 1e9:.0f} GB cap", flush=True)
             return train(config, plan, args.steps, cap, cuda)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def train(config, plan, steps: int, cap: float, cuda: bool) -> int:
-    import dataclasses
-
-    from titanmem.data.files import resolve_data_source
-    from titanmem.train import Trainer
-
+    """Train `steps` steps of rank 0's share under the memory cap; print each step and, at the end, the peak memory
+    and the median step and value-update times of the steady steps (the last three quarters)."""
     # A plan of its own (the estimate's holds CPU meshes), with the data a training plan resolves; not the training
     # plan's fit check, which would refuse the paper's layout before this run can show where it runs out.
     plan = resolve_plan(config, "dry_run", world_size=plan.world_size, device_type="cuda" if cuda else "cpu")
@@ -174,13 +163,23 @@ def train(config, plan, steps: int, cap: float, cuda: bool) -> int:
         reset()
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # the whole run's peak, not the last window's
     times, update_times, trainer, built = [], [], None, 0
+
+    @contextlib.contextmanager
+    def time_value_update(phase: str):
+        if phase != "value update":
+            yield
+            return
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            update_times.append(time.perf_counter() - start)
+
     try:
-        trainer = Trainer(config, plan)
+        trainer = Trainer(config, plan, phase_timer=time_value_update)
         built = torch.cuda.memory_allocated() if cuda else 0
-        values = trainer.optimizers.values
-        if values is not None:
-            values.grad_norm = _timed(values.grad_norm, update_times, sync)
-            values.step = _timed(values.step, update_times, sync)
         batches = iter(trainer.dataloader)
         trainer.model.train()
         for step in range(1, steps + 1):
@@ -213,18 +212,6 @@ def train(config, plan, steps: int, cap: float, cuda: bool) -> int:
     print(f"{memory}step time (steps {len(times) - len(steady) + 1}-{steps}): median {statistics.median(steady):.3f} s, "
           f"{tokens / statistics.median(steady):,.0f} tokens/s on this GPU (no communication){update}")
     return 0
-
-
-def _timed(function, times: list[float], sync):
-    def timed(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            sync()
-            times.append(time.perf_counter() - start)
-    return timed
 
 
 if __name__ == "__main__":

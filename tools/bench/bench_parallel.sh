@@ -6,7 +6,7 @@
 #   PLANS        space-separated "name:overrides" (overrides joined by ','), default: 1 GPU, FSDP=2, MP=2, TP=2
 # Writes each run's log to $OUT_DIR (default /tmp/bench_parallel) and prints a markdown table.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CONFIG_FILE="${CONFIG_FILE:-$ROOT/train_configs/llama_134m_memory.toml}"
 STEPS="${STEPS:-60}"
 LOG_FREQ="${LOG_FREQ:-20}"

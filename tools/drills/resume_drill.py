@@ -2,7 +2,7 @@
 losses with an uninterrupted run of the first plan. Prints one markdown table; exits 1 if the kill, the resume or
 the losses are not as they must be.
 
-    python tools/resume_drill.py --nproc 8 --plan "--parallelism.mp 8" --resume-plan "--parallelism.mp 4" \
+    python -m tools.drills.resume_drill --nproc 8 --plan "--parallelism.mp 8" --resume-plan "--parallelism.mp 4" \
         [--steps 20 --interval 10 --kill-at 13] [--nodes 2] [--work DIR] -- [config overrides for every launch]
 
 Three launches, each of `--nproc` ranks (GPUs, or gloo CPU ranks with `--training.device cpu`):
@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEP = re.compile(r"step +(\d+) \| loss ([\d.]+)(?:.*?tok/s ([\d,]+))?(?:.*?mem ([\d.]+) GiB)?")
 SAVED = re.compile(r"saved checkpoint step-(\d+).*?waited ([\d.]+) s")
 RESUMED = re.compile(r"resumed from \S*step-(\d+) in ([\d.]+) s")

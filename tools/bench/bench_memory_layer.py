@@ -1,6 +1,6 @@
 """Time one memory layer alone, forward + backward, at a model's shapes, for each key search; prints markdown tables.
 
-    python tools/bench_memory_layer.py [--flavors 134m:16,1.3b:8] [--seq_len 2048] [--sweep]
+    python -m tools.bench.bench_memory_layer [--flavors 134m:16,1.3b:8] [--seq_len 2048] [--sweep]
 
 For each flavor (with its local batch), a Memory+ layer with the flavor's width, 1M values (n_keys 1024), 4 heads ×
 top-32 and k_dim = dim / 2 runs under bf16 autocast, as in training with a row-wise value optimizer: the table takes

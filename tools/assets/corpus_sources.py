@@ -1,6 +1,6 @@
 """The extra sources of the large prose corpus, read from their pinned archives into (source, paragraphs) texts.
 
-Used by tools/build_assets.py (`--large-corpus`), which downloads and verifies the archives and adds the bundled
+Used by tools/assets/build_assets.py (`--large-corpus`), which downloads and verifies the archives and adds the bundled
 corpus's Shakespeare and Brown texts. What the registries offer, and what was left out and why, is in
 docs/experiments.md ("The large corpus").
 """

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The [finetune] experiment (docs/experiments.md, "Sparse memory finetuning"), in two phases on this machine's GPU
 # (set CUDA_VISIBLE_DEVICES to pick one):
-#   tools/run_finetune_experiment.sh prepare   pretrain the base (the quality experiment's Memory+ 134m, seed 0),
-#                                              count its reads, build the new-facts corpus, evaluate the base
-#                                              (= the phases base, then base_eval; on two GPUs, base_eval may run on
-#                                              the second once the base's checkpoint exists, while the first counts)
-#   tools/run_finetune_experiment.sh arms      finetune each arm from the base (after prepare; two runners on two
-#                                              GPUs may split ARMS)
+#   tools/experiments/run_finetune_experiment.sh prepare
+#       pretrain the base (the quality experiment's Memory+ 134m, seed 0), count its reads, build the new-facts
+#       corpus, evaluate the base (= the phases base, then base_eval; on two GPUs, base_eval may run on the second
+#       once the base's checkpoint exists, while the first counts)
+#   tools/experiments/run_finetune_experiment.sh arms
+#       finetune each arm from the base (after prepare; two runners on two GPUs may split ARMS)
 # Settings (environment):
 #   OUT_DIR   results: each arm's log, eval results and wall time, the base's eval, the counts (default /tmp/finetune)
 #   RUN_DIR   dump folders: the base's checkpoint and the arms' runs (default /tmp/finetune_runs)
@@ -15,9 +15,10 @@
 #   BASE_STEPS   the base's pretraining steps (default 1600, as in its protocol)
 #   COMMON_ARGS  config overrides for every run of both phases (e.g. a small model for a dry run on CPU)
 #   WAIT_FOR_BASE=1  base_eval and arms wait for the base (its checkpoint, its counts) that another runner prepares
-# Extra arguments go to every finetuning run. Report with tools/report_finetune.py --runs OUT_DIR.
+# Extra arguments go to every finetuning run. Report with
+#   python -m tools.experiments.report_finetune --runs OUT_DIR
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT_DIR:-/tmp/finetune}"
 RUN_DIR="${RUN_DIR:-/tmp/finetune_runs}"
@@ -54,7 +55,7 @@ case "$phase" in
     "${BASH_SOURCE[0]}" base_eval
     ;;
   base)
-    [ -f "$CORPUS" ] || "$PYTHON" "$ROOT/tools/build_finetune_facts.py" --out "$CORPUS"
+    [ -f "$CORPUS" ] || "$PYTHON" -m titanmem.build_finetune_facts --out "$CORPUS"
     if [ ! -d "$BASE" ]; then
       # The quality arm as its protocol ran it, with its last checkpoint kept and no evals (the base's is below).
       timed base_pretrain env CONFIG_FILE="$BASE_CONFIG" "$ROOT/run_train.sh" --job.dump_folder "$RUN_DIR/base" \
@@ -66,7 +67,7 @@ case "$phase" in
     rm -f "$OUT_DIR/background.safetensors" "$OUT_DIR/dataset.safetensors"
     for counts in "background $BASE_CONFIG 100" "dataset $CONFIG 25"; do
       set -- $counts
-      timed "counts_$1" "$PYTHON" "$ROOT/tools/count_memory_reads.py" --out "$OUT_DIR/$1.safetensors" --batches "$3" \
+      timed "counts_$1" "$PYTHON" -m titanmem.count_memory_reads --out "$OUT_DIR/$1.safetensors" --batches "$3" \
         --job.config_file "$2" --checkpoint.initial_load_path "$BASE" --job.dump_folder "$RUN_DIR/counting" \
         "${COMMON[@]}"
     done

@@ -5,10 +5,12 @@
 #   SEEDS    training seeds (default: 0 1 2)
 #   OUT_DIR  where each run's console log and eval results go (default /tmp/experiment)
 #   RUN_DIR  the runs' dump folders (checkpoints, TensorBoard), kept apart from OUT_DIR (default /tmp/experiment_runs)
-# The arms read the large corpus: build it first with `python tools/build_assets.py --large-corpus data/large_corpus`.
-# Extra arguments go to every run, e.g. --checkpoint.enable false. Report with tools/report_experiment.py.
+# The arms read the large corpus: build it first with
+#   python -m tools.assets.build_assets --large-corpus data/large_corpus
+# Extra arguments go to every run, e.g. --checkpoint.enable false. Report with
+#   python -m tools.experiments.report_experiment --runs OUT_DIR
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT_DIR="${OUT_DIR:-/tmp/experiment}"
 ARMS="${ARMS:-quality_dense_134m quality_memory_134m quality_dense_373m quality_memory_pkm_134m quality_memory_adamw_134m}"
 SEEDS="${SEEDS:-0 1 2}"

@@ -1,8 +1,8 @@
 """Check that a plan's full initial weights equal one process's, bit for bit, and time the initialisation.
 
-    python tools/check_init.py --reference FILE [config overrides]            # one process: writes FILE
-    torchrun --nproc_per_node N tools/check_init.py --reference FILE [...]    # any plan: compares with FILE
-    python tools/check_init.py --time [config overrides]                      # one process: init time only
+    titanmem-check-init --reference FILE [config overrides]                      # one process: writes FILE
+    torchrun --nproc_per_node N -m titanmem.check_init --reference FILE [...]    # any plan: compares with FILE
+    titanmem-check-init --time [config overrides]                                # one process: init time only
 
 Builds the model through the run's build path (the plan's parallelism applied on the meta device, then each rank
 draws only its shards), gathers the full weights, and prints one markdown row: the plan, the parameters compared,
@@ -21,14 +21,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from titanmem.build import build_planned_model, setup_process
 from titanmem.config import build_config
+from titanmem.entry import ends_config_errors
 from titanmem.plan import resolve_plan
 
 
-def main() -> int:
+@ends_config_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", help="file of the one-process weights: written on 1 process, read on N")
     parser.add_argument("--time", action="store_true", help="only time the initialisation")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     config, _ = build_config(overrides)
     plan = resolve_plan(config, "dry_run")
     device = setup_process(plan)

@@ -1,6 +1,6 @@
 """Write the facts a pretraining run never saw as a finetuning corpus: one JSON line per statement.
 
-    python tools/build_finetune_facts.py --out data/new_facts.jsonl [--facts assets/facts/facts.jsonl.gz]
+    titanmem-build-facts --out data/new_facts.jsonl [--facts assets/facts/facts.jsonl.gz]
         [--no-qa] [--seed 0]
 
 Every unseen fact of the facts file (the ones `data.facts_fraction` never states, whose recall the eval reports as
@@ -18,14 +18,15 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from titanmem.config import ConfigError  # noqa: E402
-from titanmem.config.manager import resolve_asset_path  # noqa: E402
-from titanmem.data.facts import RELATIONS, load_facts  # noqa: E402
+from titanmem.config.manager import resolve_asset_path
+from titanmem.data.facts import RELATIONS, load_facts
+from titanmem.entry import ends_config_errors
+from titanmem.utils import print_error
 
 
 def finetune_texts(facts, qa: bool, seed: int) -> list[str]:
+    """Every unseen fact in each training template of its relation (and as a Q/A pair with `qa`), in an order
+    shuffled by `seed`."""
     texts = []
     for fact in facts:
         if fact.seen:
@@ -38,6 +39,7 @@ def finetune_texts(facts, qa: bool, seed: int) -> list[str]:
     return texts
 
 
+@ends_config_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the JSON-lines file to write (new)")
@@ -47,16 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
-        print(f"error: --out {out} exists; choose a new file", file=sys.stderr)
+        print_error(f"--out {out} exists; choose a new file")
         return 2
-    try:
-        facts = load_facts(resolve_asset_path(args.facts), field="--facts")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    facts = load_facts(resolve_asset_path(args.facts), field="--facts")
     texts = finetune_texts(facts, qa=not args.no_qa, seed=args.seed)
     if not texts:
-        print(f"error: --facts {args.facts} holds no unseen fact", file=sys.stderr)
+        print_error(f"--facts {args.facts} holds no unseen fact")
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

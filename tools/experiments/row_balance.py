@@ -2,9 +2,9 @@
 row blocks: the load of each block (its share of all reads) for R blocks, under the contiguous blocks titanmem uses
 and under two other row-to-owner maps for comparison (row modulo R, and a fixed random permutation).
 
-    python tools/row_balance.py COUNTS [--blocks 2 4 8 16 64]
+    python -m tools.experiments.row_balance COUNTS [--blocks 2 4 8 16 64]
 
-COUNTS is a read-count file of `tools/count_memory_reads.py` (reads of each row over batches of the data). A block's
+COUNTS is a read-count file of `titanmem-count-reads` (reads of each row over batches of the data). A block's
 load is its reads over the mean block's: the busiest block sets the pace of the lookup's bag and of the update, so the
 table prints max/mean (1.00 is perfect balance) and the spread (the blocks' coefficient of variation).
 """
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from titanmem.components.read_counts import load_read_counts  # noqa: E402
-from titanmem.config import ConfigError  # noqa: E402
+from titanmem.components.read_counts import load_read_counts
+from titanmem.config import ConfigError
 
 
 def block_loads(reads: torch.Tensor, blocks: int, mapping: str) -> torch.Tensor:
@@ -38,7 +35,7 @@ def block_loads(reads: torch.Tensor, blocks: int, mapping: str) -> torch.Tensor:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("counts", help="a read-count file of tools/count_memory_reads.py")
+    parser.add_argument("counts", help="a read-count file of titanmem-count-reads")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8, 16, 64])
     args = parser.parse_args()
     try:

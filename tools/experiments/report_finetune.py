@@ -1,8 +1,8 @@
-"""Report the [finetune] experiment from the files tools/run_finetune_experiment.sh leaves (base.eval.jsonl, and
+"""Report the [finetune] experiment from the files run_finetune_experiment.sh (beside it) leaves (base.eval.jsonl, and
 <arm>.seed0.log, .eval.jsonl, .wall per arm): learning and forgetting per arm and eval step, the goal met or missed
 for each sparse_memory arm, and plots (PNG) against steps.
 
-    python tools/report_finetune.py --runs /tmp/finetune --out docs/experiments/finetune
+    python -m tools.experiments.report_finetune --runs /tmp/finetune --out docs/experiments/finetune
 
 Per eval, as averages over the relations (each relation counts once, as in the [quality] report):
 - new: recall of the facts the base never saw (`unseen/...`), in the training phrasing and as Q/A;
@@ -18,9 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from report_experiment import find_runs, in_order, macro_average  # noqa: E402
+from tools.experiments.report_experiment import find_runs, in_order, macro_average
 
 ARMS = {
     "full": "full",
@@ -132,7 +130,7 @@ def plot(runs: dict, base: dict, out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, required=True, help="OUT_DIR of tools/run_finetune_experiment.sh")
+    parser.add_argument("--runs", type=Path, required=True, help="OUT_DIR of run_finetune_experiment.sh")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG (none: no plot)")
     args = parser.parse_args()
     if not (args.runs / "base.eval.jsonl").is_file():

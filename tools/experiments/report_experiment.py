@@ -1,10 +1,10 @@
-"""Report the [quality] experiment from the files tools/run_experiment.sh leaves (<arm>.seed<k>.log, .eval.jsonl,
+"""Report the [quality] experiment from the files run_experiment.sh (beside it) leaves (<arm>.seed<k>.log, .eval.jsonl,
 .wall): the protocol's metrics per arm as a mean over seeds with their min-max spread, the success criteria met or
 missed, per-relation recall above the floor, and plots (PNG): recall and perplexity against steps, recall above the
 floor per relation in three phrasings, and recall against FLOPs per token and wall time.
 
     pip install -e ".[plot]"   # matplotlib: only the plots need it
-    python tools/report_experiment.py --runs /tmp/quality --out docs/experiments/quality
+    python -m tools.experiments.report_experiment --runs /tmp/quality --out docs/experiments/quality
 
 Recall above the floor, for one relation and phrasing, is the recall on the seen facts minus the same model's recall
 on the unseen facts. A is its average over the relations in the training phrasing (docs/experiments.md).
@@ -19,7 +19,6 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STEP_LINE = re.compile(r"step +(\d+) \| loss ([\d.]+) .*?tok/s ([\d,]+)")
 RUN_FILE = re.compile(r"(?P<arm>.+)\.seed(?P<seed>\d+)\.eval\.jsonl")
@@ -120,7 +119,7 @@ def flops_per_token(arm: str) -> float | None:
         from titanmem.plan import resolve_plan
     except ImportError:
         return None
-    config_path = Path(__file__).resolve().parents[1] / "train_configs" / f"{arm}.toml"
+    config_path = Path(__file__).resolve().parents[2] / "train_configs" / f"{arm}.toml"
     if not config_path.is_file():
         return None
     config, _ = build_config(["--job.config_file", str(config_path)])
@@ -311,7 +310,7 @@ def _plot_compute(plt, runs: dict[str, dict[int, dict]], flops: dict[str, float 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, required=True, help="OUT_DIR of tools/run_experiment.sh")
+    parser.add_argument("--runs", type=Path, required=True, help="OUT_DIR of tools/experiments/run_experiment.sh")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (none: no plots)")
     args = parser.parse_args()
     runs = find_runs(args.runs)

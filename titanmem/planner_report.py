@@ -2,7 +2,7 @@
 by estimated step time, and the paper's layout of the same model for comparison (titanmem/planner.py; docs/planner.md
 explains every line).
 
-    python tools/plan.py --nodes 1 --gpus_per_node 8 --gb_per_gpu 80 \\
+    titanmem-plan --nodes 1 --gpus_per_node 8 --gb_per_gpu 80 \\
         --job.config_file train_configs/llama_8b_memory_128b.toml [--section.key value ...]
 
 `--dry_run` only builds the mesh and the parallelized model of the whole world on this CPU, under a fake process
@@ -15,16 +15,14 @@ import argparse
 import contextlib
 import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from titanmem.config import ConfigError, build_config  # noqa: E402
-from titanmem.planner import (  # noqa: E402
+from titanmem.config import ConfigError, build_config
+from titanmem.entry import ends_config_errors
+from titanmem.planner import (
     GB, HEADROOM_FRACTION, HEADROOM_MIN_BYTES, Cluster, Estimate, build_meta, estimate_config, fake_world,
     paper_layout, paper_layout_gpus, rank_plans, resolve_for,
 )
-
+from titanmem.utils import print_error
 
 # The mesh's HSDP view slices a flattened dim, which torch announces it will deprecate: noise in a report.
 warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
@@ -75,6 +73,7 @@ def dry_run(config, cluster: Cluster) -> None:
                       + (f" ({', '.join(map(str, placements))})" if placements else ""))
 
 
+@ends_config_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--nodes", type=int, default=1)
@@ -85,26 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10, help="how many fitting meshes to list")
     args, overrides = parser.parse_known_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1 or args.gb_per_gpu <= 0:
-        print("error: --nodes, --gpus_per_node and --gb_per_gpu must be positive", file=sys.stderr)
+        print_error("--nodes, --gpus_per_node and --gb_per_gpu must be positive")
         return 2
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gb_per_gpu)
-    try:
-        config, _ = build_config(overrides)
-        if args.dry_run:
-            dry_run(config, cluster)
-            return 0
-        own = estimate_config(config, cluster)
-        print(f"# {config.job.config_file or 'default config'} on {cluster.describe()} ({cluster.world} GPUs)\n")
-        print(describe_model(own) + "\n")
-        print(f"Its plan: {own.layout()}\n")
-        print_estimate(own, cluster)
-        if not args.no_search:
-            print_ranking(config, cluster, args.top)
-        if own.plan.model_args.memory is not None:
-            print_paper_layout(config, cluster)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config, _ = build_config(overrides)
+    if args.dry_run:
+        dry_run(config, cluster)
+        return 0
+    own = estimate_config(config, cluster)
+    print(f"# {config.job.config_file or 'default config'} on {cluster.describe()} ({cluster.world} GPUs)\n")
+    print(describe_model(own) + "\n")
+    print(f"Its plan: {own.layout()}\n")
+    print_estimate(own, cluster)
+    if not args.no_search:
+        print_ranking(config, cluster, args.top)
+    if own.plan.model_args.memory is not None:
+        print_paper_layout(config, cluster)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark and check the memory-lookup kernels on a GPU; prints one markdown table.
 
-    python tools/bench_kernels.py [--shapes 1Mx1024:16k,1Mx4096:8k,4Mx2048:8k,8Mx2048:8k] [--sweep]
+    python -m tools.bench.bench_kernels [--shapes 1Mx1024:16k,1Mx4096:8k,4Mx2048:8k,8Mx2048:8k] [--sweep]
 
 Every number is a median from `triton.testing.do_bench`, measured in this run next to its baselines:
 - copy: device-to-device copy of a 4 GiB buffer; its bytes (read + write) / time is the bandwidth ceiling;

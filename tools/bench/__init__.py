@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (docs/benchmarks.md) and the planner's calibration."""

@@ -1,0 +1,1 @@
+"""Drills that kill real runs and check what they resume to."""

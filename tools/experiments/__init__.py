@@ -1,0 +1,1 @@
+"""The recall and finetuning experiments (docs/experiments.md): their runners and reports."""
