@@ -12,7 +12,8 @@ NGPU="${NGPU:-1}"
 LOG_RANK="${LOG_RANK:-0}"
 CONFIG_FILE="${CONFIG_FILE:-$ROOT/train_configs/debug_model.toml}"
 
-if ! (cd / && "$PYTHON" -c "import titanmem, torch, torchdata, tiktoken, datasets, safetensors") >/dev/null 2>&1; then
+# Checked from the current folder, where the run starts: a checkout's root there must hold an editable install.
+if ! "$PYTHON" -c "import titanmem.kernels, torch, torchdata, tiktoken, datasets, safetensors" >/dev/null 2>&1; then
   if [ "${TITANMEM_NO_INSTALL:-0}" = "1" ]; then
     echo "error: titanmem is not importable by $PYTHON and TITANMEM_NO_INSTALL=1; run tools/install.sh" >&2
     exit 1
