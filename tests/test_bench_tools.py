@@ -48,12 +48,12 @@ def test_the_resume_drill_kills_after_a_save_and_resumes_on_another_plan(tmp_pat
     assert float(rows["killed"][7]) == 0.0
     # A run that cannot resume where it must is reported and fails.
     broken = subprocess.run(
-        [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
-         "1", "--work", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2",
+         "--kill-at", "1", "--work", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and "--kill-at must be at least --interval" in broken.stderr
     # A resume plan that cannot run is named before the first launch; so is a folder that holds an earlier drill.
-    drill = [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2", "--kill-at",
-             "3"]
+    drill = [sys.executable, "-m", "tools.drills.resume_drill", "--nproc", "2", "--steps", "4", "--interval", "2",
+             "--kill-at", "3"]
     bad_plan = subprocess.run([*drill, "--resume-plan", "--parallelism.mp 3", "--work", str(tmp_path / "plan"), "--",
                                "--training.device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad_plan.returncode == 2
@@ -81,8 +81,8 @@ def test_bench_checkpoint_measures_the_disk_and_a_save_and_cold_loads_of_a_run(t
 
 
 def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_count(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tools.bench.bench_checkpoint", "--work", str(tmp_path), "--state", "0.02",
-                             "--threads", "1", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "tools.bench.bench_checkpoint", "--work", str(tmp_path), "--state",
+                             "0.02", "--threads", "1", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
             if line.startswith(("| pageable", "| pinned"))]
@@ -94,8 +94,8 @@ def test_bench_checkpoint_saves_and_loads_a_synthetic_state_with_each_thread_cou
 
 def test_bench_export_times_each_format_from_a_random_checkpoint(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "train_configs/debug_model.toml", "--work",
-         str(tmp_path), "--format", "titanmem:fp32", "--format", "hf:bf16"],
+        [sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "train_configs/debug_model.toml",
+         "--work", str(tmp_path), "--format", "titanmem:fp32", "--format", "hf:bf16"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
@@ -107,6 +107,6 @@ def test_bench_export_times_each_format_from_a_random_checkpoint(tmp_path):
     # bf16 halves the floating-point bytes.
     assert float(rows[1][3]) < 0.6 * float(rows[0][3])
     assert not list(tmp_path.glob("export-*"))  # each export is removed once measured
-    bad = subprocess.run([sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "x.toml", "--format", "onnx"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "tools.bench.bench_export", "--job.config_file", "x.toml", "--format",
+                          "onnx"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--format takes FORMAT:DTYPE" in bad.stderr

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kills_at_five_points_recover_exactly(tmp_path):
     crashes = ["step:5:async", "save:written:4", "save:background:4", "save:renamed:4:async", "resumed:2"]
     result = subprocess.run(
-        [sys.executable, "-m", "tools.drills.crash_test", "--points", *crashes, "--steps", "6", "--interval", "2", "--work",
-         str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2"],
+        [sys.executable, "-m", "tools.drills.crash_test", "--points", *crashes, "--steps", "6", "--interval", "2",
+         "--work", str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -34,8 +34,8 @@ def test_kills_of_every_rank_or_one_with_a_rows_sharded_table_recover_exactly(tm
     takes to end)."""
     crashes = ["save:renamed:4:async", "step:3@1"]
     result = subprocess.run(
-        [sys.executable, "-m", "tools.drills.crash_test", "--nproc", "2", "--points", *crashes, "--steps", "5", "--interval",
-         "2", "--work", str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2",
+        [sys.executable, "-m", "tools.drills.crash_test", "--nproc", "2", "--points", *crashes, "--steps", "5",
+         "--interval", "2", "--work", str(tmp_path), "--", "--training.seq_len", "32", "--training.local_batch_size", "2",
          "--memory.value_optimizer", "adagrad", "--memory.n_keys", "5", "--memory.knn", "4",
          "--parallelism.value_slice_sharding", "rows"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,

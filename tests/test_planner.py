@@ -204,8 +204,8 @@ def test_the_calibration_tool_fits_saved_measurements_and_compares_the_planner_w
             ('{"source": "x", "measurements": [{"run": "llama_134m_memory", "step_s": 0.001, "value_update_s": 0.01}]}',
              "the measurement is wrong")):
         broken.write_text(content)
-        result = subprocess.run([sys.executable, "-m", "tools.bench.calibrate_planner", "--load", str(broken)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run([sys.executable, "-m", "tools.bench.calibrate_planner", "--load", str(broken)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 2 and message in result.stderr, (content, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
 

@@ -242,8 +242,8 @@ KEY_SEARCHES: Kind[KeySearch] = Kind(
         KeySearch("torch", "titanmem.models.key_search:torch_key_search", auto_devices=frozenset({"cuda", "cpu"})),
         KeySearch("select", "titanmem.models.selected_key_search:selected_key_search", needs_triton=True,
                   auto_devices=frozenset({"cuda"})),
-        # Each candidate's value row, n_keys · r + c, is kept in an int32 (46340² < 2³¹); ranking compares every pair
-        # of a program's [16, knn] list, [16, knn, knn] values in registers.
+        # Each candidate's value row, n_keys · r + c, is kept in an int32 (46340² < 2³¹); ranking compares every
+        # pair of a program's [16, knn] list, [16, knn, knn] values in registers.
         KeySearch("triton", "titanmem.kernels.key_search:key_search", needs_triton=True, max_keys=46340, max_knn=64),
     ],
     # The fastest on GPUs (docs/benchmarks.md); on a CPU the Triton selection would only run interpreted.

@@ -5,7 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 # From the root, where the tests start their runs: the checkout there must be installed editable.
-if ! (cd "$ROOT" && "$PYTHON" -c "import titanmem.kernels, torch, torchdata, tiktoken, datasets, safetensors, pytest, transformers, lm_eval") >/dev/null 2>&1; then
+NEEDED="titanmem.kernels, torch, torchdata, tiktoken, datasets, safetensors, pytest, transformers, lm_eval"
+if ! (cd "$ROOT" && "$PYTHON" -c "import $NEEDED") >/dev/null 2>&1; then
   echo "[titanmem] titanmem or its test dependencies are missing in $("$PYTHON" -c 'import sys; print(sys.prefix)'); installing"
   PYTHON="$PYTHON" "$ROOT/tools/install.sh" dev
 fi

@@ -5,8 +5,8 @@ Each run is a train_configs name, optionally followed by config overrides joined
 - memory: trains 3 steps (no checkpoint, no eval, no loader workers), takes the whole run's
   `torch.cuda.max_memory_allocated`, and compares it with the planner's per-GPU need (without headroom).
 - step_time: times `--steps` steps after `--warmup` (bench_train.py, beside this file, which also splits out the
-  row-wise value update), fits the step model's rates to them (`titanmem.step_model.fit`), and prints the rates, ready to paste into
-  `titanmem/step_model.py` as `MEASURED`, and each run's measured step against the planner's estimate with the
+  row-wise value update), fits the step model's rates to them (`titanmem.step_model.fit`), and prints the rates,
+  ready to paste into `titanmem/step_model.py` as `MEASURED`, and each run's measured step against the planner's estimate with the
   committed rates and with the fitted ones. `--save FILE` keeps the measurements as JSON; `--load FILE` fits and
   compares those instead of measuring (on any machine). docs/planner.md and docs/benchmarks.md have runs.
 
