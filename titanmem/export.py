@@ -31,6 +31,7 @@ from titanmem.config.errors import ConfigError
 from titanmem.distributed.initialize import model_name
 from titanmem.entry import run_command
 from titanmem.plan import RunPlan
+from titanmem.registry import EXPORT_FORMATS
 from titanmem.utils import exit_with
 
 logger = logging.getLogger(__name__)
@@ -90,15 +91,19 @@ def _write(plan: RunPlan, folder: Path) -> list[Path]:
     require_shapes(source, {name: tuple(param.shape) for name, param in params.items()})
     source.check()
     dtype = torch.bfloat16 if config.export.dtype == "bf16" else torch.float32
-    max_shard_bytes = int(config.export.max_shard_gb * 1e9)
-    if config.export.format != "titanmem":
-        from titanmem.interop.hf_export import write_hf_export
+    writer = EXPORT_FORMATS.load(config.export.format)
+    return writer(source, folder, plan=plan, dtype=dtype, max_shard_bytes=int(config.export.max_shard_gb * 1e9))
 
-        return write_hf_export(source, folder, plan=plan, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+def write_titanmem_export(source: StoredTensors, folder: Path, *, plan: RunPlan, dtype: torch.dtype,
+                          max_shard_bytes: int) -> list[Path]:
+    """The `titanmem` format's writer: each weight under its model name, `config.json`, and the run's tokenizer."""
+    config = plan.config
+    params = dict(build_model(plan.model_args, "meta").named_parameters())
     tokenizer = resolve_asset_path(config.tokenizer.path) if config.tokenizer.path else None
     tokenizer_files = [p for p in (tokenizer, tokenizer and tokenizer.with_suffix(".json")) if p and p.is_file()]
-    return write_export(outputs_of(source, {name: param.dtype for name, param in params.items()}),
-                        folder, model_args=plan.model_args, step=saved_step(path),
+    return write_export(outputs_of(source, {model_name(name): param.dtype for name, param in params.items()}),
+                        folder, model_args=plan.model_args, step=saved_step(plan.checkpoint_to_load),
                         max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer_files=tokenizer_files)
 
 

@@ -316,6 +316,19 @@ LR_DECAYS: Kind[Entry] = Kind(
 )
 
 
+# --------------------------------------------------------------------------------------------------- export format
+
+# Each writer is `(source, folder, *, plan, dtype, max_shard_bytes) -> list[Path]`: the checkpoint's tensors
+# (`StoredTensors`), streamed into `folder` in the format, in `dtype`, in files of at most `max_shard_bytes`.
+EXPORT_FORMATS: Kind[Entry] = Kind(
+    "export_format", "export.format", loaded_by="titanmem.export",
+    entries=[
+        Entry("titanmem", "titanmem.export:write_titanmem_export"),
+        Entry("hf", "titanmem.interop.hf_export:write_hf_export"),
+    ],
+)
+
+
 def all_kinds() -> tuple[Kind, ...]:
     """Every kind, in the order docs/architecture.md describes them."""
-    return VALUE_OPTIMIZERS, KEY_SEARCHES, LOOKUPS, DATA_FORMATS, LR_DECAYS
+    return VALUE_OPTIMIZERS, KEY_SEARCHES, LOOKUPS, DATA_FORMATS, LR_DECAYS, EXPORT_FORMATS

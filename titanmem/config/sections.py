@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from titanmem.config.errors import ConfigError
-from titanmem.registry import DATA_FORMATS, KEY_SEARCHES, LOOKUPS, LR_DECAYS, VALUE_OPTIMIZERS, Kind
+from titanmem.registry import DATA_FORMATS, EXPORT_FORMATS, KEY_SEARCHES, LOOKUPS, LR_DECAYS, VALUE_OPTIMIZERS, Kind
 
 
 def bounded(default, *, ge=None, gt=None, le=None, lt=None, allow=()):
@@ -551,7 +551,7 @@ class Export:
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Precision of the exported weights (training keeps fp32 parameters)."""
 
-    format: Literal["titanmem", "hf"] = "titanmem"
+    format: str = registered(EXPORT_FORMATS, "titanmem")
     """`titanmem`: titanmem's own names and `config.json`, which `checkpoint.initial_load_path`, eval and generate
     read. `hf`: a Hugging Face transformers folder (`AutoModelForCausalLM.from_pretrained`), with the tokenizer as
     `tokenizer.json`: a dense model is a plain `LlamaForCausalLM`; a memory model is Llama with the memory layers in
