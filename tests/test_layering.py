@@ -110,6 +110,21 @@ def private_name_violations(modules: dict[str, Path]) -> list[str]:
             if _judged(source) and (name.startswith("_") or "._" in f".{source}".replace(".__main__", ""))]
 
 
+def bare_tool_imports(modules: dict[str, Path]) -> list[str]:
+    """Imports of a tool by its file name alone (`from bench_train import ...`), which work only when the script's own
+    folder is on the import path: tools run as `python -m tools.<folder>.<script>`, so they import each other by
+    their full names."""
+    stems = {name.rsplit(".", 1)[-1] for name in outside_modules() if name.startswith("tools.")} - {"tools"}
+    found = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            found += [f"{module} imports {name}; import it as tools.<folder>.{name}" for name in names
+                      if name.split(".", 1)[0] in stems]
+    return found
+
+
 def registry_violations(kinds) -> list[str]:
     """Each kind's loader may import each of its implementations, and each implementation exists."""
     violations = []
@@ -168,6 +183,15 @@ def test_no_module_of_the_package_tools_or_tests_imports_a_higher_or_unrelated_l
 def test_tools_and_tests_use_no_private_name_of_the_package():
     violations = private_name_violations(outside_modules())
     assert not violations, "\n".join(sorted(violations))
+
+
+def test_tools_import_each_other_by_their_full_names(tmp_path):
+    violations = bare_tool_imports(outside_modules())
+    assert not violations, "\n".join(sorted(violations))
+    path = tmp_path / "calibrate.py"
+    path.write_text("def f():\n    from bench_train import bench\n")
+    assert bare_tool_imports({"tools.bench.calibrate": path}) == [
+        "tools.bench.calibrate imports bench_train; import it as tools.<folder>.bench_train"]
 
 
 def test_every_registered_implementation_exists_and_its_loader_may_import_it():

@@ -80,7 +80,7 @@ def memory_table(runs: list[str]) -> None:
 
 def measure_steps(runs: list[str], steps: int, warmup: int) -> list[dict]:
     """Each run's mean step and value-update seconds, timed by `tools/bench/bench_train.py`."""
-    from bench_train import bench
+    from tools.bench.bench_train import bench
 
     measured = []
     for run in runs:
