@@ -1,7 +1,12 @@
 """The start-of-run check that the checkpoints fit: its estimate of one checkpoint against what a save writes, a
 folder too small for one (one line, before the first step), and one too small for keep_latest_k (a warning)."""
 
+import contextlib
+import errno
+import io
 import logging
+import os
+import threading
 
 import pytest
 from helpers import make_config
@@ -114,6 +119,81 @@ def test_a_disk_that_fills_mid_save_ends_the_run_in_one_line_and_the_relaunch_re
     assert main(argv) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["step-3", "step-6"]
     assert "resum" in capsys.readouterr().err.lower()
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk that holds `room[0]` more bytes, under a buffered writer as Python opens files: a write past
+    the room is cut short and the next fails with ENOSPC, and so does the close that flushes what the buffer kept."""
+
+    def __init__(self, file, room: list[int], lock: threading.Lock):
+        super().__init__()
+        self._file, self._room, self._lock = file, room, lock
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        with self._lock:  # as write(2) does: what fits is written (a short count), and then ENOSPC
+            if self._room[0] == 0 and len(view):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[:self._room[0]]
+            self._room[0] -= len(view)
+        return self._file.write(view)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@pytest.mark.parametrize("io_threads,fails_at", [(1, "a write"), (3, "a write"), (3, "the opening")])
+def test_a_real_full_disk_fails_the_buffered_close_too_and_still_ends_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                                  io_threads, fails_at):
+    """On a full disk the failed write is not the last error: torch.save's zip writer fails again as it ends, and
+    the close of the buffered file fails flushing what it holds; none of them may escape a writer thread."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from titanmem.train import main
+
+    room, lock = [int(1.5 * one_checkpoint_bytes(tmp_path))], threading.Lock()
+    opened_by_dcp = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def on_a_full_disk(self, path, mode):
+        if mode != "wb" or not str(path).endswith(".distcp"):
+            with opened_by_dcp(self, path, mode) as stream:
+                yield stream
+            return
+        if room[0] == 0 or (fails_at == "the opening" and room[0] < 10**12 and "step-6" in str(path)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with io.BufferedWriter(FullDisk(open(path, "wb", buffering=0), room, lock), buffer_size=4096) as stream:
+            yield stream
+
+    monkeypatch.setattr(FileSystem, "create_stream", on_a_full_disk)
+    escaped = []  # errors that left a thread (pytest would only warn of them; a user sees a traceback)
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    argv = ["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--training.steps", "9", "--checkpoint.keep_latest_k",
+            "3", "--checkpoint.io_threads", str(io_threads)]
+    assert main(argv) == 1
+    printed = capsys.readouterr().err
+    error = [line for line in printed.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in printed and not escaped, (printed, escaped)
+    assert error[0].startswith("error: checkpoint step-6 could not be written") and "No space left" in error[0]
+    folder = tmp_path / "run" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-3"]
+    # Freed, the same command resumes from step-3.
+    room[0] = 10**12
+    assert main(argv) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["step-3", "step-6", "step-9"]
 
 
 def test_another_write_error_ends_the_run_the_same_way(tmp_path, monkeypatch, capsys):

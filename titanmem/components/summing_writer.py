@@ -12,6 +12,7 @@ cut (`truncate`) has no digest here, and the caller sums that file by reading it
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import zlib
 from pathlib import Path
@@ -76,6 +77,26 @@ class SummingStream:
         return {"size": self._size, "crc32": [f"{crc:08x}" for crc in crcs]}
 
 
+class _Discard(io.RawIOBase):
+    """Where a writer thread's items go when their file could not be opened: the save has failed already, and the
+    thread must still drain its queue without an error of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        written = memoryview(data).nbytes
+        self._position += written
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+
 class _SummingFileSystem:
     """DCP's file system, with its data files' write streams summed, and their write errors kept."""
 
@@ -84,19 +105,24 @@ class _SummingFileSystem:
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
-        with self._fs.create_stream(path, mode) as stream:
-            if mode != "wb" or not str(path).endswith(".distcp"):
+        if mode != "wb" or not str(path).endswith(".distcp"):
+            with self._fs.create_stream(path, mode) as stream:
                 yield stream
-                return
-            summing = SummingStream(stream)
-            try:
+            return
+        # DCP's writer threads let an error escape, to be printed as a traceback and lost: the save would then complete
+        # without that thread's files. Kept here, it fails the save in the thread that runs it (`write_data`). The
+        # opening and the closing are inside too: on a full disk, the close flushes the file's buffer and fails again.
+        summing = None
+        try:
+            with self._fs.create_stream(path, mode) as stream:
+                summing = SummingStream(stream)
                 yield summing
-            except Exception as error:  # noqa: BLE001 - whatever stopped the write: kept, and raised by write_data
-                # DCP's writer threads let an error escape, to be printed as a traceback and lost: the save would then
-                # complete without that thread's files. Kept here, it fails the save in the thread that runs it.
-                self._fail(error)
-                return
-            self._record(Path(path).name, summing.digest())
+        except Exception as error:  # noqa: BLE001 - whatever stopped the write: kept, and raised by write_data
+            self._fail(error)
+            if summing is None:  # the file could not be opened: the thread writes its items nowhere, and moves on
+                yield _Discard()
+            return
+        self._record(Path(path).name, summing.digest())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fs, name)
