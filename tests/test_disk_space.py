@@ -232,3 +232,43 @@ def test_a_write_error_in_one_writer_thread_fails_the_whole_save(tmp_path, monke
     printed = capsys.readouterr().err
     assert "Traceback" not in printed and "error: checkpoint step-3 could not be written" in printed
     assert not list((tmp_path / "run" / "checkpoint").iterdir())
+
+
+@pytest.mark.parametrize("fails_at", ["the opening", "the first step", "step 2"])
+def test_a_full_disk_under_tensorboard_stops_tensorboard_once_and_training_goes_on(tmp_path, monkeypatch, capsys,
+                                                                                 fails_at):
+    """TensorBoard is written in the logging thread: a failed write is one warning, not a traceback from a writer
+    thread and another from the training loop."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import titanmem.components.event_file as event_file
+    from titanmem.train import main
+
+    written = event_file.EventFile.add_scalar
+    first_failing_step = {"the opening": 0, "the first step": 1, "step 2": 2}[fails_at]
+
+    def add_scalar(self, tag, value, step):
+        if step >= first_failing_step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written(self, tag, value, step)
+
+    monkeypatch.setattr(event_file.EventFile, "add_scalar", add_scalar)
+    if fails_at == "the opening":  # the TensorBoard folder cannot be made: a file stands where it goes
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "tb").write_text("")
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    argv = ["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--metrics.enable_tensorboard", "true",
+            "--metrics.log_freq", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().err
+    stopped = [line for line in printed.splitlines() if "TensorBoard logging stopped" in line]
+    assert len(stopped) == 1 and "Traceback" not in printed and not escaped, printed
+    assert ("Not a directory" if fails_at == "the opening" else "No space left on device") in stopped[0]
+    assert "step 3 | loss" in printed
+    if fails_at != "the opening":
+        (folder,) = {p.parent for p in (tmp_path / "run").rglob("events.out.tfevents.*")}
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        logged = [e.step for e in events.Scalars("loss")] if "loss" in events.Tags()["scalars"] else []
+        assert logged == list(range(1, first_failing_step))

@@ -45,3 +45,26 @@ def test_peak_flops_by_device_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert bf16_peak_flops(torch.device("cuda", 0)) is None
     assert bf16_peak_flops(torch.device("cpu")) is None
+
+
+def test_the_event_file_is_read_back_by_tensorboard_as_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from titanmem.components.event_file import EventFile
+
+    values = torch.randn(1001, dtype=torch.float64) * 3
+    events = EventFile(str(tmp_path))
+    losses = {step: float(torch.rand(())) for step in (1, 2, 7)}
+    for step, loss in losses.items():
+        events.add_scalar("loss", loss, step)
+    events.add_histogram("values", values, 7)
+    events.flush()
+    events.close()
+    read = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    assert {e.step: e.value for e in read.Scalars("loss")} == pytest.approx(losses, rel=1e-6)  # stored as float32
+    (histogram,) = read.Histograms("values")
+    assert histogram.step == 7 and histogram.histogram_value.num == values.numel()
+    assert histogram.histogram_value.min == pytest.approx(values.min().item())
+    assert histogram.histogram_value.max == pytest.approx(values.max().item())
+    assert histogram.histogram_value.sum == pytest.approx(values.sum().item())
+    assert sum(histogram.histogram_value.bucket) == values.numel()

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from titanmem.components.event_file import EventFile
 from titanmem.config.sections import Metrics as MetricsConfig
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,40 @@ class MetricsLogger:
         self.device = device
         # MFU is quoted against the bf16 tensor-core peak, so only for runs that compute in bf16.
         self.peak_flops = bf16_peak_flops(device) if bf16 else None
-        self.writer = None
+        self.writer: EventFile | None = None
         if self.enabled and config.enable_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            self.writer = SummaryWriter(os.path.join(dump_folder, config.save_tb_folder, stamp))
+            folder = os.path.join(dump_folder, config.save_tb_folder, stamp)
+            try:
+                self.writer = EventFile(folder)
+            except OSError as error:
+                self._tensorboard_failed(error, folder)
         self.reset_window()
+
+    def _to_tensorboard(self, step: int, scalars: dict[str, float],
+                        histograms: dict[str, torch.Tensor] | None = None) -> None:
+        if self.writer is None:
+            return
+        try:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            for key, values in (histograms or {}).items():
+                self.writer.add_histogram(key, values, step)
+            self.writer.flush()
+        except OSError as error:
+            self._tensorboard_failed(error, self.writer.path)
+
+    def _tensorboard_failed(self, error: OSError, where: str) -> None:
+        """TensorBoard is a view of the run, not the run: a full or lost disk under it is reported once and training
+        goes on (a checkpoint that cannot be written ends the run, with its own line)."""
+        logger.warning("TensorBoard logging stopped: %s could not be written (%s); training goes on, and the console "
+                       "keeps the metrics", where, error.strerror or error)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same failed write, met again by the close's flush
 
     def reset_window(self) -> None:
         """Start a new throughput window (at the start of the loop, so set-up time is not counted)."""
@@ -95,10 +123,7 @@ class MetricsLogger:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.enabled:
             logger.info(self.format_line(step, metrics))
-            if self.writer is not None:
-                for key, value in metrics.items():
-                    self.writer.add_scalar(key, value, step)
-                self.writer.flush()
+            self._to_tensorboard(step, metrics)
         self.reset_window()
         return metrics
 
@@ -113,19 +138,12 @@ class MetricsLogger:
                 "hottest 1%% take %.1f%% of reads", step, 100 * pool["hit_fraction"], 100 * pool["never_hit_fraction"],
                 pool["kl_to_uniform"], pool["top1_weight"], 100 * pool["hottest_1pct_share"],
             )
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
-            for key, values in histograms.items():
-                self.writer.add_histogram(key, values, step)
-            self.writer.flush()
+        self._to_tensorboard(step, scalars, histograms)
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Extra scalars (eval results) to TensorBoard."""
-        if self.enabled and self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        if self.enabled:
+            self._to_tensorboard(step, scalars)
 
     def format_line(self, step: int, m: dict[str, float]) -> str:
         parts = [
@@ -147,4 +165,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as error:
+                self._tensorboard_failed(error, self.writer.path)
