@@ -272,3 +272,37 @@ def test_a_full_disk_under_tensorboard_stops_tensorboard_once_and_training_goes_
         events.Reload()
         logged = [e.step for e in events.Scalars("loss")] if "loss" in events.Tags()["scalars"] else []
         assert logged == list(range(1, first_failing_step))
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run/config.toml")])
+def test_any_other_write_of_the_run_on_a_failing_disk_ends_it_in_one_line(tmp_path, monkeypatch, capsys, error):
+    """Not only checkpoints: the run's lock, config, events and traces share the disk; a write among them that fails
+    for space or permission ends the run with the same kind of line, and gives the folder's lock back."""
+    import titanmem.train as train
+    from titanmem.components.run_lock import LOCK_NAME
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train, "write_config", fails)
+    assert train.main(["--job.dump_folder", str(tmp_path / "run"), *ARGV]) == 1
+    printed = capsys.readouterr().err
+    error_lines = [line for line in printed.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Traceback" not in printed, printed
+    subject = error.filename or tmp_path / "run"
+    assert error_lines[0].startswith(f"error: {subject}: {error.strerror} in ") and "(train.py:" in error_lines[0]
+    fix = "free space on that filesystem" if error.errno == errno.ENOSPC else "mounted read-only"
+    assert fix in error_lines[0] and error_lines[0].endswith("there is no complete checkpoint yet: a relaunch starts "
+                                                             "afresh")
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_other_os_errors_are_not_taken_for_a_failing_disk():
+    from titanmem.utils import storage_failure
+
+    assert storage_failure(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) is None
+    assert storage_failure(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")) is None
+    assert storage_failure(ValueError("not an OSError")) is None
+    assert storage_failure(OSError(errno.EDQUOT, "Disk quota exceeded"), "/runs/a") == (
+        "/runs/a: Disk quota exceeded; free space within your quota there, or raise it")

@@ -93,7 +93,7 @@ def test_export_refuses_a_folder_inside_the_run_or_not_empty(exported, capsys):
     assert sorted(p.name for p in (exported / "run").rglob("*")) == before
 
 
-def test_an_export_that_fails_midway_leaves_no_folder(exported, monkeypatch):
+def test_an_export_that_fails_midway_leaves_no_folder(exported, monkeypatch, capsys):
     import titanmem.export as export_entry
 
     original = export_entry.write_export
@@ -104,8 +104,10 @@ def test_an_export_that_fails_midway_leaves_no_folder(exported, monkeypatch):
 
     monkeypatch.setattr(export_entry, "write_export", fails_after_the_shards)
     target = exported / "out-failed"
-    with pytest.raises(OSError):
-        export_entry.main(reader_argv(exported / "run", "--export.folder", str(target)))
+    assert export_entry.main(reader_argv(exported / "run", "--export.folder", str(target))) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith(f"error: {target}: No space left on device in ") and printed.count("\n") == 1, printed
+    assert printed.rstrip().endswith("; free space on that filesystem")
     assert not target.exists() and not target.with_name("out-failed.partial").exists()
     # A kill leaves the partial folder; the next export clears it and completes.
     (target.with_name("out-failed.partial")).mkdir()

@@ -217,3 +217,20 @@ def test_checkpoints_must_stay_inside_the_locked_dump_folder(tmp_path, capsys, f
 
     assert main(["--job.dump_folder", str(tmp_path / "run"), "--checkpoint.folder", folder, *TINY]) == 2
     assert stderr_problems(capsys)[0].startswith("error: config error in checkpoint.folder: ")
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """On a full disk the lock file is made but its contents cannot be written: the next run must not find an
+    unreadable lock there."""
+    import errno
+
+    import titanmem.components.run_lock as run_lock
+    from titanmem.config import ConfigError
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_lock.os, "fsync", full)
+    with pytest.raises(ConfigError, match=r"cannot write .*\.titanmem\.lock \(No space left on device\)"):
+        run_lock.RunLock(tmp_path).acquire()
+    assert not (tmp_path / run_lock.LOCK_NAME).exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from titanmem.config.manager import resolve_asset_path
 from titanmem.data.facts import RELATIONS, load_facts
-from titanmem.entry import ends_config_errors
+from titanmem.entry import ends_in_one_line
 from titanmem.utils import print_error
 
 
@@ -39,7 +39,7 @@ def finetune_texts(facts, qa: bool, seed: int) -> list[str]:
     return texts
 
 
-@ends_config_errors
+@ends_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the JSON-lines file to write (new)")

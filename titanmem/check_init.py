@@ -21,11 +21,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from titanmem.build import build_planned_model, setup_process
 from titanmem.config import build_config
-from titanmem.entry import ends_config_errors
+from titanmem.entry import ends_in_one_line
 from titanmem.plan import resolve_plan
 
 
-@ends_config_errors
+@ends_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", help="file of the one-process weights: written on 1 process, read on N")

@@ -2,7 +2,7 @@
 
 `run_command` is the whole start of a command that takes the run's command line (logging, the config and its plan,
 `--help` and `--print_config`); `run_reader` adds the run built with a checkpoint's weights (`with_run`), for the
-commands that read one. A command with arguments of its own wraps its main in `ends_config_errors`.
+commands that read one. A command with arguments of its own wraps its main in `ends_in_one_line`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import torch.distributed as dist
 from titanmem.build import Run, build_run
 from titanmem.config import ConfigError, JobConfig
 from titanmem.plan import Purpose, RunPlan, plan_from_command_line
-from titanmem.utils import print_error, setup_logging
+from titanmem.utils import print_error, setup_logging, storage_failure
 
 
-def ends_config_errors(main: Callable[..., int]) -> Callable[..., int]:
+def ends_in_one_line(main: Callable[..., int]) -> Callable[..., int]:
     """`main`, with a config error that escapes it printed as the command's one line (also into torchrun's error file
-    of the rank) and returned as exit code 2."""
+    of the rank) and returned as exit code 2; and a file that could not be written for space, permission or a failing
+    disk (`storage_failure`) likewise, as exit code 1."""
 
     @functools.wraps(main)
     def command(*args, **kwargs) -> int:
@@ -29,6 +30,12 @@ def ends_config_errors(main: Callable[..., int]) -> Callable[..., int]:
         except ConfigError as error:
             print_error(error)
             return 2
+        except OSError as error:
+            line = storage_failure(error)
+            if line is None:
+                raise
+            print_error(line)
+            return 1
 
     return command
 
@@ -41,7 +48,7 @@ def run_command(argv: list[str] | None, purpose: Purpose, usage: str,
     started = plan_from_command_line(argv, purpose, usage)
     if isinstance(started, int):
         return started
-    return ends_config_errors(body)(*started)
+    return ends_in_one_line(body)(*started)
 
 
 def run_reader(argv: list[str] | None, purpose: Purpose, usage: str, body: Callable[[RunPlan, Run], int]) -> int:

@@ -65,8 +65,10 @@ def export(plan: RunPlan) -> list[Path]:
     _remove(partial)
     try:
         files = _write(plan, partial)
-    except BaseException:
+    except BaseException as error:
         _remove(partial)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(target)  # a write to an open file that fails names none: the command's line will
         raise
     if target.exists():
         target.rmdir()  # empty: the plan refuses a folder that holds anything

@@ -17,7 +17,7 @@ import sys
 import warnings
 
 from titanmem.config import ConfigError, build_config
-from titanmem.entry import ends_config_errors
+from titanmem.entry import ends_in_one_line
 from titanmem.planner import (
     GB, HEADROOM_FRACTION, HEADROOM_MIN_BYTES, Cluster, Estimate, build_meta, estimate_config, fake_world,
     paper_layout, paper_layout_gpus, rank_plans, resolve_for,
@@ -73,7 +73,7 @@ def dry_run(config, cluster: Cluster) -> None:
                       + (f" ({', '.join(map(str, placements))})" if placements else ""))
 
 
-@ends_config_errors
+@ends_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--nodes", type=int, default=1)

@@ -33,7 +33,8 @@ from titanmem.eval.telemetry import MemoryTelemetry, memory_layer_names
 from titanmem.components.profiling import RunOutOfMemory, memory_snapshot, out_of_memory, step_profiler
 from titanmem.models.accounting import count_parameters, flops_per_token
 from titanmem.plan import RunPlan, resolve_plan
-from titanmem.utils import PhaseTimer, autocast, exit_with, leave_in_error_file, print_error, timed_phase
+from titanmem.utils import (PhaseTimer, autocast, exit_with, leave_in_error_file, print_error, storage_failure,
+                            timed_phase)
 
 logger = logging.getLogger("titanmem")
 
@@ -455,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: JobConfig, plan: RunPlan) -> int:
     """Build the trainer and run it to the end: 0, or 1 after a failure that its line (or log) names. A config error,
     also one found only against a checkpoint or the data stream after start-up, is left to the caller."""
-    trainer = Trainer(config, plan)
     try:
+        trainer = Trainer(config, plan)
         try:
             trainer.train()
         finally:
@@ -467,6 +468,12 @@ def train(config: JobConfig, plan: RunPlan) -> int:
         return 1
     except CheckpointWriteError as e:
         print_error(e)
+        return 1
+    except OSError as e:  # a write of the run's own (its lock, config, events, traces) on a full or failing disk
+        line = storage_failure(e, config.job.dump_folder)
+        if line is None:
+            raise
+        print_error(f"{line}; {resume_hint(plan.checkpoint_folder)}")
         return 1
     return 0
 

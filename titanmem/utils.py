@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,34 @@ def leave_in_error_file(line: str) -> None:
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError):
             Path(error_file).write_text(json.dumps(record))
+
+
+_PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep  # as the frames of its modules name it
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free space on that filesystem",
+    errno.EDQUOT: "free space within your quota there, or raise it",
+    errno.EROFS: "that filesystem is mounted read-only: point the run at a writable one",
+    errno.EACCES: "this user may not write there: fix the folder's permissions or choose another",
+    errno.EPERM: "this user may not write there: fix the folder's permissions or choose another",
+    errno.EIO: "the disk (or network filesystem) under it failed: check it",
+}
+
+
+def storage_failure(error: BaseException, folder: str | Path | None = None) -> str | None:
+    """What a file operation that failed for space, permission or a failing disk was doing, and the fix, for the line
+    that ends a command; None for any other error, which stays a traceback (a bug to report). `folder` names where
+    the command writes, for an error that does not name its file (a failed write to an open one)."""
+    if not isinstance(error, OSError) or error.errno not in _STORAGE_FIXES:
+        return None
+    tb, where = error.__traceback__, None
+    while tb is not None:  # the innermost frame of titanmem's own code: the write a reader can look up
+        if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_FOLDER):
+            code = tb.tb_frame.f_code
+            where = f"{code.co_name} ({Path(code.co_filename).name}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    subject = f"{error.filename or folder}: " if error.filename or folder else ""
+    doing = f" in {where}" if where else ""
+    return f"{subject}{error.strerror or error}{doing}; {_STORAGE_FIXES[error.errno]}"
 
 
 def exit_with(code: int):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from titanmem.config import build_config
 from titanmem.data.files import resolve_data_source
-from titanmem.entry import ends_config_errors
+from titanmem.entry import ends_in_one_line
 from titanmem.plan import resolve_plan
 from titanmem.planner import Cluster, build_meta, estimate, fake_world, paper_layout
 from titanmem.train import Trainer
@@ -99,7 +99,7 @@ def loopback_collectives() -> None:
     dist.all_to_all_single = exchanging(dist.all_to_all_single)
 
 
-@ends_config_errors
+@ends_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, required=True, help="GPUs of the plan whose rank 0 this GPU holds")

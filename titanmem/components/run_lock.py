@@ -144,10 +144,15 @@ class RunLock:
         except OSError as e:
             raise ConfigError("job.dump_folder", f"cannot write {self.path} ({e.strerror}); training needs a folder "
                               "it can write") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(self.me), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(asdict(self.me), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as e:  # a full disk: no lock is left behind for the next run to find unreadable
+            self.path.unlink(missing_ok=True)
+            raise ConfigError("job.dump_folder", f"cannot write {self.path} ({e.strerror}); training needs a folder "
+                              "it can write") from None
         return True
 
     def _read(self) -> tuple[Holder | None, bytes | None, float]:
