@@ -44,8 +44,8 @@ _STORAGE_FIXES = {
     errno.ENOSPC: "free space on that filesystem",
     errno.EDQUOT: "free space within your quota there, or raise it",
     errno.EROFS: "that filesystem is mounted read-only: point the run at a writable one",
-    errno.EACCES: "this user may not write there: fix the folder's permissions or choose another",
-    errno.EPERM: "this user may not write there: fix the folder's permissions or choose another",
+    errno.EACCES: "this user may not use that path: fix its permissions or choose another",
+    errno.EPERM: "this user may not use that path: fix its permissions or choose another",
     errno.EIO: "the disk (or network filesystem) under it failed: check it",
 }
 
