@@ -23,6 +23,14 @@ def logging_to_this_tests_stderr():
     setup_logging()
 
 
+@pytest.fixture
+def thread_errors(monkeypatch) -> list:
+    """Errors that leave a thread: pytest would only warn of them, where a user sees a traceback."""
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    return escaped
+
+
 ARGV = ["--training.device", "cpu", "--training.steps", "3", "--training.seq_len", "32", "--training.local_batch_size",
         "2", "--memory.enabled", "--checkpoint.enable", "--checkpoint.interval", "3", "--metrics.enable_tensorboard",
         "false"]
@@ -157,7 +165,7 @@ class FullDisk(io.RawIOBase):
 
 @pytest.mark.parametrize("io_threads,fails_at", [(1, "a write"), (3, "a write"), (3, "the opening")])
 def test_a_real_full_disk_fails_the_buffered_close_too_and_still_ends_in_one_line(tmp_path, monkeypatch, capsys,
-                                                                                  io_threads, fails_at):
+                                                                                  thread_errors, io_threads, fails_at):
     """On a full disk the failed write is not the last error: torch.save's zip writer fails again as it ends, and
     the close of the buffered file fails flushing what it holds; none of them may escape a writer thread."""
     from torch.distributed.checkpoint.filesystem import FileSystem
@@ -179,14 +187,12 @@ def test_a_real_full_disk_fails_the_buffered_close_too_and_still_ends_in_one_lin
             yield stream
 
     monkeypatch.setattr(FileSystem, "create_stream", on_a_full_disk)
-    escaped = []  # errors that left a thread (pytest would only warn of them; a user sees a traceback)
-    monkeypatch.setattr(threading, "excepthook", escaped.append)
     argv = ["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--training.steps", "9", "--checkpoint.keep_latest_k",
             "3", "--checkpoint.io_threads", str(io_threads)]
     assert main(argv) == 1
     printed = capsys.readouterr().err
     error = [line for line in printed.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "Traceback" not in printed and not escaped, (printed, escaped)
+    assert len(error) == 1 and "Traceback" not in printed and not thread_errors, (printed, thread_errors)
     assert error[0].startswith("error: checkpoint step-6 could not be written") and "No space left" in error[0]
     folder = tmp_path / "run" / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == ["step-3"]
@@ -236,7 +242,7 @@ def test_a_write_error_in_one_writer_thread_fails_the_whole_save(tmp_path, monke
 
 @pytest.mark.parametrize("fails_at", ["the opening", "the first step", "step 2"])
 def test_a_full_disk_under_tensorboard_stops_tensorboard_once_and_training_goes_on(tmp_path, monkeypatch, capsys,
-                                                                                 fails_at):
+                                                                                 thread_errors, fails_at):
     """TensorBoard is written in the logging thread: a failed write is one warning, not a traceback from a writer
     thread and another from the training loop."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -256,14 +262,12 @@ def test_a_full_disk_under_tensorboard_stops_tensorboard_once_and_training_goes_
     if fails_at == "the opening":  # the TensorBoard folder cannot be made: a file stands where it goes
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "tb").write_text("")
-    escaped = []
-    monkeypatch.setattr(threading, "excepthook", escaped.append)
     argv = ["--job.dump_folder", str(tmp_path / "run"), *ARGV, "--metrics.enable_tensorboard", "true",
             "--metrics.log_freq", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().err
     stopped = [line for line in printed.splitlines() if "TensorBoard logging stopped" in line]
-    assert len(stopped) == 1 and "Traceback" not in printed and not escaped, printed
+    assert len(stopped) == 1 and "Traceback" not in printed and not thread_errors, printed
     assert ("Not a directory" if fails_at == "the opening" else "No space left on device") in stopped[0]
     assert "step 3 | loss" in printed
     if fails_at != "the opening":

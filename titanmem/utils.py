@@ -40,12 +40,13 @@ def leave_in_error_file(line: str) -> None:
 
 
 _PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep  # as the frames of its modules name it
+_NOT_PERMITTED = "this user may not use that path: fix its permissions or choose another"
 _STORAGE_FIXES = {
     errno.ENOSPC: "free space on that filesystem",
     errno.EDQUOT: "free space within your quota there, or raise it",
     errno.EROFS: "that filesystem is mounted read-only: point the run at a writable one",
-    errno.EACCES: "this user may not use that path: fix its permissions or choose another",
-    errno.EPERM: "this user may not use that path: fix its permissions or choose another",
+    errno.EACCES: _NOT_PERMITTED,
+    errno.EPERM: _NOT_PERMITTED,
     errno.EIO: "the disk (or network filesystem) under it failed: check it",
 }
 

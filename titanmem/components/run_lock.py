@@ -142,8 +142,7 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as e:
-            raise ConfigError("job.dump_folder", f"cannot write {self.path} ({e.strerror}); training needs a folder "
-                              "it can write") from None
+            raise self._unwritable(e) from None
         try:
             with os.fdopen(fd, "w") as handle:
                 json.dump(asdict(self.me), handle)
@@ -151,9 +150,12 @@ class RunLock:
                 os.fsync(handle.fileno())
         except OSError as e:  # a full disk: no lock is left behind for the next run to find unreadable
             self.path.unlink(missing_ok=True)
-            raise ConfigError("job.dump_folder", f"cannot write {self.path} ({e.strerror}); training needs a folder "
-                              "it can write") from None
+            raise self._unwritable(e) from None
         return True
+
+    def _unwritable(self, error: OSError) -> ConfigError:
+        return ConfigError("job.dump_folder", f"cannot write {self.path} ({error.strerror}); training needs a folder "
+                           "it can write")
 
     def _read(self) -> tuple[Holder | None, bytes | None, float]:
         """The lock's holder (None if unreadable), its bytes, and seconds since it was last touched."""
